@@ -1,0 +1,1 @@
+"""Image preprocessing: segmentation, stain matching, feature extractors and the feature store."""
