@@ -1,0 +1,8 @@
+"""Bag classifiers behind one contract, created by name through the registry."""
+
+from milbench.models.registry import create_model, list_models, model_tags, register_model
+
+# Importing a model module registers it.
+from milbench.models import clinical  # noqa: E402,F401  isort: skip
+
+__all__ = ["create_model", "list_models", "model_tags", "register_model"]

@@ -1,0 +1,87 @@
+"""The bag-classifier contract shared by every model (see ARCHITECTURE.md).
+
+A bag is a ``(n_i, d)`` float array of instance feature vectors; ``bags`` is a list of them
+(sizes may differ). ``clinical`` is an optional table aligned with the bags whose columns are
+``CLINICAL_COLUMNS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+
+CLINICAL_COLUMNS: tuple[str, ...] = ("age", "lymph_count", "male")
+
+
+def check_bags(bags: Sequence[np.ndarray], *, allow_empty_features: bool = False) -> list[np.ndarray]:
+    """Validate and convert bags to a list of 2-D float64 arrays; clear errors name the bag."""
+    if isinstance(bags, np.ndarray) and bags.ndim == 2:
+        raise TypeError("bags must be a list of 2-D arrays (one per bag), not one 2-D array")
+    checked = []
+    width = None
+    for index, bag in enumerate(bags):
+        array = np.asarray(bag, dtype=np.float64)
+        if array.ndim != 2:
+            raise ValueError(f"bag {index} must be 2-D (instances x features), got shape {array.shape}")
+        if array.shape[0] == 0:
+            raise ValueError(f"bag {index} has no instances")
+        if array.shape[1] == 0 and not allow_empty_features:
+            raise ValueError(f"bag {index} has no features")
+        if width is not None and array.shape[1] != width:
+            raise ValueError(f"bag {index} has {array.shape[1]} features, earlier bags have {width}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"bag {index} contains NaN or infinite values")
+        width = array.shape[1]
+        checked.append(array)
+    if not checked:
+        raise ValueError("no bags given")
+    return checked
+
+
+def check_clinical(clinical, n_bags: int) -> np.ndarray:
+    """Return the clinical table as an ``(n_bags, len(CLINICAL_COLUMNS))`` float array."""
+    if clinical is None:
+        raise ValueError(f"this model needs the clinical table (columns {list(CLINICAL_COLUMNS)})")
+    if isinstance(clinical, pd.DataFrame):
+        missing = [c for c in CLINICAL_COLUMNS if c not in clinical.columns]
+        if missing:
+            raise ValueError(f"clinical table lacks columns {missing}")
+        clinical = clinical.loc[:, list(CLINICAL_COLUMNS)]
+    array = np.asarray(clinical, dtype=np.float64)
+    if array.ndim != 2 or array.shape != (n_bags, len(CLINICAL_COLUMNS)):
+        raise ValueError(
+            f"clinical table must have shape ({n_bags}, {len(CLINICAL_COLUMNS)}), got {array.shape}"
+        )
+    if not np.all(np.isfinite(array)):
+        raise ValueError("clinical table contains NaN or infinite values")
+    return array
+
+
+def check_binary_labels(y) -> np.ndarray:
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(labels.tolist()))}")
+    if len(np.unique(labels)) < 2:
+        raise ValueError("training labels contain a single class; need both 0 and 1")
+    return labels.astype(int)
+
+
+class BagClassifier(ClassifierMixin, BaseEstimator):
+    """Base for bag models: ``predict`` thresholds ``predict_proba`` at ``threshold_`` (0.5
+    unless the model learns one). Subclasses implement ``fit`` and ``predict_proba``."""
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        return tags
+
+    def predict(self, bags, clinical=None) -> np.ndarray:
+        check_is_fitted(self)
+        proba = self.predict_proba(bags, clinical)[:, 1]
+        return (proba >= getattr(self, "threshold_", 0.5)).astype(int)

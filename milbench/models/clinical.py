@@ -1,0 +1,90 @@
+"""Clinical-only baseline: classifies a patient from age, lymphocyte count and gender alone.
+
+It ignores the instances of each bag; every bag model is compared against it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+from xgboost import XGBClassifier
+
+from milbench.models.base import BagClassifier, check_binary_labels, check_clinical
+from milbench.models.registry import register_model
+
+
+def clinical_design_matrix(clinical: np.ndarray) -> np.ndarray:
+    """Age, log lymphocyte count (counts span two decades), male indicator."""
+    age, count, male = clinical[:, 0], clinical[:, 1], clinical[:, 2]
+    return np.column_stack([age, np.log(np.clip(count, 1e-3, None)), male])
+
+
+class _ClinicalClassifier(BagClassifier):
+    def _make_estimator(self, y: np.ndarray):
+        raise NotImplementedError
+
+    def fit(self, bags, y, clinical=None):
+        labels = check_binary_labels(y)
+        if len(bags) != len(labels):
+            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+        features = clinical_design_matrix(check_clinical(clinical, len(labels)))
+        self.estimator_ = self._make_estimator(labels).fit(features, labels)
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, bags, clinical=None) -> np.ndarray:
+        check_is_fitted(self)
+        features = clinical_design_matrix(check_clinical(clinical, len(bags)))
+        return self.estimator_.predict_proba(features)
+
+
+@register_model("clinical_logreg", tags=("clinical",))
+class ClinicalLogistic(_ClinicalClassifier):
+    """Standardised logistic regression with balanced class weights."""
+
+    def __init__(self, C: float = 1.0, class_weight: str | None = "balanced", random_state=None):
+        self.C = C
+        self.class_weight = class_weight
+        self.random_state = random_state
+
+    def _make_estimator(self, y):
+        return make_pipeline(
+            StandardScaler(),
+            LogisticRegression(C=self.C, class_weight=self.class_weight, random_state=self.random_state),
+        )
+
+
+@register_model("clinical_xgb", tags=("clinical",))
+class ClinicalXGBoost(_ClinicalClassifier):
+    """Gradient-boosted trees; ``scale_pos_weight`` balances the classes from training prevalence."""
+
+    def __init__(
+        self,
+        n_estimators: int = 100,
+        learning_rate: float = 0.1,
+        max_depth: int = 3,
+        balance_classes: bool = True,
+        random_state=None,
+    ):
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.max_depth = max_depth
+        self.balance_classes = balance_classes
+        self.random_state = random_state
+
+    def _make_estimator(self, y):
+        positives = max(int(y.sum()), 1)
+        weight = (len(y) - positives) / positives if self.balance_classes else 1.0
+        return XGBClassifier(
+            n_estimators=self.n_estimators,
+            learning_rate=self.learning_rate,
+            max_depth=self.max_depth,
+            scale_pos_weight=weight,
+            random_state=0 if self.random_state is None else self.random_state,
+            n_jobs=1,  # one thread keeps results bit-identical across machines
+            tree_method="hist",
+            eval_metric="logloss",
+        )
