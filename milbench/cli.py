@@ -23,6 +23,8 @@ app.add_typer(submission_app, name="submission")
 app.add_typer(bench_app, name="bench")
 
 console = Console()
+# Messages are never hard-wrapped: they name paths that must stay searchable.
+error_console = Console(stderr=True, soft_wrap=True, highlight=False)
 # Errors a user can fix from the message alone: shown without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, KeyError)
 
@@ -35,7 +37,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 
 def _fail(error: BaseException) -> None:
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    error_console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code=2)
 
 
@@ -140,7 +142,7 @@ def submission_check(
     problems = check_submission(file, test_ids)
     if problems:
         for problem in problems:
-            Console(stderr=True).print(f"[red]✗[/] {problem}", highlight=False)
+            error_console.print(f"[red]✗[/] {problem}")
         raise typer.Exit(code=1)
     console.print(f"[green]✓[/] {file}: valid submission for {len(test_ids)} test patients")
 

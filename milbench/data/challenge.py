@@ -49,11 +49,16 @@ def _location(csv_path: Path, line: int, patient_id: str | None = None) -> str:
 def parse_dob(text: str) -> date:
     """Parse the two DOB formats of the real data: ``M/D/YYYY`` and ``DD-MM-YYYY``."""
     value = text.strip()
-    if re.fullmatch(r"\d{1,2}/\d{1,2}/\d{4}", value):
-        return datetime.strptime(value, "%m/%d/%Y").date()
-    if re.fullmatch(r"\d{1,2}-\d{1,2}-\d{4}", value):
-        return datetime.strptime(value, "%d-%m-%Y").date()
-    raise ValueError(f"{text!r} is neither M/D/YYYY nor DD-MM-YYYY")
+    if re.fullmatch(r"\d{1,2}/\d{1,2}/\d{4}", value, flags=re.ASCII):
+        layout = "%m/%d/%Y"
+    elif re.fullmatch(r"\d{1,2}-\d{1,2}-\d{4}", value, flags=re.ASCII):
+        layout = "%d-%m-%Y"
+    else:
+        raise ValueError(f"{text!r} is neither M/D/YYYY nor DD-MM-YYYY")
+    try:
+        return datetime.strptime(value, layout).date()
+    except ValueError as error:
+        raise ValueError(f"{text!r} is not a valid date ({error})") from None
 
 
 def age_at(dob: date, reference: date) -> float:

@@ -67,14 +67,22 @@ def stratification_keys(
         for name in level:
             keys = np.char.add(np.char.add(keys, "|"), parts[name])
         candidates.append(keys)
-    final = candidates[-1].copy()
-    decided = np.zeros(len(labels), dtype=bool)
-    for keys in candidates:
-        values, counts = np.unique(keys[~decided], return_counts=True)
-        big_enough = set(values[counts >= min_size])
-        take = ~decided & np.isin(keys, list(big_enough))
-        final[take] = keys[take]
-        decided |= take
+    final = candidates[0].copy()
+    for coarser in candidates[1:]:
+        values, counts = np.unique(final, return_counts=True)
+        small = np.isin(final, values[counts < min_size])
+        if not small.any():
+            break
+        final[small] = coarser[small]
+    # A label-only stratum still too small joins the largest stratum of the same label.
+    values, counts = np.unique(final, return_counts=True)
+    for value in values[counts < min_size]:
+        members = final == value
+        label = value.split("|")[0]
+        peers = [(c, v) for v, c in zip(values, counts, strict=True)
+                 if v != value and v.split("|")[0] == label and c >= min_size]
+        if peers:
+            final[members] = max(peers)[1]
     merged = int((final != candidates[0]).sum())
     if merged:
         log.info("stratification: %d patients moved to coarser strata (min size %d)", merged, min_size)
