@@ -76,6 +76,29 @@ def run(
 
 
 @app.command()
+def ablate(
+    config: Annotated[Path, typer.Argument(help="Ablation YAML (variants × repeats).")],
+    data: Annotated[Path | None, typer.Option(help="Challenge folder; default: a generated cohort.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every variant.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted grid there.")] = None,
+    jobs: Annotated[int | None, typer.Option(help="Worker processes (default: the config's n_jobs).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Run an ablation grid; print and save the mean ± std (max) table."""
+    from milbench.ablation import run_ablation
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.root={data}")
+    try:
+        run_dir, _ = run_ablation(config, overrides, resume=resume, n_jobs=jobs, progress=progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    console.print((run_dir / "ablation.md").read_text())
+    console.print(f"ablation directory: {run_dir}")
+
+
+@app.command()
 def synth(
     preset: Annotated[str, typer.Argument(help="tiny, small, challenge, or allidb2")],
     out: Annotated[Path, typer.Option(help="Folder to create (must not exist or be empty).")],
