@@ -203,19 +203,19 @@ def _clinical(
     Counts mix a reactive-like component (median ~4.6, rarely above 8) and a high, wide
     component (above 8, median ~28, up to 295). At informativeness 0 both labels share one
     mixture; as it grows, tumoral patients move to the high component and reactive ones leave
-    it (quadratically, so that at the default 0.5 a count above 8 already points strongly to
+    it (cubically, so that at the default 0.5 a count above 8 already points strongly to
     tumoral, as in the real data, while many tumoral patients still have low counts). Tumoral
     patients also get older.
     """
     n = labels.size
     tumoral = labels == 1
-    p_high = np.where(tumoral, 0.5 + 0.4 * informativeness, 0.5 * (1 - informativeness) ** 2)
+    p_high = np.where(tumoral, 0.5 + 0.4 * informativeness, 0.5 * (1 - informativeness) ** 3)
     high = rng.uniform(size=n) < p_high
     low_counts = 4.6 * np.exp(0.3 * rng.standard_normal(n))
     high_counts = 8.0 + 20.0 * np.exp(1.0 * rng.standard_normal(n))
     counts = np.where(high, high_counts, low_counts)
     counts = np.round(np.clip(counts, 2.28, 295.0), 2)
-    age_mean = np.where(tumoral, 64 + 10 * informativeness, 64 - 6 * informativeness)
+    age_mean = np.where(tumoral, 64 + 10 * informativeness, 64 - 8 * informativeness)
     ages = np.clip(age_mean + 13.0 * rng.standard_normal(n), 18, 99)
     return ages, counts
 

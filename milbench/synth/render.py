@@ -30,9 +30,9 @@ VARIANTS = ("typical", "atypical", "reactive")
 # stain jitter. Chosen so that on the pale background the nucleus renders dark purple and is the
 # most saturated object, red cells render pink-red, and cytoplasm pale blue.
 _BACKGROUND_RGB = np.array([0.95, 0.91, 0.93], dtype=np.float32)
-_NUCLEUS_OD = np.array([1.05, 1.65, 0.48], dtype=np.float32)
+_NUCLEUS_OD = np.array([1.05, 1.75, 0.45], dtype=np.float32)
 _CYTOPLASM_OD = np.array([0.26, 0.15, 0.03], dtype=np.float32)
-_RBC_OD = np.array([0.10, 0.62, 0.50], dtype=np.float32)
+_RBC_OD = np.array([0.08, 0.52, 0.42], dtype=np.float32)
 
 _POLY_POINTS = 72
 _RBC_UNIT = 200  # uint8 drawing value of unit red-cell density (room for jitter)
@@ -77,7 +77,7 @@ def sample_stain(rng: np.random.Generator) -> Stain:
         background=background.astype(np.float32),
         nucleus_od=jitter(_NUCLEUS_OD, 0.12, density),
         cytoplasm_od=jitter(_CYTOPLASM_OD, 0.25, density),
-        rbc_od=jitter(_RBC_OD, 0.15, density),
+        rbc_od=jitter(_RBC_OD, 0.12, density),
         brightness=float(rng.uniform(0.95, 1.03)),
         blur_sigma=float(rng.uniform(0.5, 0.9)),
         noise_sigma=float(rng.uniform(0.006, 0.014)),
@@ -190,7 +190,7 @@ def _add_red_cells(
         if (x - center[0]) ** 2 + (y - center[1]) ** 2 < (keep_out + 0.85 * r) ** 2:
             continue
         # Red cells may touch and overlap a little, as in a smear's monolayer, not pile up.
-        if any((x - px) ** 2 + (y - py) ** 2 < (1.25 * min(r, pr)) ** 2 for px, py, pr in placed):
+        if any((x - px) ** 2 + (y - py) ** 2 < (1.4 * min(r, pr)) ** 2 for px, py, pr in placed):
             continue
         placed.append((x, y, r))
         _stamp_red_cell(rbc, pallor_map, x, y, r, *shape)
