@@ -97,7 +97,7 @@ PRESETS: dict[str, SynthPreset] = {
     "challenge": SynthPreset(
         name="challenge", n_train_tumoral=113, n_train_reactive=50, n_test_tumoral=29,
         n_test_reactive=13, train_bags=BagSizes(85.0, 52.5, 0.5, 16, 198),
-        test_bags=BagSizes(68.0, 46.0, 0.45, 26, 180), masks=False,
+        test_bags=BagSizes(70.0, 48.0, 0.6, 26, 180), masks=False,
     ),
 }
 
@@ -445,6 +445,8 @@ def generate_cohort(
     atypical cells in tumoral patients, ``signal_strength`` how different atypical cells look
     (0 = indistinguishable), ``clinical_informativeness`` how much age and lymphocyte count
     say about the label (0 = nothing). Raises ``FileExistsError`` if ``out_dir`` is non-empty.
+    ``workers > 1`` renders in spawned processes (same bytes as one worker); a calling script
+    then needs the usual ``if __name__ == "__main__":`` guard.
     """
     spec = _resolve_preset(preset)
     seed = _check_count("seed", seed, 0)
