@@ -182,7 +182,7 @@ def test_refuses_non_empty_target_and_accepts_empty(tmp_path: Path) -> None:
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    generate_cohort(empty, "tiny")
+    generate_cohort(empty, "tiny", progress=True)
     assert (empty / "synth.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
