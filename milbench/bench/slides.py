@@ -49,12 +49,14 @@ def build_pipeline(
     max_reference: int = 150,
     disagreement_cutoff: int | None = 25,
     assignment: str = "hungarian",
+    cnn_epochs: int = 30,
+    vae_epochs: int = 60,
 ) -> DigitPipeline:
     """Train CNN and VAE on the training digits; references = their latent vectors per class."""
     split = load_digit_split(seed=seed)
-    cnn = train_cnn(split.train_images, split.train_labels, seed=seed)
+    cnn = train_cnn(split.train_images, split.train_labels, epochs=cnn_epochs, seed=seed)
     train_features = cnn.features(split.train_images)
-    vae = fit_vae(train_features, latent_dim=latent_dim, seed=seed)
+    vae = fit_vae(train_features, latent_dim=latent_dim, epochs=vae_epochs, seed=seed)
     latent = vae.encode(train_features)
     rng = np.random.default_rng(seed)
     references = []
@@ -78,13 +80,15 @@ def run_slides_benchmark(
     mode: str = "both",
     *,
     progress: Progress | None = None,
+    cnn_epochs: int = 30,
+    vae_epochs: int = 60,
 ) -> pd.DataFrame:
     """One row per (slide, kind): accuracy and seconds per method."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if n_slides < 1:
         raise ValueError("n_slides must be at least 1")
-    pipeline = build_pipeline(seed)
+    pipeline = build_pipeline(seed, cnn_epochs=cnn_epochs, vae_epochs=vae_epochs)
     split = pipeline.split
     confidence = pipeline.cnn.predict_proba(split.test_images).max(axis=1)
     sure = sure_mask(confidence, split.test_labels)
