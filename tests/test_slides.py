@@ -174,3 +174,15 @@ def test_bench_command_writes_tables(tmp_path, monkeypatch):
     assert "| distorted | bayes |" in (tmp_path / "slides_summary.md").read_text()
     with pytest.raises(ValueError, match="mode"):
         real(1, 0, "other")
+
+
+def test_min_votes_restricts_clusters_to_predicted_classes():
+    rng = np.random.default_rng(7)
+    references = _references(rng)
+    truth = np.repeat([0, 2], [15, 12])
+    latent = CENTERS[truth] + rng.normal(scale=0.4, size=(len(truth), 2))
+    classifier = np.where(truth == 2, 1, 0)  # the classifier never says 2
+    free = SlideClusterer(references, disagreement_cutoff=None).classify(latent, classifier)
+    assert set(free.labels) == {0, 2}
+    restricted = SlideClusterer(references, disagreement_cutoff=None, min_votes=1)
+    assert set(restricted.classify(latent, classifier).labels) <= {0, 1}

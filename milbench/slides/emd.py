@@ -1,7 +1,7 @@
 """Earth Mover's Distance between point clouds (POT) and cluster-to-class assignment (scipy).
 
-Distances are Euclidean (Wasserstein-1): then the EMD of a single point to a cloud is its mean
-distance to the cloud, which lets noise points and clusters enter one objective on one scale.
+Distances are Euclidean (Wasserstein-1), so EMD is in the units of the latent space and the
+EMD of a single point to a cloud is simply its mean distance to the cloud.
 """
 
 from __future__ import annotations
