@@ -1,0 +1,1 @@
+"""Benchmarks behind `milbench bench`: speed and accuracy figures measured, never asserted."""
