@@ -177,3 +177,19 @@ def models_list():
 
     for name in list_models():
         console.print(f"{name}  [dim]{', '.join(sorted(model_tags(name)))}[/]")
+
+
+@bench_app.command("slides")
+def bench_slides(
+    n_slides: Annotated[int, typer.Option(help="Test slides per generator.")] = 50,
+    seed: int = 0,
+    mode: Annotated[str, typer.Option(help="stochastic, distorted or both.")] = "both",
+    out: Annotated[Path | None, typer.Option(help="Folder for CSV and markdown tables.")] = None,
+):
+    """Cluster/EMD slide classification on scikit-learn's digits: CNN vs VAE, grid, Bayesian."""
+    from milbench.bench.slides import bench_slides_command
+
+    try:
+        bench_slides_command(n_slides, seed, out, mode)
+    except USER_ERRORS as error:
+        _fail(error)
