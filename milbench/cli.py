@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -22,7 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(submission_app, name="submission")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
+# Piped output (logs, CI) gets a wide fixed width instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 150)
 # Messages are never hard-wrapped: they name paths that must stay searchable.
 error_console = Console(stderr=True, soft_wrap=True, highlight=False)
 # Errors a user can fix from the message alone: shown without a traceback.
@@ -141,7 +143,8 @@ def data_summary(
         cohort = load_challenge(root, date.fromisoformat(reference_date))
     except USER_ERRORS as error:
         _fail(error)
-    _print_table(summary_table(cohort), f"Cohort {root}")
+    table = summary_table(cohort).set_index("group").T.reset_index(names="")
+    _print_table(table, f"Cohort {root}")
     if cohort.skipped:
         console.print(f"[yellow]{len(cohort.skipped)} files skipped[/] (see skipped.csv)")
     written = write_summary(cohort, out or root.parent / f"{root.name}-summary")
