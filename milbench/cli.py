@@ -37,6 +37,10 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
 
 
+SHORT_NAMES = {"balanced_accuracy": "bal_acc", "seconds_per_fit": "s/fit",
+               "hidden_test_balanced_accuracy": "test_bal_acc", "hidden_test_roc_auc": "test_auc"}
+
+
 def _fail(error: BaseException) -> None:
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     error_console.print(f"[bold red]error:[/] {message}")
@@ -70,8 +74,9 @@ def run(
         outcome = run_pipeline(load_config(config, overrides), progress=progress)
     except USER_ERRORS as error:
         _fail(error)
-    shown = outcome.table.drop(columns=["balanced_accuracy_mean"])
-    _print_table(shown, "Cross-validation: mean ± std (max) over repeats")
+    shown = outcome.table.drop(columns=["balanced_accuracy_mean"]).rename(columns=SHORT_NAMES)
+    _print_table(shown, "Cross-validation: mean ± std (max) over repeats"
+                 + ("; test_*: hidden synthetic truth" if "test_bal_acc" in shown else ""))
     for name, path in outcome.submissions.items():
         console.print(f"submission [bold]{name}[/]: {path}")
     console.print(f"run directory: {outcome.run_dir}")

@@ -15,7 +15,7 @@ from milbench import plots
 from milbench.config import ConfigError, DataConfig, ModelEntry, RunConfig, resolved_dict
 from milbench.data import Cohort, load_challenge
 from milbench.evaluation.cv import CVResult, cross_validate
-from milbench.evaluation.metrics import METRICS, format_mean_std_max
+from milbench.evaluation.metrics import METRICS, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, save_folds, stratification_keys
 from milbench.models import create_model, model_tags
 from milbench.runs import Run, git_state
@@ -98,6 +98,20 @@ def prepare_data(config: RunConfig, progress: bool = True) -> PreparedData:
     )
 
 
+def hidden_test_labels(root: Path, test_ids: list[str]) -> np.ndarray | None:
+    """Test labels of a synthetic cohort (its hidden truth), for scoring after prediction only;
+    None for real challenge folders, which have no truth."""
+    if not (root / "truth" / "test_labels.csv").is_file() or not test_ids:
+        return None
+    from milbench.synth import load_truth
+
+    labels = load_truth(root).test_labels
+    missing = [pid for pid in test_ids if pid not in labels]
+    if missing:
+        raise ConfigError(f"{root}/truth/test_labels.csv lacks test patients {missing[:10]}")
+    return np.array([labels[pid] for pid in test_ids])
+
+
 def stratification(config: RunConfig, train: Cohort, min_size: int) -> np.ndarray:
     return stratification_keys(
         train.frame(), tuple(config.evaluation.stratify), config.evaluation.age_threshold,
@@ -124,6 +138,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
                          config.evaluation.n_repeats, config.seed)
     save_folds(folds, run.file("splits/folds.csv"))
 
+    test_truth = hidden_test_labels(data.root, data.test.ids)
     rows, results, submissions = [], {}, {}
     for entry in config.models:
         name = entry.display_name
@@ -148,6 +163,10 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
             predicted = final.predict(data.test_bags, data.test_clinical)
             run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(
                 {"patient_id": data.test.ids, "score": scores, "predicted": predicted}))
+            if test_truth is not None:
+                hidden = binary_metrics(test_truth, predicted, scores)
+                rows[-1]["hidden_test_balanced_accuracy"] = hidden["balanced_accuracy"]
+                rows[-1]["hidden_test_roc_auc"] = hidden["roc_auc"]
             if config.submission.enabled:
                 submissions[name] = write_submission(
                     dict(zip(data.test.ids, predicted.tolist(), strict=True)), data.test.ids,
@@ -189,7 +208,8 @@ def _write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None
 def _report(config: RunConfig, root: Path, cohort: Cohort, table: pd.DataFrame,
             submissions: dict[str, Path]) -> str:
     train, test = cohort.train(), cohort.test()
-    shown = table[["model", *METRICS, "seconds_per_fit"]]
+    hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
+    shown = table[["model", *METRICS, "seconds_per_fit", *hidden]]
     lines = [
         f"# Run `{config.name}`",
         "",
@@ -197,7 +217,9 @@ def _report(config: RunConfig, root: Path, cohort: Cohort, table: pd.DataFrame,
         f"{len(test)} test patients, {len(cohort.skipped)} skipped files.",
         f"Protocol: stratified {config.evaluation.n_splits}-fold CV × {config.evaluation.n_repeats} "
         f"repeats on {', '.join(config.evaluation.stratify) or 'the label'}; seed {config.seed}. "
-        "Cells: mean ± std (max) over repeats.",
+        "Cells: mean ± std (max) over repeats."
+        + (" `hidden_test_*`: the synthetic cohort's hidden test labels, read only after the "
+           "models predicted (no real challenge folder has them)." if hidden else ""),
         "",
         shown.to_markdown(index=False),
         "",

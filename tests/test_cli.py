@@ -48,6 +48,7 @@ def test_run_writes_run_directory_and_valid_submissions(tmp_path, challenge, mon
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics["model"]) == ["clinical_logreg", "clinical_xgb"]
     assert metrics["balanced_accuracy_mean"].between(0, 1).all()
+    assert "hidden_test_balanced_accuracy" not in metrics  # a real-layout folder has no truth
     for plot in ("roc.png", "confusion.png", "clinical_by_class.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
     assert "clinical_logreg" in (run / "report.md").read_text()
@@ -116,3 +117,5 @@ def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
     assert (cohort / "synth.json").stat().st_mtime_ns == stamp  # reused, not regenerated
     config = yaml.safe_load(next((tmp_path / "work" / "runs").iterdir()).joinpath("config.yaml").read_text())
     assert config["data"]["resolved_root"] == str(cohort.resolve())
+    metrics = pd.read_csv(next((tmp_path / "work" / "runs").iterdir()) / "metrics.csv")
+    assert metrics["hidden_test_balanced_accuracy"].between(0, 1).all()  # synthetic truth scored
