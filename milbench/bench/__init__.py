@@ -1,0 +1,1 @@
+"""Benchmark suites: classic MIL datasets and digit bags against published figures."""
