@@ -47,7 +47,7 @@ def _proba(model, bags, clinical):
 
 def test_registry_lists_models():
     names = list_models()
-    assert {"misvm", "mi_svm", "meanpool_svm"} <= set(names)
+    assert {"misvm", "mi_svm", "meanpool_svm", "dmil"} <= set(names)
 
 
 def test_fit_returns_self_and_learns_fixture(fitted, tiny):
