@@ -7,7 +7,7 @@ import pytest
 from bag_fixtures import make_tiny_bags
 
 from milbench.models import create_model
-from milbench.models.misvm import MISVM, MeanPoolSVM, MiSVM
+from milbench.models.misvm import MISVM, MeanPoolSVM, MiSVM, _fit_score_calibration
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_misvm_converges_to_known_witnesses(tiny, kernel, C):
 
 def test_mi_svm_labels_witness_positive_and_others_negative(tiny):
     bags, labels, _, witness_rows = tiny
-    model = MiSVM(kernel="linear", C=10.0).fit(bags, labels)
+    model = MiSVM(kernel="linear", C=10.0, calibration_folds=None).fit(bags, labels)
     assert model.converged_
     rates = model.positive_rate(bags)
     scores = model.instance_scores(bags)
@@ -103,3 +103,18 @@ def test_meanpool_svm_mean_std_pooling(tiny):
     model = MeanPoolSVM(pooling="mean_std").fit(bags, labels)
     assert model.scaler_.n_features_in_ == 2 * bags[0].shape[1]
     assert (model.predict(bags) == labels).mean() >= 0.8
+
+
+def test_calibration_uses_out_of_fold_bag_scores(tiny):
+    bags, labels, _, _ = tiny
+    model = MISVM(kernel="linear", calibration_folds=3, random_state=0).fit(bags, labels)
+    held_out = model._held_out_scores(bags, labels)
+    training = model.decision_function(bags)
+    assert not np.allclose(held_out, training)
+    refit = _fit_score_calibration(held_out, labels)
+    np.testing.assert_allclose(
+        model.calibration_.predict_proba(training.reshape(-1, 1)),
+        refit.predict_proba(training.reshape(-1, 1)),
+    )
+    with pytest.raises(ValueError, match="calibration_folds"):
+        MISVM(calibration_folds=1).fit(bags, labels)
