@@ -45,7 +45,16 @@ def test_fit_predict_shapes_and_separation(fixture_bags, fitted):
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     assert (fitted.predict(bags) == labels).mean() >= 0.9
     assert fitted.decision_function(bags).shape == (12,)
-    assert fitted.oof_used_
+    assert not fitted.oof_used_  # 6 bags per class: too few for out-of-fold bag features
+
+
+def test_out_of_fold_bag_features_with_enough_bags():
+    rng = np.random.default_rng(1)
+    labels = np.arange(24) % 2
+    bags = [rng.normal(size=(5, 3)) + 3.0 * label * (np.arange(5) < 2)[:, None] for label in labels]
+    model = create_model("cluster_emd", random_state=0, vae_epochs=10).fit(bags, labels)
+    assert model.oof_used_  # 12 bags per class >= 4 per fold x 3 folds
+    assert (model.predict(bags) == labels).mean() >= 0.8
 
 
 def test_bag_features_and_instance_scores(fixture_bags, fitted):

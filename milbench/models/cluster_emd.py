@@ -17,8 +17,9 @@ A patient is a slide. Fitted on the training bags:
 Optimism: a training bag's own instances sit in the references and trained the head and VAE,
 so its in-sample features look better than a new patient's. With ``oof_folds >= 2`` the
 logistic regression is therefore fitted on out-of-fold bag features (stages 1-3 refitted
-without that fold); it falls back to in-sample features when a class has fewer bags than
-folds (tiny data). Stages 1-3 are finally refitted on all bags for prediction.
+without that fold); it falls back to in-sample features when a class has fewer than
+``MIN_BAGS_PER_CLASS_PER_FOLD`` bags per fold: stages fitted on a handful of bags give
+out-of-fold features too noisy to learn the bag mapping from (tiny data). Stages 1-3 are finally refitted on all bags for prediction.
 
 Instances are sorted canonically (lexicographically) inside each bag before clustering, so
 DBSCAN's order-dependence for border points cannot make results depend on instance order.
@@ -57,6 +58,8 @@ MODEL_FEATURES = ("tumoral_cluster_fraction", "tumoral_fraction", "emd_reactive"
 HEADS = ("logreg", "mlp")
 SEARCHES = ("grid", "bayes")
 
+
+MIN_BAGS_PER_CLASS_PER_FOLD = 4
 
 @dataclass
 class _InstanceStage:
@@ -136,7 +139,7 @@ class ClusterEMDClassifier(BagClassifier):
             raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
         seed = self._seed()
         folds = int(self.oof_folds)
-        if folds >= 2 and np.bincount(labels).min() >= folds:
+        if folds >= 2 and np.bincount(labels).min() >= MIN_BAGS_PER_CLASS_PER_FOLD * folds:
             features = pd.DataFrame(index=range(len(bags)), columns=list(BAG_FEATURES), dtype=float)
             splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
             for fold, (train, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):

