@@ -19,7 +19,8 @@ so its in-sample features look better than a new patient's. With ``oof_folds >= 
 logistic regression is therefore fitted on out-of-fold bag features (stages 1-3 refitted
 without that fold); it falls back to in-sample features when a class has fewer than
 ``MIN_BAGS_PER_CLASS_PER_FOLD`` bags per fold: stages fitted on a handful of bags give
-out-of-fold features too noisy to learn the bag mapping from (tiny data). Stages 1-3 are finally refitted on all bags for prediction.
+out-of-fold features too noisy to learn the bag mapping from (tiny data). Stages 1-3 are
+finally refitted on all bags for prediction.
 
 Instances are sorted canonically (lexicographically) inside each bag before clustering, so
 DBSCAN's order-dependence for border points cannot make results depend on instance order.
