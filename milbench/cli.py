@@ -201,3 +201,24 @@ def bench_slides(
         bench_slides_command(n_slides, seed, out, mode)
     except USER_ERRORS as error:
         _fail(error)
+
+
+@bench_app.command("mil")
+def bench_mil(
+    datasets: Annotated[str, typer.Option(help="Comma-separated: musk1, musk2, elephant, ucsb, digits.")]
+    = "musk1,musk2,elephant,ucsb,digits",
+    models: Annotated[str, typer.Option(help="Comma-separated model specs: a registered name, parameters optionally in square brackets.")]
+    = "misvm,misvm[kernel=linear;C=1],mi_svm,dmil,meanpool_svm",
+    repeats: int = 5,
+    splits: int = 10,
+    seed: int = 0,
+    n_jobs: Annotated[int, typer.Option(help="Parallel fits.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Folder for folds.csv, summary.csv, table.md.")] = None,
+):
+    """Classic MIL benchmarks (MUSK1/2, ELEPHANT, UCSB) and digit bags vs published figures."""
+    from milbench.bench.mil import bench_mil_command
+
+    try:
+        bench_mil_command(datasets, models, repeats, splits, out, seed, n_jobs)
+    except USER_ERRORS as error:
+        _fail(error)
