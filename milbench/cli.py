@@ -207,7 +207,7 @@ def bench_slides(
 def bench_mil(
     datasets: Annotated[str, typer.Option(help="Comma-separated: musk1, musk2, elephant, ucsb, digits.")]
     = "musk1,musk2,elephant,ucsb,digits",
-    models: Annotated[str, typer.Option(help="Comma-separated model specs: a registered name, parameters optionally in square brackets.")]
+    models: Annotated[str, typer.Option(help="Comma-separated model specs (name, params in brackets).")]
     = "misvm,misvm[kernel=linear;C=1],mi_svm,dmil,meanpool_svm",
     repeats: int = 5,
     splits: int = 10,
