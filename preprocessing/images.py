@@ -28,10 +28,11 @@ Image.LOAD_TRUNCATED_IMAGES = False
 class CorruptImageError(ValueError):
     """An image file that exists but cannot be decoded; ``path`` names it."""
 
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+    def __init__(self, path: str | os.PathLike, reason: str | None = None) -> None:
+        # One-argument form: a DataLoader worker re-raises with the formatted message only.
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"cannot decode image {self.path}: {reason}")
+        super().__init__(self.path if reason is None else f"cannot decode image {path}: {reason}")
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
