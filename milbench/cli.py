@@ -1,0 +1,156 @@
+"""The ``milbench`` command line: wires the library's rooms together; no logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(help="Multiple-instance learning toolkit for the lymphocytosis challenge.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Inspect a challenge folder.", no_args_is_help=True)
+submission_app = typer.Typer(help="Leaderboard submission files.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: speed and accuracy figures.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(submission_app, name="submission")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+# Messages are never hard-wrapped: they name paths that must stay searchable.
+error_console = Console(stderr=True, soft_wrap=True, highlight=False)
+# Errors a user can fix from the message alone: shown without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, KeyError)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)])
+
+
+def _fail(error: BaseException) -> None:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    error_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _print_table(frame, title: str) -> None:
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column))
+    for row in frame.itertuples(index=False):
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")] = Path("configs/pipeline.yaml"),
+    data: Annotated[Path | None, typer.Option(help="Challenge folder; default: a generated cohort.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.sub=value")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Train and evaluate the models a config names; write a run directory and submissions."""
+    from milbench.config import load_config
+    from milbench.pipeline import run_pipeline
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.root={data}")
+    try:
+        outcome = run_pipeline(load_config(config, overrides), progress=progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    shown = outcome.table.drop(columns=["balanced_accuracy_mean"])
+    _print_table(shown, "Cross-validation: mean ± std (max) over repeats")
+    for name, path in outcome.submissions.items():
+        console.print(f"submission [bold]{name}[/]: {path}")
+    console.print(f"run directory: {outcome.run_dir}")
+
+
+@app.command()
+def synth(
+    preset: Annotated[str, typer.Argument(help="tiny, small, challenge, or allidb2")],
+    out: Annotated[Path, typer.Option(help="Folder to create (must not exist or be empty).")],
+    seed: int = 0,
+    witness_rate: Annotated[float | None, typer.Option(help="Atypical share in tumoral bags.")] = None,
+    signal_strength: Annotated[float | None, typer.Option(help="0 = atypical cells look typical.")] = None,
+    clinical_informativeness: Annotated[
+        float | None, typer.Option(help="0 = clinical data useless.")
+    ] = None,
+    workers: int = 2,
+):
+    """Generate a synthetic cohort in the exact challenge layout (or an ALL-IDB2-layout set)."""
+    from milbench.synth import generate_allidb2, generate_cohort
+
+    started = time.perf_counter()
+    try:
+        if preset == "allidb2":
+            path = generate_allidb2(out, seed=seed, workers=workers, progress=True)
+        else:
+            path = generate_cohort(out, preset=preset, seed=seed, witness_rate=witness_rate,
+                                   signal_strength=signal_strength,
+                                   clinical_informativeness=clinical_informativeness,
+                                   workers=workers, progress=True)
+    except USER_ERRORS as error:
+        _fail(error)
+    console.print(f"wrote {path} in {time.perf_counter() - started:.1f} s")
+
+
+@data_app.command("summary")
+def data_summary(
+    root: Annotated[Path, typer.Argument(help="Challenge folder.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write tables and plots.")] = None,
+    reference_date: Annotated[str, typer.Option(help="Date ages are computed at.")] = "2021-01-01",
+):
+    """Patients, images per patient and clinical distributions per split and label, with plots."""
+    from milbench.data import load_challenge
+    from milbench.data.summary import summary_table, write_summary
+
+    try:
+        cohort = load_challenge(root, date.fromisoformat(reference_date))
+    except USER_ERRORS as error:
+        _fail(error)
+    _print_table(summary_table(cohort), f"Cohort {root}")
+    if cohort.skipped:
+        console.print(f"[yellow]{len(cohort.skipped)} files skipped[/] (see skipped.csv)")
+    written = write_summary(cohort, out or root.parent / f"{root.name}-summary")
+    for path in written.values():
+        console.print(f"wrote {path}")
+
+
+@submission_app.command("check")
+def submission_check(
+    file: Annotated[Path, typer.Argument(help="Submission CSV.")],
+    data: Annotated[Path, typer.Option(help="Challenge folder whose test patients it must cover.")],
+):
+    """Validate a submission CSV against a challenge folder's test patients."""
+    from milbench.data import load_challenge
+    from milbench.submit import check_submission
+
+    try:
+        test_ids = load_challenge(data).test().ids
+    except USER_ERRORS as error:
+        _fail(error)
+    problems = check_submission(file, test_ids)
+    if problems:
+        for problem in problems:
+            error_console.print(f"[red]✗[/] {problem}")
+        raise typer.Exit(code=1)
+    console.print(f"[green]✓[/] {file}: valid submission for {len(test_ids)} test patients")
+
+
+@app.command("models")
+def models_list():
+    """List the registered bag models and what they consume."""
+    from milbench.models import list_models, model_tags
+
+    for name in list_models():
+        console.print(f"{name}  [dim]{', '.join(sorted(model_tags(name)))}[/]")

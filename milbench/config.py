@@ -1,0 +1,143 @@
+"""Run configuration: a YAML file, overridden by ``--set key.sub=value`` flags, validated.
+
+Unknown keys and wrong types are errors that name the key. The resolved config (with the seed
+actually used) is what a run directory records.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override cannot be used."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SyntheticData(_Strict):
+    preset: Literal["tiny", "small", "challenge"] = "small"
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    root: str | None = Field(None, description="challenge folder; null generates a synthetic cohort")
+    synthetic: SyntheticData = SyntheticData()
+    reference_date: date = date(2021, 1, 1)
+    strict_images: bool = False
+
+
+class FeaturesConfig(_Strict):
+    extractor: str = Field("none", description="'none' (clinical models only) or a features config")
+
+
+class EvaluationConfig(_Strict):
+    n_splits: int = Field(5, ge=2)
+    n_repeats: int = Field(5, ge=1)
+    stratify: list[Literal["gender", "age", "lymph_count"]] = ["gender", "age", "lymph_count"]
+    age_threshold: float | None = None
+    count_threshold: float | None = None
+
+
+class ModelEntry(_Strict):
+    name: str
+    params: dict[str, Any] = {}
+    label: str | None = Field(None, description="display name; defaults to the model name")
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+
+class SubmissionConfig(_Strict):
+    enabled: bool = True
+    dir: str = "submissions"
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    workdir: str = ".milbench"
+    data: DataConfig = DataConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    models: list[ModelEntry] = Field(min_length=1)
+    submission: SubmissionConfig = SubmissionConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_labels(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+        names = [m.display_name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names/labels must be unique, repeated: {duplicates}")
+        return models
+
+
+def apply_override(config: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` in place; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {assignment!r}: value is not valid YAML ({error})") from None
+    node = config
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = _list_item(node, part, assignment)
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+    if isinstance(node, list):
+        index = int(parts[-1]) if parts[-1].isdigit() else None
+        if index is None or index >= len(node):
+            raise ConfigError(f"override {assignment!r}: {parts[-1]!r} is not an index of the list")
+        node[index] = value
+    else:
+        node[parts[-1]] = value
+
+
+def _list_item(node: list, part: str, assignment: str):
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {assignment!r}: {part!r} is not an index of a {len(node)}-item list")
+    return node[int(part)]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config must be a mapping at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        lines = [
+            f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()
+        ]
+        raise ConfigError(f"{path or 'config'}: invalid config\n" + "\n".join(lines)) from None
+
+
+def resolved_dict(config: RunConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Evaluation: stratified patient splits, metrics, repeated cross-validation."""

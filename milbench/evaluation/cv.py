@@ -1,0 +1,80 @@
+"""Repeated cross-validation of a bag model with out-of-fold predictions.
+
+Each fold trains a fresh clone seeded from (seed, repeat, fold), so a fold's result does not depend
+on which folds ran before it. Only the training patients' labels reach ``fit``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from milbench.evaluation.metrics import aggregate, binary_metrics
+from milbench.evaluation.splits import Fold
+from milbench.progress import progress_bar
+
+
+@dataclass
+class CVResult:
+    """Out-of-fold predictions (one row per repeat and patient) and metrics per repeat."""
+
+    oof: pd.DataFrame
+    per_repeat: pd.DataFrame
+    fit_seconds: list[float]
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        return aggregate(self.per_repeat)
+
+
+def fold_seed(seed: int, repeat: int, fold: int) -> int:
+    return seed * 1_000_003 + repeat * 1_000 + fold
+
+
+def _take(sequence, positions):
+    return [sequence[i] for i in positions]
+
+
+def cross_validate(
+    model,
+    bags: list[np.ndarray],
+    labels: np.ndarray,
+    ids: list[str],
+    folds: list[Fold],
+    clinical: pd.DataFrame | None = None,
+    seed: int = 0,
+    description: str = "cross-validation",
+    progress: bool = True,
+) -> CVResult:
+    """Fit ``clone(model)`` on each fold's training patients and predict its validation ones."""
+    position = {pid: i for i, pid in enumerate(ids)}
+    labels = np.asarray(labels, dtype=int)
+    rows, fit_seconds = [], []
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(folds))
+        for fold in folds:
+            train = [position[pid] for pid in fold.train_ids]
+            val = [position[pid] for pid in fold.val_ids]
+            estimator = clone(model)
+            if "random_state" in estimator.get_params():
+                estimator.set_params(random_state=fold_seed(seed, fold.repeat, fold.fold))
+            train_clinical = None if clinical is None else clinical.iloc[train]
+            val_clinical = None if clinical is None else clinical.iloc[val]
+            started = time.perf_counter()
+            estimator.fit(_take(bags, train), labels[train], train_clinical)
+            fit_seconds.append(time.perf_counter() - started)
+            scores = estimator.predict_proba(_take(bags, val), val_clinical)[:, 1]
+            predictions = estimator.predict(_take(bags, val), val_clinical)
+            for i, score, predicted in zip(val, scores, predictions, strict=True):
+                rows.append((fold.repeat, fold.fold, ids[i], int(labels[i]), float(score), int(predicted)))
+            bar.advance(task)
+    oof = pd.DataFrame(rows, columns=["repeat", "fold", "patient_id", "label", "score", "predicted"])
+    per_repeat = []
+    for repeat, group in oof.groupby("repeat", sort=True):
+        metrics = binary_metrics(group["label"], group["predicted"], group["score"])
+        per_repeat.append({"repeat": int(repeat), **metrics})
+    return CVResult(oof=oof, per_repeat=pd.DataFrame(per_repeat), fit_seconds=fit_seconds)

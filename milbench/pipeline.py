@@ -1,0 +1,184 @@
+"""The run pipeline behind ``milbench run``: cohort → splits → each model in repeated CV →
+refit on all training patients → test predictions and leaderboard CSVs → metrics, plots, report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from milbench import plots
+from milbench.config import ConfigError, DataConfig, RunConfig, resolved_dict
+from milbench.data import Cohort, load_challenge
+from milbench.evaluation.cv import CVResult, cross_validate
+from milbench.evaluation.metrics import METRICS, format_mean_std_max
+from milbench.evaluation.splits import kfold_splits, save_folds, stratification_keys
+from milbench.models import create_model, model_tags
+from milbench.runs import Run, git_state
+from milbench.submit import write_submission
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    table: pd.DataFrame  # one row per model: metric summaries
+    submissions: dict[str, Path]
+
+
+def synthetic_cohort_path(data: DataConfig, workdir: str | Path) -> Path:
+    return Path(workdir) / "data" / f"synthetic-{data.synthetic.preset}-seed{data.synthetic.seed}"
+
+
+def resolve_data_root(data: DataConfig, workdir: str | Path, progress: bool = True) -> Path:
+    """The challenge folder to read: the configured one, or a generated synthetic cohort (cached
+    under the work directory and reused when its manifest matches)."""
+    if data.root is not None:
+        return Path(data.root)
+    from milbench.synth import generate_cohort, read_manifest
+
+    path = synthetic_cohort_path(data, workdir)
+    if path.exists():
+        manifest = read_manifest(path)
+        if manifest is None or manifest.get("preset") != data.synthetic.preset or manifest.get(
+            "seed"
+        ) != data.synthetic.seed:
+            raise ConfigError(f"{path} exists but is not the synthetic cohort the config asks for")
+        log.info("reusing synthetic cohort %s", path)
+        return path
+    log.info("generating synthetic %s cohort in %s", data.synthetic.preset, path)
+    generate_cohort(path, preset=data.synthetic.preset, seed=data.synthetic.seed, workers=2,
+                    progress=progress)
+    return path
+
+
+def instance_bags(cohort: Cohort, extractor: str) -> list[np.ndarray]:
+    """Instance feature bags for the cohort's patients. ``none``: zero-width bags (one row per
+    image) for models that read only the clinical table."""
+    if extractor == "none":
+        return [np.zeros((p.n_images, 0)) for p in cohort.patients]
+    raise ConfigError(f"features.extractor {extractor!r} is not available; use 'none'")
+
+
+def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
+    root = resolve_data_root(config.data, config.workdir, progress)
+    cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
+    train, test = cohort.train(), cohort.test()
+    for entry in config.models:
+        if "instances" in model_tags(entry.name) and config.features.extractor == "none":
+            raise ConfigError(f"model {entry.name!r} needs instance features; set features.extractor")
+
+    run = Run.create(Path(config.workdir) / "runs", config.name)
+    resolved = resolved_dict(config)
+    resolved["data"]["resolved_root"] = str(root.resolve())
+    run.save_config(resolved)
+    run.write_csv("cohort/patients.csv", cohort.frame())
+    run.write_csv("cohort/skipped.csv", pd.DataFrame(
+        [(s.path, s.reason) for s in cohort.skipped], columns=["path", "reason"]))
+    if len(train) == 0:
+        raise ConfigError(f"{root}: no training patients")
+
+    frame = train.frame()
+    keys = stratification_keys(
+        frame, tuple(config.evaluation.stratify), config.evaluation.age_threshold,
+        config.evaluation.count_threshold, min_size=config.evaluation.n_splits,
+    )
+    folds = kfold_splits(train.ids, keys, config.evaluation.n_splits, config.evaluation.n_repeats,
+                         config.seed)
+    save_folds(folds, run.file("splits/folds.csv"))
+
+    train_bags = instance_bags(train, config.features.extractor)
+    test_bags = instance_bags(test, config.features.extractor)
+    labels = train.labels()
+    train_clinical, test_clinical = train.clinical_table(), test.clinical_table()
+
+    rows, results, submissions = [], {}, {}
+    for entry in config.models:
+        name = entry.display_name
+        model = create_model(entry.name, **entry.params)
+        result = cross_validate(model, train_bags, labels, train.ids, folds, train_clinical,
+                                seed=config.seed, description=f"CV {name}", progress=progress)
+        results[name] = result
+        _write_model_results(run, name, result)
+        summary = result.summary
+        rows.append({
+            "model": name,
+            **{metric: format_mean_std_max(summary, metric) for metric in METRICS},
+            "balanced_accuracy_mean": summary.loc["balanced_accuracy", "mean"],
+            "seconds_per_fit": float(np.mean(result.fit_seconds)),
+        })
+        if len(test):
+            final = create_model(entry.name, **entry.params)
+            if "random_state" in final.get_params():
+                final.set_params(random_state=config.seed)
+            final.fit(train_bags, labels, train_clinical)
+            scores = final.predict_proba(test_bags, test_clinical)[:, 1]
+            predicted = final.predict(test_bags, test_clinical)
+            run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(
+                {"patient_id": test.ids, "score": scores, "predicted": predicted}))
+            if config.submission.enabled:
+                submissions[name] = write_submission(
+                    dict(zip(test.ids, predicted.tolist(), strict=True)), test.ids,
+                    config.submission.dir, f"{config.name}-{name}",
+                    provenance={
+                        "model": entry.name, "params": entry.params, "seed": config.seed,
+                        "git": git_state(), "run_dir": str(run.path.resolve()),
+                        "cv_balanced_accuracy": format_mean_std_max(summary, "balanced_accuracy"),
+                        "data_root": str(root.resolve()),
+                    },
+                )
+    table = pd.DataFrame(rows)
+    run.write_csv("metrics.csv", table)
+    run.write_json("metrics.json", {
+        name: {"per_repeat": r.per_repeat.to_dict(orient="records"),
+               "summary": r.summary.to_dict(orient="index")}
+        for name, r in results.items()
+    })
+    run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
+    _write_plots(run, cohort, results)
+    run.write_text("report.md", _report(config, root, cohort, table, submissions))
+    return RunOutcome(run_dir=run.path, table=table, submissions=submissions)
+
+
+def _write_model_results(run: Run, name: str, result: CVResult) -> None:
+    run.write_csv(f"models/{name}/oof.csv", result.oof)
+    run.write_csv(f"models/{name}/per_repeat.csv", result.per_repeat)
+    run.write_csv(f"models/{name}/summary.csv", result.summary, index=True)
+
+
+def _write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None:
+    run.save_figure("plots/clinical_by_class.png", plots.clinical_by_class(cohort.train().frame()))
+    run.save_figure("plots/roc.png", plots.roc_curves({n: r.oof for n, r in results.items()}))
+    cells = {n: {c: int(r.per_repeat[c].sum()) for c in ("tn", "fp", "fn", "tp")}
+             for n, r in results.items()}
+    run.save_figure("plots/confusion.png", plots.confusion_matrices(cells))
+
+
+def _report(config: RunConfig, root: Path, cohort: Cohort, table: pd.DataFrame,
+            submissions: dict[str, Path]) -> str:
+    train, test = cohort.train(), cohort.test()
+    shown = table[["model", *METRICS, "seconds_per_fit"]]
+    lines = [
+        f"# Run `{config.name}`",
+        "",
+        f"Data: `{root}` — {len(train)} train patients ({int(train.labels().sum())} tumoral), "
+        f"{len(test)} test patients, {len(cohort.skipped)} skipped files.",
+        f"Protocol: stratified {config.evaluation.n_splits}-fold CV × {config.evaluation.n_repeats} "
+        f"repeats on {', '.join(config.evaluation.stratify) or 'the label'}; seed {config.seed}. "
+        "Cells: mean ± std (max) over repeats.",
+        "",
+        shown.to_markdown(index=False),
+        "",
+        "![ROC](plots/roc.png) ![confusion](plots/confusion.png)",
+        "![clinical](plots/clinical_by_class.png)",
+        "",
+        "Submissions:",
+        *[f"- {name}: `{path}`" for name, path in submissions.items()],
+    ]
+    return "\n".join(lines) + "\n"
+

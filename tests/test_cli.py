@@ -1,0 +1,100 @@
+"""End to end through the CLI: a tiny run, its run directory, its submission, summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from challenge_layout import default_rows, write_challenge
+from typer.testing import CliRunner
+
+from milbench.cli import app
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture
+def challenge(tmp_path):
+    return write_challenge(tmp_path / "challenge", default_rows(n_train=15, n_test=4))
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_run_writes_run_directory_and_valid_submissions(tmp_path, challenge, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["run", CONFIGS / "clinical.yaml", "--data", challenge, "--no-progress",
+            "--set", "evaluation.n_splits=3", "--set", "evaluation.n_repeats=2",
+            "--set", f"workdir={tmp_path / 'work'}", "--set", f"submission.dir={tmp_path / 'subs'}"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    runs = list((tmp_path / "work" / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["seed"] == 0 and config["evaluation"]["n_splits"] == 3
+    environment = json.loads((run / "environment.json").read_text())
+    assert environment["milbench_version"] and "git" in environment
+    assert environment["libraries"]["scikit-learn"]
+    folds = pd.read_csv(run / "splits" / "folds.csv")
+    assert set(folds["repeat"]) == {0, 1} and set(folds["fold"]) == {0, 1, 2}
+    oof = pd.read_csv(run / "models" / "clinical_logreg" / "oof.csv")
+    assert len(oof) == 2 * 15
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["model"]) == ["clinical_logreg", "clinical_xgb"]
+    assert metrics["balanced_accuracy_mean"].between(0, 1).all()
+    for plot in ("roc.png", "confusion.png", "clinical_by_class.png"):
+        assert (run / "plots" / plot).stat().st_size > 1000
+    assert "clinical_logreg" in (run / "report.md").read_text()
+    submissions = sorted((tmp_path / "subs").glob("*.csv"))
+    assert [p.name for p in submissions] == [
+        "clinical-clinical_logreg-v1.csv", "clinical-clinical_xgb-v1.csv"]
+    table = pd.read_csv(submissions[0])
+    assert list(table.columns) == ["Id", "Predicted"] and sorted(table["Id"]) == ["P16", "P17", "P18", "P19"]
+    check = invoke("submission", "check", submissions[0], "--data", challenge)
+    assert check.exit_code == 0 and "valid submission for 4 test patients" in check.output
+    provenance = json.loads(submissions[0].with_suffix(".json").read_text())
+    assert provenance["seed"] == 0 and provenance["run_dir"] == str(run.resolve())
+
+    # Same config and seed: a new run directory, identical predictions, a new submission version.
+    assert invoke(*args).exit_code == 0
+    runs = sorted((tmp_path / "work" / "runs").iterdir())
+    assert len(runs) == 2
+    first, second = (pd.read_csv(r / "models" / "clinical_xgb" / "oof.csv") for r in runs)
+    pd.testing.assert_frame_equal(first, second)
+    assert (tmp_path / "subs" / "clinical-clinical_logreg-v2.csv").exists()
+
+
+def test_submission_check_reports_problems(tmp_path, challenge):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Id,Predicted\nP16,1\n")
+    result = invoke("submission", "check", bad, "--data", challenge)
+    assert result.exit_code == 1
+    assert "missing test patients ['P17', 'P18', 'P19']" in result.output
+
+
+def test_data_summary_writes_tables_and_plot(tmp_path, challenge):
+    result = invoke("data", "summary", challenge, "--out", tmp_path / "summary")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "summary" / "summary.csv")
+    assert list(table["group"]) == ["test", "train, reactive", "train, tumoral", "all"]
+    assert table.set_index("group").loc["all", "patients"] == 19
+    assert (tmp_path / "summary" / "clinical_by_class.png").stat().st_size > 1000
+
+
+def test_errors_are_one_clear_line(tmp_path, challenge):
+    (challenge / "trainset" / "P2" / "000000.jpg").write_bytes(b"")
+    csv_path = challenge / "clinical_annotation.csv"
+    csv_path.write_text(csv_path.read_text().replace(",P3,1,f,", ",P3,1,Q,", 1))
+    result = invoke("run", CONFIGS / "clinical.yaml", "--data", challenge, "--no-progress",
+                    "--set", f"workdir={tmp_path / 'work'}")
+    assert result.exit_code == 2
+    assert "error:" in result.output and "line 4 (ID P3), field GENDER: 'Q' is not M or F" in result.output
+    assert "Traceback" not in result.output
+    result = invoke("run", CONFIGS / "clinical.yaml", "--set", "evaluation.n_splits=one")
+    assert result.exit_code == 2 and "evaluation.n_splits" in result.output

@@ -1,0 +1,50 @@
+"""Run configs: YAML + overrides, strict validation with messages naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from milbench.config import ConfigError, load_config, resolved_dict
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["clinical.yaml", "pipeline.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(CONFIGS / name)
+    assert config.models and config.evaluation.n_splits >= 2
+
+
+def test_overrides_parse_yaml_values_and_index_lists():
+    config = load_config(CONFIGS / "clinical.yaml", [
+        "evaluation.n_repeats=2", "seed=7", "models.1.params.max_depth=5", "data.root=/data/x"])
+    assert config.evaluation.n_repeats == 2 and config.seed == 7
+    assert config.models[1].params["max_depth"] == 5
+    assert config.data.root == "/data/x"
+    assert resolved_dict(config)["data"]["reference_date"] == "2021-01-01"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["evaluation.n_folds=3"], r"evaluation.n_folds: Extra inputs are not permitted"),
+        (["evaluation.n_splits=1"], r"evaluation.n_splits: Input should be greater than or equal to 2"),
+        (["models=[]"], r"models: List should have at least 1 item"),
+        (["models.5.name=x"], r"'5' is not an index of a 2-item list"),
+        (["seed"], r"must look like key.sub=value"),
+        (["models=[{name: a}, {name: a}]"], r"repeated: \['a'\]"),
+    ],
+)
+def test_bad_configs_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "clinical.yaml", overrides)
+
+
+def test_unreadable_or_non_mapping_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
