@@ -133,7 +133,7 @@ def train_autoencoder(
             loss = nn.functional.mse_loss(model(images), images)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if on_step is not None:
                 on_step(step, losses[-1])

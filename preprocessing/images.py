@@ -45,7 +45,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise CorruptImageError(path, str(error) or type(error).__name__) from error
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # writable (torch.from_numpy needs that)
 
 
 def write_rgb(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> Path:
