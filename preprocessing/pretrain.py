@@ -120,7 +120,7 @@ def _run_epoch(model, loader, optimizer=None) -> tuple[float, np.ndarray, np.nda
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            losses.append(float(loss) * len(labels))
+            losses.append(float(loss.detach()) * len(labels))
             all_labels.append(labels.numpy())
             all_probabilities.append(torch.softmax(logits.detach(), 1).numpy())
     labels = np.concatenate(all_labels)
