@@ -253,7 +253,7 @@ def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preproce
 
     if writer.rows_done >= len(paths):
         return
-    dataset = ImageDataset(paths, preprocessor, start=writer.rows_done)
+    dataset = ImageDataset(paths, preprocessor, start=writer.rows_done, raw=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers,
                                          prefetch_factor=4 if num_workers else None)
@@ -262,7 +262,8 @@ def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preproce
         model = model.to(memory_format=torch.channels_last)
     with progress_bar(description, total=len(paths), completed=writer.rows_done,
                       enabled=progress) as advance, torch.inference_mode():
-        for rows, images in loader:
+        for rows, raw in loader:
+            images = preprocessor.finish(raw)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             vectors = model(images).float().numpy()
