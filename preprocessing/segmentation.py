@@ -10,6 +10,8 @@ Variants (chosen by name in configs, see :data:`VARIANTS`):
   saturated cluster is the first mask.
 - ``kmeans_color3``: 3-means on RGB colour (background, red cells, stained cell); the cluster
   whose centre is most saturated is the cell.
+- ``kmeans_saturation_hue``: the seed method with red-hued pixels removed from the saturated
+  cluster first, so red cells touching the lymphocyte no longer merge with it.
 - ``grabcut``: OpenCV GrabCut seeded with a definite-foreground disc at the centre and a
   definite-background border.
 """
@@ -34,6 +36,7 @@ class PostProcess:
     close_radius: int = 5
     open_radius: int = 2
     dilate_radius: int = 3
+    split_touching: bool = False  # watershed apart round blobs merged into the central one
 
 
 def _disc(radius: int) -> np.ndarray:
@@ -71,6 +74,35 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return (padded.astype(bool) | holes)[1:-1, 1:-1]
 
 
+def split_touching(mask: np.ndarray, min_radius: int = 8, spacing: int = 9) -> np.ndarray:
+    """Keep only the central one of several touching round blobs (watershed on distance).
+
+    Each local maximum of the distance transform deeper than ``min_radius`` px seeds a region;
+    the region at (or nearest) the centre is returned. One maximum: the mask is unchanged.
+    """
+    side = min(mask.shape)
+    binary = mask.astype(np.uint8)
+    distance = cv2.distanceTransform(binary, cv2.DIST_L2, 5)
+    kernel = _disc(_scaled(spacing, side))
+    peaks = (distance >= cv2.dilate(distance, kernel) - 1e-3) & (
+        distance > _scaled(min_radius, side))
+    count, labels = cv2.connectedComponents(peaks.astype(np.uint8))
+    if count <= 2:
+        return mask
+    markers = labels.astype(np.int32)
+    markers[binary == 0] = count  # one marker for the outside
+    relief = np.uint8(255 * (1 - distance / distance.max()))
+    cv2.watershed(cv2.cvtColor(relief, cv2.COLOR_GRAY2BGR), markers)
+    regions = np.where(markers == count, 0, np.maximum(markers, 0))
+    cy, cx = (mask.shape[0] - 1) / 2, (mask.shape[1] - 1) / 2
+    label = regions[int(round(cy)), int(round(cx))]
+    if label <= 0:
+        ys, xs = np.nonzero(regions)
+        nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
+        label = regions[ys[nearest], xs[nearest]]
+    return fill_holes(central_component(regions == label))
+
+
 def postprocess(raw: np.ndarray, settings: PostProcess = PostProcess()) -> np.ndarray:
     """Opening (drops speckle), closing (convex cell), central component, holes, dilation."""
     side = min(raw.shape[:2])
@@ -80,6 +112,8 @@ def postprocess(raw: np.ndarray, settings: PostProcess = PostProcess()) -> np.nd
     if settings.close_radius:
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _disc(_scaled(settings.close_radius, side)))
     mask = fill_holes(central_component(mask > 0))
+    if settings.split_touching and mask.any():
+        mask = split_touching(mask)
     if settings.dilate_radius:
         kernel = _disc(_scaled(settings.dilate_radius, side))
         mask = cv2.dilate(mask.astype(np.uint8), kernel) > 0
@@ -130,6 +164,17 @@ def raw_kmeans_saturation(image: np.ndarray, seed: int = 0) -> np.ndarray:
     return (labels == int(np.argmax(centres[:, 0]))).reshape(image.shape[:2])
 
 
+# OpenCV hue (0..180) of blue to purple: cytoplasm and nucleus. Red cells are pink to red
+# (hue near 0 / 180) and fall outside.
+CELL_HUES = (100, 160)
+
+
+def raw_kmeans_saturation_hue(image: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The seed's saturated cluster without its red-hued pixels (red cells)."""
+    hue = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)[..., 0]
+    return raw_kmeans_saturation(image, seed) & (hue >= CELL_HUES[0]) & (hue <= CELL_HUES[1])
+
+
 def raw_kmeans_color3(image: np.ndarray, seed: int = 0) -> np.ndarray:
     """Three colour clusters (background, red cells, stained cell); keep the most saturated."""
     pixels = image.reshape(-1, 3)
@@ -162,7 +207,8 @@ def raw_grabcut(image: np.ndarray, seed: int = 0, iterations: int = 4) -> np.nda
 
 
 VARIANTS: dict[str, tuple[Callable[..., np.ndarray], PostProcess]] = {
-    "kmeans_saturation": (raw_kmeans_saturation, PostProcess()),
+    "kmeans_saturation": (raw_kmeans_saturation, PostProcess(split_touching=True)),
+    "kmeans_saturation_hue": (raw_kmeans_saturation_hue, PostProcess()),
     "kmeans_color3": (raw_kmeans_color3, PostProcess()),
     "grabcut": (raw_grabcut, PostProcess(open_radius=2, close_radius=3, dilate_radius=0)),
 }

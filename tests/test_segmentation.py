@@ -17,10 +17,15 @@ from preprocessing.segmentation import (
 )
 from preprocessing.toy import draw_smear, write_toy_cohort
 
-# Lower bounds on drawn smears (measured means: saturation 0.79, colour 0.75, grabcut 0.99).
-# The saturation variants miss the pale cytoplasm rim by design (it is barely saturated), so
-# their bound is lower than GrabCut's.
-IOU_BOUND = {"kmeans_saturation": 0.65, "kmeans_color3": 0.6, "grabcut": 0.9}
+# Lower bounds on drawn smears (measured means over 10 images: saturation 0.79, saturation+hue
+# 0.79, colour 0.75, grabcut 0.99). The drawn cytoplasm rim is barely saturated, so the k-means
+# variants miss part of it; their bound is lower than GrabCut's.
+IOU_BOUND = {"kmeans_saturation": 0.6, "kmeans_saturation_hue": 0.65, "kmeans_color3": 0.6,
+             "grabcut": 0.9}
+# Mean IoU bounds on the synthetic ``tiny`` preset (measured: saturation+hue 0.90, colour 0.84,
+# grabcut 0.86, saturation 0.62: red cells touching the lymphocyte merge into its mask).
+SYNTH_MEAN_IOU_BOUND = {"kmeans_saturation": 0.5, "kmeans_saturation_hue": 0.85,
+                        "kmeans_color3": 0.78, "grabcut": 0.8}
 
 
 @pytest.mark.parametrize("variant", sorted(IOU_BOUND))
@@ -75,3 +80,17 @@ def test_segment_file_caches(tmp_path):
     stamp = masked_path.stat().st_mtime_ns
     segment_file(source, tmp_path / "seg", "kmeans_saturation")
     assert masked_path.stat().st_mtime_ns == stamp, "cached entry is reused"
+
+
+def test_bench_on_synthetic_preset(tmp_path):
+    synth = pytest.importorskip("milbench.synth")
+    from milbench.bench.segmentation import bench_segmentation_command
+
+    root = synth.generate_cohort(tmp_path / "tiny", preset="tiny", seed=0)
+    variants = ["kmeans_saturation", "kmeans_saturation_hue", "kmeans_color3"]
+    table = bench_segmentation_command(root, variants, out=tmp_path / "bench", limit=40,
+                                       print_table=False).set_index("variant")
+    for variant in variants:
+        assert table.loc[variant, "mean_iou"] > SYNTH_MEAN_IOU_BOUND[variant], table
+    assert (tmp_path / "bench" / "segmentation_grid.png").stat().st_size > 10_000
+    assert (tmp_path / "bench" / "segmentation_bench.csv").is_file()
