@@ -70,6 +70,19 @@ def _set_attr(module: nn.Module, dotted: str, value: nn.Module) -> None:
         setattr(parent, last, value)
 
 
+def check_weights(name: str, weights: str | os.PathLike) -> None:
+    """Fail early (no download) on a weights name the architecture does not have."""
+    if is_weights_file(weights):
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"backbone weights file not found: {weights}")
+        return
+    enum_name = _spec(name).weights_enum
+    available = [w.name for w in getattr(torchvision.models, enum_name)]
+    if str(weights) not in available + ["DEFAULT"]:
+        raise ValueError(f"{name} has no weights {weights!r}; choose from {available}, "
+                         "'DEFAULT', a local file or null")
+
+
 def build_classifier(name: str, weights: str | None = None, num_classes: int | None = None
                      ) -> nn.Module:
     """The full torchvision network, optionally with enum weights and a new ``num_classes`` head.
@@ -84,6 +97,7 @@ def build_classifier(name: str, weights: str | None = None, num_classes: int | N
         raise ValueError("build_classifier takes enum weights; load local files with "
                          "build_backbone(name, weights=path)")
     else:
+        check_weights(name, weights)
         enum = torchvision.models.get_weight(f"{spec.weights_enum}.{weights}")
         model = constructor(weights=enum)
     if num_classes is not None:

@@ -71,6 +71,10 @@ class ExtractorConfig:
             raise ValueError(f"extractor kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "backbone" and self.name not in list_backbones():
             raise ValueError(f"unknown backbone {self.name!r}; choose from {list_backbones()}")
+        if self.kind == "backbone" and self.weights is not None:
+            from preprocessing.backbones import check_weights
+
+            check_weights(self.name, self.weights)
         if self.segmentation is not None and self.segmentation not in VARIANTS:
             raise ValueError(f"unknown segmentation {self.segmentation!r}; "
                              f"choose from {sorted(VARIANTS)}")

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from preprocessing.backbones import SPECS, build_backbone, build_classifier, is_weights_file
+from preprocessing.backbones import (
+    SPECS,
+    build_backbone,
+    build_classifier,
+    check_weights,
+    is_weights_file,
+)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "vgg19"])
@@ -44,5 +50,6 @@ def test_weight_errors(tmp_path):
         build_backbone("resnet18", weights=junk)
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone("resnet9")
-    with pytest.raises((KeyError, ValueError)):
+    with pytest.raises(ValueError, match="no weights 'NOT_A_WEIGHT'"):
         build_backbone("resnet18", weights="NOT_A_WEIGHT")
+    check_weights("resnet50", "IMAGENET1K_V2")  # a name lookup only: nothing downloaded

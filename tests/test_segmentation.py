@@ -88,7 +88,7 @@ def test_bench_on_synthetic_preset(tmp_path):
 
     root = synth.generate_cohort(tmp_path / "tiny", preset="tiny", seed=0)
     variants = ["kmeans_saturation", "kmeans_saturation_hue", "kmeans_color3"]
-    table = bench_segmentation_command(root, variants, out=tmp_path / "bench", limit=40,
+    table = bench_segmentation_command(root, variants, out=tmp_path / "bench", limit=24,
                                        print_table=False).set_index("variant")
     for variant in variants:
         assert table.loc[variant, "mean_iou"] > SYNTH_MEAN_IOU_BOUND[variant], table
