@@ -127,6 +127,10 @@ def train_autoencoder(
     model.train()
     step = len(losses)
     for epoch in range(first_epoch, epochs):
+        # Reseeding the shuffle per epoch makes a resumed run see the batches a straight run
+        # would have seen.
+        if getattr(loader, "generator", None) is not None:
+            loader.generator.manual_seed(seed + epoch)
         for batch in loader:
             images = batch[1] if isinstance(batch, (tuple, list)) else batch
             optimizer.zero_grad(set_to_none=True)

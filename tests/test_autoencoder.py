@@ -55,14 +55,18 @@ def test_loss_falls_and_is_deterministic():
 
 def test_training_resumes_from_checkpoint(tmp_path):
     images = _images(4)
-    loader = torch.utils.data.DataLoader(images, batch_size=2)
+
+    def loader():  # shuffled: the resumed run must replay the same epoch orders
+        return torch.utils.data.DataLoader(images, batch_size=2, shuffle=True,
+                                           generator=torch.Generator())
+
     torch.manual_seed(0)
-    straight = train_autoencoder(ConvAutoencoder(32, 64), loader, epochs=3, seed=0)
+    straight = train_autoencoder(ConvAutoencoder(32, 64), loader(), epochs=3, seed=0)
     torch.manual_seed(0)
     model = ConvAutoencoder(32, 64)
-    train_autoencoder(model, loader, epochs=2, seed=0, checkpoint=tmp_path / "ckpt.pt")
+    train_autoencoder(model, loader(), epochs=2, seed=0, checkpoint=tmp_path / "ckpt.pt")
     torch.manual_seed(1)  # a fresh process would start from unrelated weights
-    resumed = train_autoencoder(ConvAutoencoder(32, 64), loader, epochs=3, seed=0,
+    resumed = train_autoencoder(ConvAutoencoder(32, 64), loader(), epochs=3, seed=0,
                                 checkpoint=tmp_path / "ckpt.pt")
     np.testing.assert_allclose(resumed, straight, rtol=1e-5)
 
