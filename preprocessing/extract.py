@@ -215,13 +215,15 @@ def extract_features(
     batch_size: int = 32,
     num_workers: int | None = None,
     channels_last: bool = True,
+    commit_seconds: float = 2.0,
     on_batch: Callable[[int], None] | None = None,
 ) -> FeatureStore:
     """Features of every cohort image under ``extractor_config``, computed once and cached.
 
     Returns the complete :class:`FeatureStore` at ``<cache_dir>/features/<key>``; an existing
-    complete store is returned without work, an interrupted one is resumed. ``on_batch`` is
-    called with the number of rows done after each durable batch (progress hooks, tests).
+    complete store is returned without work, an interrupted one is resumed, losing at most
+    ``commit_seconds`` of work. ``on_batch`` is called after each batch with the number of
+    committed (durable) rows (progress hooks, tests).
     """
     torch.manual_seed(seed)
     prepared = prepare(cohort, extractor_config, cache_dir, seed=seed, progress=progress,
@@ -233,7 +235,7 @@ def extract_features(
                 "n_rows": len(prepared.sources), "dtype": "float32",
                 "key_inputs": "sha256(canonical config JSON + (path, size, mtime_ns) of sources)",
                 "uses_test_images": bool(prepared.resolved.get("uses_test_images", False))}
-    writer = StoreWriter(root, manifest, prepared.sources)
+    writer = StoreWriter(root, manifest, prepared.sources, commit_seconds=commit_seconds)
     started = time.perf_counter()
     resumed_at = writer.rows_done
     run_model_into(writer, list(prepared.sources["path"]), prepared.preprocessor, prepared.model,
@@ -255,16 +257,16 @@ def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preproce
     from preprocessing.images import ImageDataset
     from preprocessing.progress import progress_bar
 
-    if writer.rows_done >= len(paths):
+    if writer.rows_written >= len(paths):
         return
-    dataset = ImageDataset(paths, preprocessor, start=writer.rows_done, raw=True)
+    dataset = ImageDataset(paths, preprocessor, start=writer.rows_written, raw=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers,
                                          prefetch_factor=4 if num_workers else None)
     model = model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    with progress_bar(description, total=len(paths), completed=writer.rows_done,
+    with progress_bar(description, total=len(paths), completed=writer.rows_written,
                       enabled=progress) as advance, torch.inference_mode():
         for rows, raw in loader:
             images = preprocessor.finish(raw)

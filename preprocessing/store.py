@@ -14,9 +14,12 @@ hashes: hashing 17k JPEGs on every run costs more than extraction of a small mod
 rewrite of an image (synthetic regeneration, re-download) changes its mtime. A copy that keeps
 mtimes (``cp -p``) of identical files keeps the key, which is what we want.
 
-Resumability: rows are written in order; after each batch the memmap is flushed to disk and
-only then ``progress.json`` is replaced atomically. A crash or Ctrl-C between the two loses at
-most the unflushed batch, which the next run recomputes. One writer per store at a time.
+Resumability: rows are written in order into the memmap; a commit flushes the memmap to disk
+and only then replaces ``progress.json`` atomically. Commits happen after a batch once
+``commit_seconds`` have passed since the last one (0: after every batch), and always at the
+end. A crash or Ctrl-C loses at most the uncommitted rows, which the next run recomputes;
+flushing by time rather than every batch keeps msync off the hot path for small models.
+One writer per store at a time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -51,9 +55,13 @@ def hash_key(obj: Any, length: int = 16) -> str:
 
 
 def source_table(image_table: pd.DataFrame) -> pd.DataFrame:
-    """The cohort's image table plus file size and mtime, which go into the key."""
+    """The cohort's image table plus file size and mtime, which go into the key.
+
+    Paths are made absolute so the key and the index do not depend on the working directory.
+    """
     sizes, mtimes = [], []
-    for path in image_table["path"]:
+    paths = [os.path.abspath(p) for p in image_table["path"]]
+    for path in paths:
         try:
             stat = os.stat(path)
         except FileNotFoundError as error:
@@ -62,6 +70,7 @@ def source_table(image_table: pd.DataFrame) -> pd.DataFrame:
         mtimes.append(stat.st_mtime_ns)
     table = image_table.loc[:, ["patient_id", "position", "path"]].reset_index(drop=True)
     table.insert(0, "row", np.arange(len(table)))
+    table["path"] = paths
     table["size"] = sizes
     table["mtime_ns"] = mtimes
     return table
@@ -127,10 +136,11 @@ class FeatureStore:
         """Row numbers of the given image paths; unknown paths raise naming them."""
         if self._row_of_path is None:
             self._row_of_path = dict(zip(self.index["path"], self.index["row"], strict=True))
-        missing = [str(p) for p in paths if str(p) not in self._row_of_path]
+        absolute = [os.path.abspath(p) for p in paths]
+        missing = [p for p in absolute if p not in self._row_of_path]
         if missing:
             raise KeyError(f"images not in feature store {self.root}: {missing[:5]}")
-        return np.array([self._row_of_path[str(p)] for p in paths], dtype=np.int64)
+        return np.array([self._row_of_path[p] for p in absolute], dtype=np.int64)
 
     def bags(self, cohort) -> list[np.ndarray]:
         """One ``(n_i, dim)`` float32 array per patient, in ``cohort.patients`` order."""
@@ -153,8 +163,10 @@ def read_rows_done(root: Path) -> int:
 class StoreWriter:
     """Write side: create or resume a store, append flushed batches, mark it complete."""
 
-    def __init__(self, root: str | os.PathLike, manifest: dict, sources: pd.DataFrame) -> None:
+    def __init__(self, root: str | os.PathLike, manifest: dict, sources: pd.DataFrame,
+                 commit_seconds: float = 0.0) -> None:
         self.root = Path(root)
+        self.commit_seconds = commit_seconds
         self.n_rows = int(manifest["n_rows"])
         self.dim = int(manifest["dim"])
         expected_bytes = self.n_rows * self.dim * 4
@@ -165,7 +177,9 @@ class StoreWriter:
                      and (self.root / MATRIX).stat().st_size == expected_bytes)
         if not resumable:
             self._create(manifest, sources, expected_bytes)
-        self.rows_done = read_rows_done(self.root)
+        self.rows_done = read_rows_done(self.root)  # committed (durable) rows
+        self.rows_written = self.rows_done
+        self._last_commit = time.monotonic()
         self._matrix = np.memmap(self.root / MATRIX, dtype="<f4", mode="r+",
                                  shape=(self.n_rows, self.dim)) if self.n_rows else None
 
@@ -180,9 +194,9 @@ class StoreWriter:
         atomic_write_json(self.root / MANIFEST, manifest)
 
     def write(self, start: int, block: np.ndarray) -> None:
-        """Write rows ``[start, start + len(block))`` and make them durable before recording."""
-        if start != self.rows_done:
-            raise ValueError(f"rows must be written in order: expected {self.rows_done}, "
+        """Write rows ``[start, start + len(block))``; commit if ``commit_seconds`` passed."""
+        if start != self.rows_written:
+            raise ValueError(f"rows must be written in order: expected {self.rows_written}, "
                              f"got {start}")
         if block.shape[1] != self.dim:
             raise ValueError(f"extractor produced {block.shape[1]} features, store expects "
@@ -190,11 +204,21 @@ class StoreWriter:
         if not np.all(np.isfinite(block)):
             raise ValueError(f"non-finite features in rows {start}..{start + len(block) - 1}")
         self._matrix[start:start + len(block)] = block
+        self.rows_written = start + len(block)
+        if time.monotonic() - self._last_commit >= self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make the written rows durable, then record them (in that order)."""
+        if self.rows_written == self.rows_done:
+            return
         self._matrix.flush()
-        self.rows_done = start + len(block)
-        atomic_write_json(self.root / PROGRESS, {"rows_done": self.rows_done})
+        atomic_write_json(self.root / PROGRESS, {"rows_done": self.rows_written})
+        self.rows_done = self.rows_written
+        self._last_commit = time.monotonic()
 
     def finish(self, info: dict | None = None) -> FeatureStore:
+        self.commit()
         if self.rows_done != self.n_rows:
             raise RuntimeError(f"store {self.root} has {self.rows_done}/{self.n_rows} rows")
         if self._matrix is not None:

@@ -25,6 +25,7 @@ def cohort(tmp_path_factory):
 
 def _extract(cohort, cache, **kwargs):
     kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("commit_seconds", 0.0)  # commit every batch
     return extract_features(cohort, CONFIG, cache, progress=False, batch_size=2, **kwargs)
 
 
@@ -62,6 +63,21 @@ def test_resume_after_interruption_is_identical(cohort, tmp_path):
     resumed = _extract(cohort, tmp_path / "resumed", on_batch=seen.append)
     assert seen[0] == 8, "continues where it stopped"
     assert json.loads((resumed.root / "complete.json").read_text())["resumed_at_row"] == 6
+    np.testing.assert_array_equal(resumed.features(), reference)
+
+
+def test_uncommitted_rows_are_recomputed(cohort, tmp_path):
+    reference = _extract(cohort, tmp_path / "straight").features().copy()
+
+    def interrupt(rows_done):
+        raise KeyboardInterrupt
+
+    # Never committed before the interruption: nothing is durable, all is recomputed.
+    with pytest.raises(KeyboardInterrupt):
+        _extract(cohort, tmp_path / "lazy", commit_seconds=3600, on_batch=interrupt)
+    (root,) = (tmp_path / "lazy" / "features").iterdir()
+    assert FeatureStore(root).rows_done == 0
+    resumed = _extract(cohort, tmp_path / "lazy", commit_seconds=3600)
     np.testing.assert_array_equal(resumed.features(), reference)
 
 

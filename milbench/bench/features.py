@@ -71,10 +71,11 @@ def whole_path_rate(model: torch.nn.Module, paths: list[str], preprocessor: Prep
                             "mtime_ns": 0})
     with tempfile.TemporaryDirectory(prefix="milbench-bench-") as scratch:
         manifest = {"key": hash_key(paths), "config": {}, "dim": dim, "n_rows": len(paths)}
-        writer = StoreWriter(Path(scratch) / "store", manifest, sources)
+        writer = StoreWriter(Path(scratch) / "store", manifest, sources, commit_seconds=2.0)
         started = time.perf_counter()
         run_model_into(writer, paths, preprocessor, model, batch_size=batch_size,
                        num_workers=num_workers, channels_last=channels_last, progress=False)
+        writer.finish()
         return len(paths) / (time.perf_counter() - started)
 
 
