@@ -129,3 +129,18 @@ def test_bag_transform_fits_training_bags_only():
     stacked = np.vstack(transform.transform(train))
     np.testing.assert_allclose(stacked.mean(0), 0, atol=1e-8)
     assert BagTransform(n_components=None).fit(train).transform(test)[0].shape == (2, 20)
+
+
+def test_commands_on_a_challenge_folder(tmp_path):
+    from challenge_layout import default_rows, write_challenge
+
+    from preprocessing.commands import features_command, segment_command
+
+    root = write_challenge(tmp_path / "challenge", default_rows(n_train=3, n_test=1))
+    done = segment_command(root, "kmeans_saturation_hue", tmp_path / "seg", progress=False)
+    assert done == tmp_path / "seg" / "kmeans_saturation_hue"
+    assert len(list(done.rglob("*_mask.png"))) == len(list(done.rglob("*_masked.png"))) > 0
+    store = features_command(root, CONFIG, tmp_path / "cache", num_workers=0, progress=False)
+    assert store.is_complete and store.dim == 512
+    with pytest.raises(ValueError, match="unknown segmentation variant"):
+        segment_command(root, "otsu")
