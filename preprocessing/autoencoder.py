@@ -105,6 +105,7 @@ def train_autoencoder(
     checkpoint: str | os.PathLike | None = None,
     max_steps: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[float]:
     """Adam on pixel MSE; returns the loss of every step.
 
@@ -113,6 +114,7 @@ def train_autoencoder(
     yields ``(rows, images)`` or images; shuffle it with a seeded generator for determinism.
     """
     torch.manual_seed(seed)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     losses: list[float] = []
     first_epoch = 0
@@ -132,7 +134,7 @@ def train_autoencoder(
         if getattr(loader, "generator", None) is not None:
             loader.generator.manual_seed(seed + epoch)
         for batch in loader:
-            images = batch[1] if isinstance(batch, (tuple, list)) else batch
+            images = (batch[1] if isinstance(batch, (tuple, list)) else batch).to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.mse_loss(model(images), images)
             loss.backward()
@@ -163,7 +165,7 @@ def save_reconstructions(model: ConvAutoencoder, images: torch.Tensor,
 
     model.eval()
     with torch.inference_mode():
-        rebuilt = model(images)
+        rebuilt = model(images.to(next(model.parameters()).device)).cpu()
     count = len(images)
     figure, axes = plt.subplots(2, count, figsize=(1.6 * count, 3.4), squeeze=False)
     for column in range(count):
@@ -196,6 +198,7 @@ def fit_cohort_autoencoder(
     num_workers: int = 0,
     progress: bool = True,
     record: dict | None = None,
+    device: str | torch.device = "cpu",
 ) -> ConvAutoencoder:
     """Train on ``paths`` (all cohort images) or reuse a finished run in ``out_dir``.
 
@@ -210,7 +213,7 @@ def fit_cohort_autoencoder(
     model = ConvAutoencoder(input_size, latent)
     if final.is_file():
         model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
-        return model.eval()
+        return model.to(device).eval()
     dataset = ImageDataset(paths, preprocess)
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
@@ -225,7 +228,7 @@ def fit_cohort_autoencoder(
 
         losses = train_autoencoder(model, loader, epochs=epochs, learning_rate=learning_rate,
                                    seed=seed, checkpoint=out_dir / "checkpoint.pt",
-                                   on_step=on_step)
+                                   on_step=on_step, device=device)
     preview = torch.stack([dataset[i][1] for i in range(min(8, len(dataset)))])
     save_reconstructions(model, preview, out_dir / "reconstructions.png")
     epoch_losses = [float(np.mean(losses[i:i + steps_per_epoch]))
@@ -234,7 +237,7 @@ def fit_cohort_autoencoder(
         **(record or {}), "uses_test_images": True, "n_images": len(dataset),
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "seed": seed, "epoch_mean_loss": epoch_losses, "final_loss": losses[-1],
-        "seconds_this_session": time.perf_counter() - started,
+        "seconds_this_session": time.perf_counter() - started, "device": str(device),
     })
     _save_torch(final, model.state_dict())
     return model

@@ -161,7 +161,8 @@ class Prepared:
 
 
 def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int = 0,
-            progress: bool = True, num_workers: int | None = None) -> Prepared:
+            progress: bool = True, num_workers: int | None = None,
+            device: str = "cpu") -> Prepared:
     """Resolve a config against a cohort; trains the autoencoder (cached) if needed."""
     config = load_extractor_config(extractor_config)
     cache_dir = Path(cache_dir)
@@ -197,7 +198,7 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
             list(sources["path"]), preprocessor, cache_dir / "autoencoders" / training_key,
             input_size=config.input_size, latent=config.resolved_latent, epochs=config.epochs,
             batch_size=config.train_batch_size, learning_rate=config.learning_rate, seed=seed,
-            num_workers=num_workers, progress=progress,
+            num_workers=num_workers, progress=progress, device=device,
             record={"config": resolved, "test_patients": [p.id for p in cohort.test().patients]})
         model = Encoder(autoencoder).eval()
         dim = model.dim
@@ -217,6 +218,7 @@ def extract_features(
     channels_last: bool = True,
     commit_seconds: float = 2.0,
     on_batch: Callable[[int], None] | None = None,
+    device: str = "cpu",
 ) -> FeatureStore:
     """Features of every cohort image under ``extractor_config``, computed once and cached.
 
@@ -227,7 +229,7 @@ def extract_features(
     """
     torch.manual_seed(seed)
     prepared = prepare(cohort, extractor_config, cache_dir, seed=seed, progress=progress,
-                       num_workers=num_workers)
+                       num_workers=num_workers, device=device)
     root = Path(cache_dir) / "features" / prepared.key
     if (root / "complete.json").is_file():
         return FeatureStore(root)
@@ -242,6 +244,7 @@ def extract_features(
                    batch_size=batch_size,
                    num_workers=default_workers() if num_workers is None else num_workers,
                    channels_last=channels_last, progress=progress, on_batch=on_batch,
+                   device=device,
                    description=f"features ({prepared.config.kind}:{prepared.config.name})")
     seconds = time.perf_counter() - started
     return writer.finish({"seconds": seconds, "resumed_at_row": resumed_at,
@@ -252,7 +255,7 @@ def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preproce
                    model: torch.nn.Module, *, batch_size: int, num_workers: int,
                    channels_last: bool, progress: bool,
                    on_batch: Callable[[int], None] | None = None,
-                   description: str = "features") -> None:
+                   description: str = "features", device: str = "cpu") -> None:
     """The whole path: decode + preprocess in loader workers, forward, durable write."""
     from preprocessing.images import ImageDataset
     from preprocessing.progress import progress_bar
@@ -263,16 +266,16 @@ def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preproce
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers,
                                          prefetch_factor=4 if num_workers else None)
-    model = model.eval()
+    model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     with progress_bar(description, total=len(paths), completed=writer.rows_written,
                       enabled=progress) as advance, torch.inference_mode():
         for rows, raw in loader:
-            images = preprocessor.finish(raw)
+            images = preprocessor.finish(raw.to(device, non_blocking=True))
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            vectors = model(images).float().numpy()
+            vectors = model(images).float().cpu().numpy()
             writer.write(int(rows[0]), np.ascontiguousarray(vectors, dtype=np.float32))
             advance(len(rows))
             if on_batch is not None:

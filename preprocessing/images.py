@@ -128,8 +128,8 @@ class Preprocessor:
         """
         tensor = images.float().div_(255.0)
         if self.normalize == "imagenet":
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+            mean = torch.tensor(IMAGENET_MEAN, device=tensor.device).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=tensor.device).view(3, 1, 1)
             tensor = tensor.sub_(mean).div_(std)
         elif self.normalize is not None:
             raise ValueError(f"unknown normalize {self.normalize!r}; use 'imagenet' or None")
