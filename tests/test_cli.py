@@ -48,6 +48,7 @@ def test_run_writes_run_directory_and_valid_submissions(tmp_path, challenge, mon
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics["model"]) == ["clinical_logreg", "clinical_xgb"]
     assert metrics["balanced_accuracy_mean"].between(0, 1).all()
+    assert "hidden_test_balanced_accuracy" not in metrics  # a real-layout folder has no truth
     for plot in ("roc.png", "confusion.png", "clinical_by_class.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
     assert "clinical_logreg" in (run / "report.md").read_text()
@@ -98,3 +99,23 @@ def test_errors_are_one_clear_line(tmp_path, challenge):
     assert "Traceback" not in result.output
     result = invoke("run", CONFIGS / "clinical.yaml", "--set", "evaluation.n_splits=one")
     assert result.exit_code == 2 and "evaluation.n_splits" in result.output
+
+
+def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
+    args = ["run", CONFIGS / "pipeline.yaml", "--no-progress",
+            "--set", "data.synthetic.preset=tiny", "--set", "evaluation.n_splits=2",
+            "--set", "evaluation.n_repeats=1", "--set", f"workdir={tmp_path / 'work'}",
+            "--set", f"submission.dir={tmp_path / 'subs'}"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    cohort = tmp_path / "work" / "data" / "synthetic-tiny-seed0"
+    assert (cohort / "synth.json").is_file() and (cohort / "clinical_annotation.csv").is_file()
+    stamp = (cohort / "synth.json").stat().st_mtime_ns
+    submission = next((tmp_path / "subs").glob("pipeline-clinical_logreg-v1.csv"))
+    assert invoke("submission", "check", submission, "--data", cohort).exit_code == 0
+    assert invoke(*args).exit_code == 0
+    assert (cohort / "synth.json").stat().st_mtime_ns == stamp  # reused, not regenerated
+    config = yaml.safe_load(next((tmp_path / "work" / "runs").iterdir()).joinpath("config.yaml").read_text())
+    assert config["data"]["resolved_root"] == str(cohort.resolve())
+    metrics = pd.read_csv(next((tmp_path / "work" / "runs").iterdir()) / "metrics.csv")
+    assert metrics["hidden_test_balanced_accuracy"].between(0, 1).all()  # synthetic truth scored
