@@ -74,33 +74,24 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return (padded.astype(bool) | holes)[1:-1, 1:-1]
 
 
-def split_touching(mask: np.ndarray, min_radius: int = 8, spacing: int = 9) -> np.ndarray:
-    """Keep only the central one of several touching round blobs (watershed on distance).
+def split_touching(mask: np.ndarray, depth: float = 0.6) -> np.ndarray:
+    """Detach smaller blobs (red cells) stuck to the central cell: opening by the cell's size.
 
-    Each local maximum of the distance transform deeper than ``min_radius`` px seeds a region;
-    the region at (or nearest) the centre is returned. One maximum: the mask is unchanged.
+    The mask is eroded by ``depth`` times the distance from the centre to the mask edge, which
+    cuts the necks to touching smaller blobs; the central piece is then dilated back by the
+    same radius, inside the original mask.
     """
-    side = min(mask.shape)
     binary = mask.astype(np.uint8)
     distance = cv2.distanceTransform(binary, cv2.DIST_L2, 5)
-    kernel = _disc(_scaled(spacing, side))
-    peaks = (distance >= cv2.dilate(distance, kernel) - 1e-3) & (
-        distance > _scaled(min_radius, side))
-    count, labels = cv2.connectedComponents(peaks.astype(np.uint8))
-    if count <= 2:
+    cy, cx = (mask.shape[0] - 1) // 2, (mask.shape[1] - 1) // 2
+    radius = int(depth * distance[cy, cx])
+    if radius < 2:
         return mask
-    markers = labels.astype(np.int32)
-    markers[binary == 0] = count  # one marker for the outside
-    relief = np.uint8(255 * (1 - distance / distance.max()))
-    cv2.watershed(cv2.cvtColor(relief, cv2.COLOR_GRAY2BGR), markers)
-    regions = np.where(markers == count, 0, np.maximum(markers, 0))
-    cy, cx = (mask.shape[0] - 1) / 2, (mask.shape[1] - 1) / 2
-    label = regions[int(round(cy)), int(round(cx))]
-    if label <= 0:
-        ys, xs = np.nonzero(regions)
-        nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
-        label = regions[ys[nearest], xs[nearest]]
-    return fill_holes(central_component(regions == label))
+    kernel = _disc(radius)
+    core = central_component(cv2.erode(binary, kernel) > 0)
+    if not core.any():
+        return mask
+    return fill_holes((cv2.dilate(core.astype(np.uint8), kernel) > 0) & mask)
 
 
 def postprocess(raw: np.ndarray, settings: PostProcess = PostProcess()) -> np.ndarray:

@@ -22,9 +22,10 @@ from preprocessing.toy import draw_smear, write_toy_cohort
 # variants miss part of it; their bound is lower than GrabCut's.
 IOU_BOUND = {"kmeans_saturation": 0.6, "kmeans_saturation_hue": 0.65, "kmeans_color3": 0.6,
              "grabcut": 0.9}
-# Mean IoU bounds on the synthetic ``tiny`` preset (measured: saturation+hue 0.90, colour 0.84,
-# grabcut 0.86, saturation 0.62: red cells touching the lymphocyte merge into its mask).
-SYNTH_MEAN_IOU_BOUND = {"kmeans_saturation": 0.5, "kmeans_saturation_hue": 0.85,
+# Mean IoU bounds on the synthetic ``tiny`` preset (measured on all 76 images: saturation+hue
+# 0.90, colour 0.84, grabcut 0.86, saturation 0.77: red cells touching the lymphocyte still
+# merge into its mask now and then).
+SYNTH_MEAN_IOU_BOUND = {"kmeans_saturation": 0.65, "kmeans_saturation_hue": 0.85,
                         "kmeans_color3": 0.78, "grabcut": 0.8}
 
 
