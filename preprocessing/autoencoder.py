@@ -1,0 +1,243 @@
+"""Convolutional autoencoder whose bottleneck serves as an unsupervised image feature.
+
+Encoder: 4 blocks of (3x3 conv, ReLU, batch norm, 2x2 average pooling). Decoder: 7 blocks of
+(3x3 transposed conv, ReLU, batch norm), four of them upsampling by 2, then a 1x1 conv and a
+sigmoid: the last block ends in batch norm, which cannot produce [0, 1] pixels by itself.
+
+The latent vector is the flattened ``(c, g, g)`` output of the last encoder block, with
+``c * g * g == latent``: ``g`` is the largest grid not above ``input_size / 16`` that divides
+the latent size (224 px and 8192 → 128 x 8 x 8; the 14 x 14 map is average-pooled to 8 x 8).
+This keeps the bottleneck convolutional instead of a dense layer of hundreds of millions of
+weights.
+
+Training is unsupervised on every image of the cohort, test images included; the training
+record says so (``uses_test_images: true``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from milbench.io import atomic_write, atomic_write_json
+
+ENCODER_WIDTHS = (16, 32, 64)  # first three blocks; the fourth outputs the latent channels
+DECODER_WIDTHS = (64, 64, 32, 32, 16, 16, 16)
+DECODER_UPSAMPLES = (True, False, True, False, True, False, True)
+
+
+def latent_grid(input_size: int, latent: int) -> tuple[int, int]:
+    """``(channels, grid)`` of the bottleneck for an input size and latent size."""
+    if input_size % 16:
+        raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
+    for grid in range(input_size // 16, 0, -1):
+        if latent % (grid * grid) == 0:
+            return latent // (grid * grid), grid
+    raise AssertionError("unreachable: grid 1 divides every latent size")
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self, input_size: int = 224, latent: int = 8192) -> None:
+        super().__init__()
+        if latent < 1:
+            raise ValueError(f"latent must be positive, got {latent}")
+        self.input_size = input_size
+        self.latent = latent
+        channels, grid = latent_grid(input_size, latent)
+        self.latent_shape = (channels, grid, grid)
+        blocks, previous = [], 3
+        for width in (*ENCODER_WIDTHS, channels):
+            blocks += [nn.Conv2d(previous, width, 3, padding=1), nn.ReLU(inplace=True),
+                       nn.BatchNorm2d(width), nn.AvgPool2d(2)]
+            previous = width
+        if grid != input_size // 16:
+            blocks.append(nn.AdaptiveAvgPool2d(grid))
+        self.encoder = nn.Sequential(*blocks)
+        layers: list[nn.Module] = []
+        if grid != input_size // 16:
+            layers.append(nn.Upsample(size=input_size // 16, mode="nearest"))
+        for width, upsample in zip(DECODER_WIDTHS, DECODER_UPSAMPLES, strict=True):
+            stride = 2 if upsample else 1
+            layers += [nn.ConvTranspose2d(previous, width, 3, stride=stride, padding=1,
+                                          output_padding=stride - 1),
+                       nn.ReLU(inplace=True), nn.BatchNorm2d(width)]
+            previous = width
+        layers += [nn.Conv2d(previous, 3, 1), nn.Sigmoid()]
+        self.decoder = nn.Sequential(*layers)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images).flatten(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(images))
+
+
+class Encoder(nn.Module):
+    """The encoder half as a feature extractor: images → ``(n, latent)``."""
+
+    def __init__(self, autoencoder: ConvAutoencoder) -> None:
+        super().__init__()
+        self.encoder = autoencoder.encoder
+        self.dim = autoencoder.latent
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images).flatten(1)
+
+
+def _save_torch(path: Path, payload: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def train_autoencoder(
+    model: ConvAutoencoder,
+    loader: torch.utils.data.DataLoader,
+    *,
+    epochs: int = 5,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    max_steps: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[float]:
+    """Adam on pixel MSE; returns the loss of every step.
+
+    With ``checkpoint``, the model, optimizer and loss history are saved atomically after
+    every epoch, and an interrupted run resumes from the last finished epoch. ``loader``
+    yields ``(rows, images)`` or images; shuffle it with a seeded generator for determinism.
+    """
+    torch.manual_seed(seed)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    losses: list[float] = []
+    first_epoch = 0
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        losses = list(state["losses"])
+        first_epoch = int(state["epoch"])
+        torch.set_rng_state(state["torch_rng"])
+    model.train()
+    step = len(losses)
+    for epoch in range(first_epoch, epochs):
+        # Reseeding the shuffle per epoch makes a resumed run see the batches a straight run
+        # would have seen.
+        if getattr(loader, "generator", None) is not None:
+            loader.generator.manual_seed(seed + epoch)
+        for batch in loader:
+            images = (batch[1] if isinstance(batch, (tuple, list)) else batch).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.mse_loss(model(images), images)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if on_step is not None:
+                on_step(step, losses[-1])
+            if max_steps is not None and step >= max_steps:
+                break
+        if checkpoint is not None:
+            _save_torch(checkpoint, {"model": model.state_dict(),
+                                     "optimizer": optimizer.state_dict(), "losses": losses,
+                                     "epoch": epoch + 1, "torch_rng": torch.get_rng_state()})
+        if max_steps is not None and step >= max_steps:
+            break
+    model.eval()
+    return losses
+
+
+def save_reconstructions(model: ConvAutoencoder, images: torch.Tensor,
+                         path: str | os.PathLike) -> Path:
+    """A PNG with originals on the top row and their reconstructions below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    with torch.inference_mode():
+        rebuilt = model(images.to(next(model.parameters()).device)).cpu()
+    count = len(images)
+    figure, axes = plt.subplots(2, count, figsize=(1.6 * count, 3.4), squeeze=False)
+    for column in range(count):
+        for row, source in enumerate((images, rebuilt)):
+            axis = axes[row, column]
+            axis.imshow(source[column].permute(1, 2, 0).clamp(0, 1).numpy())
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[0, column].set_title(f"#{column}", fontsize=8)
+    axes[0, 0].set_ylabel("original")
+    axes[1, 0].set_ylabel("rebuilt")
+    figure.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    return path
+
+
+def fit_cohort_autoencoder(
+    paths: Sequence[str | os.PathLike],
+    preprocess: Callable[[str], torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    input_size: int,
+    latent: int,
+    epochs: int = 5,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+    record: dict | None = None,
+    device: str | torch.device = "cpu",
+) -> ConvAutoencoder:
+    """Train on ``paths`` (all cohort images) or reuse a finished run in ``out_dir``.
+
+    Writes ``checkpoint.pt`` (resumable), ``autoencoder.pt`` (final weights),
+    ``reconstructions.png`` and ``train.json`` (with ``uses_test_images``) into ``out_dir``.
+    """
+    from preprocessing.images import ImageDataset
+    from preprocessing.progress import progress_bar
+
+    out_dir = Path(out_dir)
+    final = out_dir / "autoencoder.pt"
+    model = ConvAutoencoder(input_size, latent)
+    if final.is_file():
+        model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+        return model.to(device).eval()
+    dataset = ImageDataset(paths, preprocess)
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=generator, num_workers=num_workers,
+                                         persistent_workers=num_workers > 0)
+    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+    started = time.perf_counter()
+    with progress_bar("train autoencoder", total=epochs * len(dataset),
+                      enabled=progress) as advance:
+        def on_step(step: int, loss: float) -> None:
+            advance(min(batch_size, len(dataset) - ((step - 1) % steps_per_epoch) * batch_size))
+
+        losses = train_autoencoder(model, loader, epochs=epochs, learning_rate=learning_rate,
+                                   seed=seed, checkpoint=out_dir / "checkpoint.pt",
+                                   on_step=on_step, device=device)
+    preview = torch.stack([dataset[i][1] for i in range(min(8, len(dataset)))])
+    save_reconstructions(model, preview, out_dir / "reconstructions.png")
+    epoch_losses = [float(np.mean(losses[i:i + steps_per_epoch]))
+                    for i in range(0, len(losses), steps_per_epoch)]
+    atomic_write_json(out_dir / "train.json", {
+        **(record or {}), "uses_test_images": True, "n_images": len(dataset),
+        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "seed": seed, "epoch_mean_loss": epoch_losses, "final_loss": losses[-1],
+        "seconds_this_session": time.perf_counter() - started, "device": str(device),
+    })
+    _save_torch(final, model.state_dict())
+    return model

@@ -1,0 +1,282 @@
+"""Extractor configs → feature stores: the one entry point the pipeline calls.
+
+An extractor config is a small dict (or :class:`ExtractorConfig`)::
+
+    {"kind": "autoencoder" | "backbone", "name": "resnet18", "weights": None,
+     "input_size": 224, "segmentation": None | "kmeans_saturation" | ..., "background": 0,
+     "stain": None | {"reference": "train" | "all" | <dir>, "space": "rgb" | "lab"},
+     "latent": 8192, "epochs": 5, "train_batch_size": 32, "learning_rate": 1e-3}
+
+Its resolved form (defaults filled in, stain reference numbers computed, a weights file's
+content hash, the autoencoder's training key) is canonical JSON and hashes, together with the
+source files, into the store key (see :mod:`preprocessing.store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from milbench.io import atomic_write_json
+from preprocessing.images import Preprocessor
+from preprocessing.segmentation import VARIANTS
+from preprocessing.stain import StainReference, image_set_paths, reference_from_images
+from preprocessing.store import FeatureStore, StoreWriter, hash_key, source_table, store_key
+
+KINDS = ("backbone", "autoencoder")
+DEFAULT_LATENT = {False: 8192, True: 4096}  # raw images / segmented images
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """What turns an image into a vector. Unknown keys in a dict are an error."""
+
+    kind: str = "backbone"
+    name: str = "resnet18"
+    weights: str | None = None
+    input_size: int = 224
+    segmentation: str | None = None
+    background: int = 0
+    stain: Mapping[str, Any] | None = None
+    latent: int | None = None
+    epochs: int = 5
+    train_batch_size: int = 32
+    learning_rate: float = 1e-3
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | ExtractorConfig) -> ExtractorConfig:
+        if isinstance(data, ExtractorConfig):
+            return data
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown extractor config keys {unknown}; known: {sorted(known)}")
+        config = cls(**dict(data))
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        from preprocessing.backbones import list_backbones
+
+        if self.kind not in KINDS:
+            raise ValueError(f"extractor kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "backbone" and self.name not in list_backbones():
+            raise ValueError(f"unknown backbone {self.name!r}; choose from {list_backbones()}")
+        if self.kind == "backbone" and self.weights is not None:
+            from preprocessing.backbones import check_weights
+
+            check_weights(self.name, self.weights)
+        if self.segmentation is not None and self.segmentation not in VARIANTS:
+            raise ValueError(f"unknown segmentation {self.segmentation!r}; "
+                             f"choose from {sorted(VARIANTS)}")
+        if self.kind == "autoencoder" and self.input_size % 16:
+            raise ValueError(f"autoencoder input_size must be a multiple of 16, "
+                             f"got {self.input_size}")
+        if self.stain is not None and "reference" not in self.stain and "mean" not in self.stain:
+            raise ValueError("stain config needs 'reference' (train, all or a directory) or "
+                             "explicit 'mean' and 'std'")
+
+    @property
+    def resolved_latent(self) -> int:
+        if self.latent is not None:
+            return int(self.latent)
+        return DEFAULT_LATENT[self.segmentation is not None]
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["stain"] = dict(self.stain) if self.stain is not None else None
+        return data
+
+
+def load_extractor_config(source: str | os.PathLike | Mapping[str, Any]) -> ExtractorConfig:
+    """A config from a dict or a YAML file (``configs/features/*.yaml``)."""
+    if isinstance(source, Mapping | ExtractorConfig):
+        return ExtractorConfig.from_dict(source)
+    import yaml
+
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"extractor config not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"extractor config {path} must be a mapping")
+    return ExtractorConfig.from_dict(data)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_stain(stain: Mapping[str, Any] | None, cohort, cache_dir: Path
+                  ) -> StainReference | None:
+    """Turn a stain config into numbers, caching references computed from image sets."""
+    if stain is None:
+        return None
+    space = stain.get("space", "rgb")
+    if "mean" in stain:
+        return StainReference(space, tuple(stain["mean"]), tuple(stain["std"]),
+                              source=str(stain.get("reference", "explicit")))
+    name = str(stain["reference"])
+    paths = image_set_paths(name, cohort)
+    fingerprint = [(str(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    cached = cache_dir / "stain" / f"{hash_key({'space': space, 'files': fingerprint})}.json"
+    if cached.is_file():
+        import json
+
+        return StainReference.from_dict(json.loads(cached.read_text()))
+    reference = reference_from_images(paths, space=space, source=name)
+    atomic_write_json(cached, reference.to_dict())
+    return reference
+
+
+def default_workers() -> int:
+    """One loader worker per spare core: decoding overlaps the forward pass."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class Prepared:
+    """Everything one extraction needs, resolved: model, preprocessing, store identity."""
+
+    config: ExtractorConfig
+    resolved: dict
+    preprocessor: Preprocessor
+    model: torch.nn.Module
+    dim: int
+    key: str
+    sources: Any
+
+
+def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int = 0,
+            progress: bool = True, num_workers: int | None = None,
+            device: str = "cpu") -> Prepared:
+    """Resolve a config against a cohort; trains the autoencoder (cached) if needed."""
+    config = load_extractor_config(extractor_config)
+    cache_dir = Path(cache_dir)
+    num_workers = default_workers() if num_workers is None else num_workers
+    sources = source_table(cohort.image_table())
+    if len(sources) == 0:
+        raise ValueError("cohort has no images to extract features from")
+    stain = resolve_stain(config.stain, cohort, cache_dir)
+    resolved = config.to_dict()
+    resolved["stain"] = stain.to_dict() if stain is not None else None
+    normalize = "imagenet" if config.kind == "backbone" else None
+    resolved["normalize"] = normalize
+    preprocessor = Preprocessor(config.input_size, config.segmentation, config.background,
+                                stain, normalize)
+    if config.kind == "backbone":
+        from preprocessing.backbones import build_backbone, is_weights_file
+
+        if is_weights_file(config.weights):
+            resolved["weights_sha256"] = file_sha256(config.weights)
+        model = build_backbone(config.name, config.weights)
+        dim = model.dim
+    else:
+        from preprocessing.autoencoder import Encoder, fit_cohort_autoencoder
+
+        resolved["latent"] = config.resolved_latent
+        resolved["seed"] = seed
+        training_key = hash_key({"config": {k: v for k, v in resolved.items()
+                                            if k not in {"name", "weights"}},
+                                 "sources": store_key({}, sources)})
+        resolved["autoencoder_key"] = training_key
+        resolved["uses_test_images"] = True
+        autoencoder = fit_cohort_autoencoder(
+            list(sources["path"]), preprocessor, cache_dir / "autoencoders" / training_key,
+            input_size=config.input_size, latent=config.resolved_latent, epochs=config.epochs,
+            batch_size=config.train_batch_size, learning_rate=config.learning_rate, seed=seed,
+            num_workers=num_workers, progress=progress, device=device,
+            record={"config": resolved, "test_patients": [p.id for p in cohort.test().patients]})
+        model = Encoder(autoencoder).eval()
+        dim = model.dim
+    key = store_key(resolved, sources)
+    return Prepared(config, resolved, preprocessor, model, dim, key, sources)
+
+
+def extract_features(
+    cohort,
+    extractor_config: Mapping[str, Any] | ExtractorConfig | str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    channels_last: bool = True,
+    commit_seconds: float = 2.0,
+    on_batch: Callable[[int], None] | None = None,
+    device: str = "cpu",
+) -> FeatureStore:
+    """Features of every cohort image under ``extractor_config``, computed once and cached.
+
+    Returns the complete :class:`FeatureStore` at ``<cache_dir>/features/<key>``; an existing
+    complete store is returned without work, an interrupted one is resumed, losing at most
+    ``commit_seconds`` of work. ``on_batch`` is called after each batch with the number of
+    committed (durable) rows (progress hooks, tests).
+    """
+    torch.manual_seed(seed)
+    prepared = prepare(cohort, extractor_config, cache_dir, seed=seed, progress=progress,
+                       num_workers=num_workers, device=device)
+    root = Path(cache_dir) / "features" / prepared.key
+    if (root / "complete.json").is_file():
+        return FeatureStore(root)
+    manifest = {"key": prepared.key, "config": prepared.resolved, "dim": prepared.dim,
+                "n_rows": len(prepared.sources), "dtype": "float32",
+                "key_inputs": "sha256(canonical config JSON + (path, size, mtime_ns) of sources)",
+                "uses_test_images": bool(prepared.resolved.get("uses_test_images", False))}
+    writer = StoreWriter(root, manifest, prepared.sources, commit_seconds=commit_seconds)
+    started = time.perf_counter()
+    resumed_at = writer.rows_done
+    run_model_into(writer, list(prepared.sources["path"]), prepared.preprocessor, prepared.model,
+                   batch_size=batch_size,
+                   num_workers=default_workers() if num_workers is None else num_workers,
+                   channels_last=channels_last, progress=progress, on_batch=on_batch,
+                   device=device,
+                   description=f"features ({prepared.config.kind}:{prepared.config.name})")
+    seconds = time.perf_counter() - started
+    return writer.finish({"seconds": seconds, "resumed_at_row": resumed_at,
+                          "images_per_second": (writer.n_rows - resumed_at) / max(seconds, 1e-9)})
+
+
+def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preprocessor,
+                   model: torch.nn.Module, *, batch_size: int, num_workers: int,
+                   channels_last: bool, progress: bool,
+                   on_batch: Callable[[int], None] | None = None,
+                   description: str = "features", device: str = "cpu") -> None:
+    """The whole path: decode + preprocess in loader workers, forward, durable write."""
+    from preprocessing.images import ImageDataset
+    from preprocessing.progress import progress_bar
+
+    if writer.rows_written >= len(paths):
+        return
+    dataset = ImageDataset(paths, preprocessor, start=writer.rows_written, raw=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers,
+                                         prefetch_factor=4 if num_workers else None)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    with progress_bar(description, total=len(paths), completed=writer.rows_written,
+                      enabled=progress) as advance, torch.inference_mode():
+        for rows, raw in loader:
+            images = preprocessor.finish(raw.to(device, non_blocking=True))
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            vectors = model(images).float().cpu().numpy()
+            writer.write(int(rows[0]), np.ascontiguousarray(vectors, dtype=np.float32))
+            advance(len(rows))
+            if on_batch is not None:
+                on_batch(writer.rows_done)

@@ -1,0 +1,228 @@
+"""The feature store: per-image vectors on disk, memory-mapped, keyed by what made them.
+
+Layout of one store, ``<cache>/features/<key>/``::
+
+    manifest.json   extractor config (resolved), key, dim, n_rows, how the key was made
+    index.csv       row, patient_id, position, path, size, mtime_ns
+    features.f32    raw little-endian float32 matrix, n_rows x dim (numpy memmap)
+    progress.json   {"rows_done": k}: rows [0, k) are flushed and final
+    complete.json   written last; only its presence makes the store complete
+
+The key is a SHA-256 of the canonical JSON of the resolved extractor config and of the source
+files as ``(path, size in bytes, mtime in ns)`` in index order. Size + mtime rather than content
+hashes: hashing 17k JPEGs on every run costs more than extraction of a small model, and any
+rewrite of an image (synthetic regeneration, re-download) changes its mtime. A copy that keeps
+mtimes (``cp -p``) of identical files keeps the key, which is what we want.
+
+Resumability: rows are written in order into the memmap; a commit flushes the memmap to disk
+and only then replaces ``progress.json`` atomically. Commits happen after a batch once
+``commit_seconds`` have passed since the last one (0: after every batch), and always at the
+end. A crash or Ctrl-C loses at most the uncommitted rows, which the next run recomputes;
+flushing by time rather than every batch keeps msync off the hot path for small models.
+One writer per store at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from milbench.io import atomic_write_json, atomic_write_text
+
+MANIFEST = "manifest.json"
+INDEX = "index.csv"
+MATRIX = "features.f32"
+PROGRESS = "progress.json"
+COMPLETE = "complete.json"
+INDEX_COLUMNS = ["row", "patient_id", "position", "path", "size", "mtime_ns"]
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace: the byte string that hashes into a key."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def hash_key(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def source_table(image_table: pd.DataFrame) -> pd.DataFrame:
+    """The cohort's image table plus file size and mtime, which go into the key.
+
+    Paths are made absolute so the key and the index do not depend on the working directory.
+    """
+    sizes, mtimes = [], []
+    paths = [os.path.abspath(p) for p in image_table["path"]]
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"image listed in the cohort is missing: {path}") from error
+        sizes.append(stat.st_size)
+        mtimes.append(stat.st_mtime_ns)
+    table = image_table.loc[:, ["patient_id", "position", "path"]].reset_index(drop=True)
+    table.insert(0, "row", np.arange(len(table)))
+    table["path"] = paths
+    table["size"] = sizes
+    table["mtime_ns"] = mtimes
+    return table
+
+
+def sources_fingerprint(sources: pd.DataFrame) -> str:
+    records = sources.loc[:, ["path", "size", "mtime_ns"]].itertuples(index=False, name=None)
+    digest = hashlib.sha256()
+    for path, size, mtime in records:
+        digest.update(f"{path}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()
+
+
+def store_key(config: dict, sources: pd.DataFrame) -> str:
+    return hash_key({"config": config, "sources": sources_fingerprint(sources)})
+
+
+class FeatureStore:
+    """Read side of one store directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no feature store at {self.root} (missing {MANIFEST})")
+        self.manifest: dict = json.loads(manifest_path.read_text())
+        self.key: str = self.manifest["key"]
+        self.dim: int = int(self.manifest["dim"])
+        self.n_rows: int = int(self.manifest["n_rows"])
+        self._index: pd.DataFrame | None = None
+        self._row_of_path: dict[str, int] | None = None
+
+    def __repr__(self) -> str:
+        state = "complete" if self.is_complete else f"{self.rows_done}/{self.n_rows} rows"
+        return f"FeatureStore({self.root}, dim={self.dim}, {state})"
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def is_complete(self) -> bool:
+        return (self.root / COMPLETE).is_file()
+
+    @property
+    def rows_done(self) -> int:
+        if self.is_complete:
+            return self.n_rows
+        return read_rows_done(self.root)
+
+    @property
+    def index(self) -> pd.DataFrame:
+        if self._index is None:
+            self._index = pd.read_csv(self.root / INDEX, dtype={"patient_id": str, "path": str})
+        return self._index
+
+    def features(self) -> np.ndarray:
+        """The whole ``(n_rows, dim)`` matrix, memory-mapped read-only; complete stores only."""
+        self._require_complete()
+        return np.memmap(self.root / MATRIX, dtype="<f4", mode="r", shape=(self.n_rows, self.dim))
+
+    def rows(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
+        """Row numbers of the given image paths; unknown paths raise naming them."""
+        if self._row_of_path is None:
+            self._row_of_path = dict(zip(self.index["path"], self.index["row"], strict=True))
+        absolute = [os.path.abspath(p) for p in paths]
+        missing = [p for p in absolute if p not in self._row_of_path]
+        if missing:
+            raise KeyError(f"images not in feature store {self.root}: {missing[:5]}")
+        return np.array([self._row_of_path[p] for p in absolute], dtype=np.int64)
+
+    def bags(self, cohort) -> list[np.ndarray]:
+        """One ``(n_i, dim)`` float32 array per patient, in ``cohort.patients`` order."""
+        matrix = self.features()
+        return [np.asarray(matrix[self.rows(p.image_paths)]) for p in cohort.patients]
+
+    def _require_complete(self) -> None:
+        if not self.is_complete:
+            raise RuntimeError(f"feature store {self.root} is incomplete "
+                               f"({self.rows_done}/{self.n_rows} rows); rerun the extraction")
+
+
+def read_rows_done(root: Path) -> int:
+    path = Path(root) / PROGRESS
+    if not path.is_file():
+        return 0
+    return int(json.loads(path.read_text())["rows_done"])
+
+
+class StoreWriter:
+    """Write side: create or resume a store, append flushed batches, mark it complete."""
+
+    def __init__(self, root: str | os.PathLike, manifest: dict, sources: pd.DataFrame,
+                 commit_seconds: float = 0.0) -> None:
+        self.root = Path(root)
+        self.commit_seconds = commit_seconds
+        self.n_rows = int(manifest["n_rows"])
+        self.dim = int(manifest["dim"])
+        expected_bytes = self.n_rows * self.dim * 4
+        existing = self.root / MANIFEST
+        resumable = (existing.is_file()
+                     and json.loads(existing.read_text()).get("key") == manifest["key"]
+                     and (self.root / MATRIX).is_file()
+                     and (self.root / MATRIX).stat().st_size == expected_bytes)
+        if not resumable:
+            self._create(manifest, sources, expected_bytes)
+        self.rows_done = read_rows_done(self.root)  # committed (durable) rows
+        self.rows_written = self.rows_done
+        self._last_commit = time.monotonic()
+        self._matrix = np.memmap(self.root / MATRIX, dtype="<f4", mode="r+",
+                                 shape=(self.n_rows, self.dim)) if self.n_rows else None
+
+    def _create(self, manifest: dict, sources: pd.DataFrame, expected_bytes: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name in (COMPLETE, PROGRESS):
+            (self.root / name).unlink(missing_ok=True)
+        atomic_write_text(self.root / INDEX, sources.loc[:, INDEX_COLUMNS].to_csv(index=False))
+        with open(self.root / MATRIX, "wb") as handle:
+            handle.truncate(expected_bytes)  # sparse until written
+        atomic_write_json(self.root / PROGRESS, {"rows_done": 0})
+        atomic_write_json(self.root / MANIFEST, manifest)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Write rows ``[start, start + len(block))``; commit if ``commit_seconds`` passed."""
+        if start != self.rows_written:
+            raise ValueError(f"rows must be written in order: expected {self.rows_written}, "
+                             f"got {start}")
+        if block.shape[1] != self.dim:
+            raise ValueError(f"extractor produced {block.shape[1]} features, store expects "
+                             f"{self.dim}")
+        if not np.all(np.isfinite(block)):
+            raise ValueError(f"non-finite features in rows {start}..{start + len(block) - 1}")
+        self._matrix[start:start + len(block)] = block
+        self.rows_written = start + len(block)
+        if time.monotonic() - self._last_commit >= self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make the written rows durable, then record them (in that order)."""
+        if self.rows_written == self.rows_done:
+            return
+        self._matrix.flush()
+        atomic_write_json(self.root / PROGRESS, {"rows_done": self.rows_written})
+        self.rows_done = self.rows_written
+        self._last_commit = time.monotonic()
+
+    def finish(self, info: dict | None = None) -> FeatureStore:
+        self.commit()
+        if self.rows_done != self.n_rows:
+            raise RuntimeError(f"store {self.root} has {self.rows_done}/{self.n_rows} rows")
+        if self._matrix is not None:
+            self._matrix.flush()
+        del self._matrix
+        atomic_write_json(self.root / COMPLETE, {"rows": self.n_rows, **(info or {})})
+        return FeatureStore(self.root)

@@ -1,0 +1,87 @@
+"""The convolutional autoencoder: shapes, loss falls, resumable training, cohort features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from preprocessing.autoencoder import ConvAutoencoder, latent_grid, train_autoencoder
+from preprocessing.extract import extract_features
+from preprocessing.toy import draw_smear, write_toy_cohort
+
+
+def _images(count=8, size=32):
+    rng = np.random.default_rng(0)
+    stack = np.stack([draw_smear(rng, size)[0] for _ in range(count)])
+    return torch.from_numpy(stack).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.mark.parametrize(("size", "latent", "shape"), [
+    (224, 8192, (128, 8, 8)), (224, 4096, (64, 8, 8)), (64, 1024, (64, 4, 4)), (32, 96, (24, 2, 2)),
+])
+def test_latent_layout(size, latent, shape):
+    assert latent_grid(size, latent) == (shape[0], shape[1])
+    if size <= 64:
+        model = ConvAutoencoder(size, latent).eval()
+        images = torch.rand(2, 3, size, size)
+        assert model.encode(images).shape == (2, latent)
+        assert model(images).shape == images.shape
+
+
+def test_blocks_follow_spec():
+    model = ConvAutoencoder(64, 1024)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.encoder) == 4
+    assert sum(isinstance(m, torch.nn.AvgPool2d) for m in model.encoder) == 4
+    assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in model.decoder) == 7
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ConvAutoencoder(50, 64)
+
+
+def test_loss_falls_and_is_deterministic():
+    images = _images()
+    loader = torch.utils.data.DataLoader(images, batch_size=4, shuffle=False)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = ConvAutoencoder(32, 128)
+        runs.append(train_autoencoder(model, loader, epochs=15, learning_rate=1e-2, seed=0))
+    losses = runs[0]
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:2]), losses
+    assert runs[0] == runs[1]
+
+
+def test_training_resumes_from_checkpoint(tmp_path):
+    images = _images(4)
+
+    def loader():  # shuffled: the resumed run must replay the same epoch orders
+        return torch.utils.data.DataLoader(images, batch_size=2, shuffle=True,
+                                           generator=torch.Generator())
+
+    torch.manual_seed(0)
+    straight = train_autoencoder(ConvAutoencoder(32, 64), loader(), epochs=3, seed=0)
+    torch.manual_seed(0)
+    model = ConvAutoencoder(32, 64)
+    train_autoencoder(model, loader(), epochs=2, seed=0, checkpoint=tmp_path / "ckpt.pt")
+    torch.manual_seed(1)  # a fresh process would start from unrelated weights
+    resumed = train_autoencoder(ConvAutoencoder(32, 64), loader(), epochs=3, seed=0,
+                                checkpoint=tmp_path / "ckpt.pt")
+    np.testing.assert_allclose(resumed, straight, rtol=1e-5)
+
+
+def test_cohort_features_record_test_use(tmp_path):
+    cohort = write_toy_cohort(tmp_path / "toy", n_patients=3, images_per_patient=2, size=64)
+    config = {"kind": "autoencoder", "name": "conv_ae", "input_size": 32, "latent": 64,
+              "epochs": 2, "train_batch_size": 4}
+    store = extract_features(cohort, config, tmp_path / "cache", progress=False, num_workers=0)
+    assert [b.shape for b in store.bags(cohort)] == [(2, 64)] * 3
+    assert store.manifest["uses_test_images"] is True
+    (run,) = (tmp_path / "cache" / "autoencoders").iterdir()
+    record = json.loads((run / "train.json").read_text())
+    assert record["uses_test_images"] is True and record["n_images"] == 6
+    assert record["test_patients"] == ["P3"]
+    assert (run / "reconstructions.png").stat().st_size > 0
+    again = extract_features(cohort, config, tmp_path / "cache", progress=False, num_workers=0)
+    np.testing.assert_array_equal(again.features(), store.features())

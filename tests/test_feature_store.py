@@ -1,0 +1,146 @@
+"""Feature store: keyed caching, resume after interruption, bag alignment, corrupt images."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from preprocessing.extract import ExtractorConfig, extract_features, load_extractor_config
+from preprocessing.images import CorruptImageError
+from preprocessing.store import FeatureStore
+from preprocessing.toy import write_toy_cohort
+from preprocessing.transforms import BagTransform
+
+CONFIG = {"kind": "backbone", "name": "resnet18", "weights": None, "input_size": 32}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_toy_cohort(tmp_path_factory.mktemp("toy"), n_patients=4, images_per_patient=3,
+                            size=64, n_test=1)
+
+
+def _extract(cohort, cache, **kwargs):
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("commit_seconds", 0.0)  # commit every batch
+    return extract_features(cohort, CONFIG, cache, progress=False, batch_size=2, **kwargs)
+
+
+def test_bags_aligned_with_patients(cohort, tmp_path):
+    store = _extract(cohort, tmp_path)
+    bags = store.bags(cohort)
+    assert [b.shape for b in bags] == [(3, 512)] * 4
+    assert all(b.dtype == np.float32 for b in bags)
+    reversed_cohort = cohort.subset(cohort.ids[::-1])
+    np.testing.assert_array_equal(store.bags(reversed_cohort)[0], bags[-1])
+    assert store.is_complete and store.manifest["uses_test_images"] is False
+    # Second call: same store, no recomputation.
+    stamp = (store.root / "complete.json").stat().st_mtime_ns
+    again = _extract(cohort, tmp_path)
+    assert again.root == store.root
+    assert (again.root / "complete.json").stat().st_mtime_ns == stamp
+
+
+def test_resume_after_interruption_is_identical(cohort, tmp_path):
+    reference = _extract(cohort, tmp_path / "straight").features().copy()
+
+    def interrupt(rows_done):
+        if rows_done >= 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _extract(cohort, tmp_path / "resumed", on_batch=interrupt)
+    (root,) = (tmp_path / "resumed" / "features").iterdir()
+    partial = FeatureStore(root)
+    assert not partial.is_complete and partial.rows_done == 6
+    with pytest.raises(RuntimeError, match="incomplete"):
+        partial.bags(cohort)
+
+    seen = []
+    resumed = _extract(cohort, tmp_path / "resumed", on_batch=seen.append)
+    assert seen[0] == 8, "continues where it stopped"
+    assert json.loads((resumed.root / "complete.json").read_text())["resumed_at_row"] == 6
+    np.testing.assert_array_equal(resumed.features(), reference)
+
+
+def test_uncommitted_rows_are_recomputed(cohort, tmp_path):
+    reference = _extract(cohort, tmp_path / "straight").features().copy()
+
+    def interrupt(rows_done):
+        raise KeyboardInterrupt
+
+    # Never committed before the interruption: nothing is durable, all is recomputed.
+    with pytest.raises(KeyboardInterrupt):
+        _extract(cohort, tmp_path / "lazy", commit_seconds=3600, on_batch=interrupt)
+    (root,) = (tmp_path / "lazy" / "features").iterdir()
+    assert FeatureStore(root).rows_done == 0
+    resumed = _extract(cohort, tmp_path / "lazy", commit_seconds=3600)
+    np.testing.assert_array_equal(resumed.features(), reference)
+
+
+def test_key_follows_config_and_sources(cohort, tmp_path):
+    first = _extract(cohort, tmp_path)
+    other = extract_features(cohort, {**CONFIG, "segmentation": "kmeans_saturation"}, tmp_path,
+                             progress=False, num_workers=0)
+    assert other.key != first.key
+    touched = cohort.patients[0].image_paths[0]
+    stat = os.stat(touched)
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert _extract(cohort, tmp_path).key != first.key
+
+
+def test_corrupt_image_named(cohort, tmp_path):
+    bad = tmp_path / "P9" / "000000.jpg"
+    bad.parent.mkdir()
+    good = cohort.patients[0].image_paths[0].read_bytes()
+    bad.write_bytes(good[: len(good) // 2])  # truncated JPEG
+    from dataclasses import replace
+
+    broken = replace(cohort, patients=[replace(cohort.patients[0],
+                                               image_paths=(cohort.patients[0].image_paths[0],
+                                                            bad))])
+    for workers in (0, 1):
+        with pytest.raises(CorruptImageError, match=str(bad)):
+            _extract(broken, tmp_path / f"w{workers}", num_workers=workers)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="unknown extractor config keys"):
+        ExtractorConfig.from_dict({"kind": "backbone", "colour": 1})
+    with pytest.raises(ValueError, match="unknown backbone"):
+        ExtractorConfig.from_dict({"name": "alexnet9"})
+    path = tmp_path / "x.yaml"
+    path.write_text("kind: autoencoder\ninput_size: 64\nsegmentation: grabcut\n")
+    config = load_extractor_config(path)
+    assert config.resolved_latent == 4096
+
+
+def test_bag_transform_fits_training_bags_only():
+    rng = np.random.default_rng(0)
+    train = [rng.normal(size=(n, 20)) for n in (3, 5, 4)]
+    test = [rng.normal(5, 1, size=(2, 20))]
+    transform = BagTransform(n_components=100).fit(train)
+    assert transform.n_components_ == 12  # clipped to min(instances, features)
+    out = transform.transform(test + train)
+    assert [b.shape for b in out] == [(2, 12), (3, 12), (5, 12), (4, 12)]
+    stacked = np.vstack(transform.transform(train))
+    np.testing.assert_allclose(stacked.mean(0), 0, atol=1e-8)
+    assert BagTransform(n_components=None).fit(train).transform(test)[0].shape == (2, 20)
+
+
+def test_commands_on_a_challenge_folder(tmp_path):
+    from challenge_layout import default_rows, write_challenge
+
+    from preprocessing.commands import features_command, segment_command
+
+    root = write_challenge(tmp_path / "challenge", default_rows(n_train=3, n_test=1))
+    done = segment_command(root, "kmeans_saturation_hue", tmp_path / "seg", progress=False)
+    assert done == tmp_path / "seg" / "kmeans_saturation_hue"
+    assert len(list(done.rglob("*_mask.png"))) == len(list(done.rglob("*_masked.png"))) > 0
+    store = features_command(root, CONFIG, tmp_path / "cache", num_workers=0, progress=False)
+    assert store.is_complete and store.dim == 512
+    with pytest.raises(ValueError, match="unknown segmentation variant"):
+        segment_command(root, "otsu")
