@@ -13,6 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+# The configs/ folder of a source checkout (editable install), for names given without a path.
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
 
 class ConfigError(ValueError):
     """A config file or override cannot be used."""
@@ -35,7 +38,11 @@ class DataConfig(_Strict):
 
 
 class FeaturesConfig(_Strict):
-    extractor: str = Field("none", description="'none' (clinical models only) or a features config")
+    extractor: str | dict[str, Any] = Field(
+        "none", description="'none' (clinical models only), a name in configs/features/, a YAML path, "
+        "or an inline extractor mapping; names and paths are resolved to the mapping on loading")
+    source: str | None = Field(None, description="the file the extractor mapping was read from")
+    batch_size: int = Field(32, ge=1)
 
 
 class EvaluationConfig(_Strict):
@@ -130,6 +137,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: a config must be a mapping at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
+    _resolve_extractor(raw, path.parent if path is not None else PACKAGE_CONFIGS)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
@@ -137,6 +145,30 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in error.errors()
         ]
         raise ConfigError(f"{path or 'config'}: invalid config\n" + "\n".join(lines)) from None
+
+
+def _resolve_extractor(raw: dict[str, Any], config_dir: Path) -> None:
+    """Replace a named or file extractor by its mapping, so the run records the full settings."""
+    features = raw.get("features")
+    if not isinstance(features, dict):
+        return
+    extractor = features.get("extractor")
+    if not isinstance(extractor, str) or extractor == "none":
+        return
+    candidates = [Path(extractor), config_dir / "features" / f"{extractor}.yaml",
+                  PACKAGE_CONFIGS / "features" / f"{extractor}.yaml"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        names = sorted(p.stem for p in (config_dir / "features").glob("*.yaml"))
+        raise ConfigError(f"features.extractor {extractor!r}: no such file, and not one of {names}")
+    try:
+        mapping = yaml.safe_load(found.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{found}: not valid YAML ({error})") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{found}: an extractor config must be a mapping")
+    features["extractor"] = mapping
+    features["source"] = str(found)
 
 
 def resolved_dict(config: RunConfig) -> dict[str, Any]:

@@ -57,12 +57,14 @@ def resolve_data_root(data: DataConfig, workdir: str | Path, progress: bool = Tr
     return path
 
 
-def instance_bags(cohort: Cohort, extractor: str) -> list[np.ndarray]:
-    """Instance feature bags for the cohort's patients. ``none``: zero-width bags (one row per
-    image) for models that read only the clinical table."""
-    if extractor == "none":
-        return [np.zeros((p.n_images, 0)) for p in cohort.patients]
-    raise ConfigError(f"features.extractor {extractor!r} is not available; use 'none'")
+def feature_store(cohort: Cohort, config: RunConfig, progress: bool = True):
+    """The feature store of every cohort image (train and test) under the configured extractor,
+    computed once and cached under the work directory. An autoencoder extractor trains on all
+    images, test images included (unsupervised; its manifest records ``uses_test_images``)."""
+    from preprocessing.extract import extract_features
+
+    return extract_features(cohort, config.features.extractor, Path(config.workdir) / "cache",
+                            seed=config.seed, progress=progress, batch_size=config.features.batch_size)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class PreparedData:
     labels: np.ndarray
     train_clinical: pd.DataFrame
     test_clinical: pd.DataFrame
+    features: dict  # the feature store manifest ({} without instance features)
 
 
 def prepare_data(config: RunConfig, progress: bool = True) -> PreparedData:
@@ -89,12 +92,18 @@ def prepare_data(config: RunConfig, progress: bool = True) -> PreparedData:
     for entry in config.models:
         if "instances" in model_tags(entry.name) and config.features.extractor == "none":
             raise ConfigError(f"model {entry.name!r} needs instance features; set features.extractor")
+    if config.features.extractor == "none":
+        # Zero-width bags (one row per image) for models that read only the clinical table.
+        train_bags = [np.zeros((p.n_images, 0)) for p in train.patients]
+        test_bags = [np.zeros((p.n_images, 0)) for p in test.patients]
+        manifest = {}
+    else:
+        store = feature_store(cohort, config, progress)
+        train_bags, test_bags, manifest = store.bags(train), store.bags(test), store.manifest
     return PreparedData(
-        root=root, cohort=cohort, train=train, test=test,
-        train_bags=instance_bags(train, config.features.extractor),
-        test_bags=instance_bags(test, config.features.extractor),
-        labels=train.labels(),
-        train_clinical=train.clinical_table(), test_clinical=test.clinical_table(),
+        root=root, cohort=cohort, train=train, test=test, train_bags=train_bags, test_bags=test_bags,
+        labels=train.labels(), train_clinical=train.clinical_table(),
+        test_clinical=test.clinical_table(), features=manifest,
     )
 
 
@@ -132,6 +141,8 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
     run.write_csv("cohort/patients.csv", data.cohort.frame())
     run.write_csv("cohort/skipped.csv", pd.DataFrame(
         [(s.path, s.reason) for s in data.cohort.skipped], columns=["path", "reason"]))
+    if data.features:
+        run.write_json("features.json", data.features)
 
     keys = stratification(config, data.train, min_size=config.evaluation.n_splits)
     folds = kfold_splits(data.train.ids, keys, config.evaluation.n_splits,
@@ -187,7 +198,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
     })
     run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
     _write_plots(run, data.cohort, results)
-    run.write_text("report.md", _report(config, data.root, data.cohort, table, submissions))
+    run.write_text("report.md", _report(config, data, table, submissions))
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions)
 
 
@@ -205,9 +216,16 @@ def _write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None
     run.save_figure("plots/confusion.png", plots.confusion_matrices(cells))
 
 
-def _report(config: RunConfig, root: Path, cohort: Cohort, table: pd.DataFrame,
+def _report(config: RunConfig, data: PreparedData, table: pd.DataFrame,
             submissions: dict[str, Path]) -> str:
-    train, test = cohort.train(), cohort.test()
+    root, cohort, train, test = data.root, data.cohort, data.train, data.test
+    features = data.features.get("config", {})
+    if not data.features:
+        described = "none (clinical attributes only)"
+    else:
+        described = (f"{features.get('kind')} `{features.get('name')}`, {data.features.get('dim')}-d"
+                     + (" — trained without labels on all images, test images included"
+                        if data.features.get("uses_test_images") else ""))
     hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
     shown = table[["model", *METRICS, "seconds_per_fit", *hidden]]
     lines = [
@@ -215,6 +233,7 @@ def _report(config: RunConfig, root: Path, cohort: Cohort, table: pd.DataFrame,
         "",
         f"Data: `{root}` — {len(train)} train patients ({int(train.labels().sum())} tumoral), "
         f"{len(test)} test patients, {len(cohort.skipped)} skipped files.",
+        f"Instance features: {described}.",
         f"Protocol: stratified {config.evaluation.n_splits}-fold CV × {config.evaluation.n_repeats} "
         f"repeats on {', '.join(config.evaluation.stratify) or 'the label'}; seed {config.seed}. "
         "Cells: mean ± std (max) over repeats."

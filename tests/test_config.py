@@ -48,3 +48,16 @@ def test_unreadable_or_non_mapping_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_extractor_names_resolve_to_their_mapping(tmp_path):
+    config = load_config(CONFIGS / "clinical.yaml", ["features.extractor=resnet18"])
+    assert config.features.extractor["kind"] == "backbone"
+    assert config.features.extractor["name"] == "resnet18"
+    assert config.features.source.endswith("configs/features/resnet18.yaml")
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("kind: backbone\nname: vgg19\ninput_size: 64\n")
+    assert load_config(CONFIGS / "clinical.yaml", [f"features.extractor={custom}"]).features.extractor == {
+        "kind": "backbone", "name": "vgg19", "input_size": 64}
+    with pytest.raises(ConfigError, match=r"'nope': no such file, and not one of \[.*'resnet18'"):
+        load_config(CONFIGS / "clinical.yaml", ["features.extractor=nope"])
