@@ -222,3 +222,105 @@ def bench_mil(
         bench_mil_command(datasets, models, repeats, splits, out, seed, n_jobs)
     except USER_ERRORS as error:
         _fail(error)
+
+
+@app.command()
+def segment(
+    root: Annotated[Path, typer.Argument(help="Challenge folder.")],
+    variant: Annotated[str, typer.Option(help="Segmentation variant (see preprocessing.segmentation).")]
+    = "kmeans_saturation_hue",
+    out: Annotated[Path | None, typer.Option(help="Cache folder; default ROOT/segmentation.")] = None,
+    workers: int = 1,
+    seed: int = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Segment the lymphocyte of every image; masks and masked images are cached on disk."""
+    from preprocessing.commands import segment_command
+
+    try:
+        path = segment_command(root, variant, out, seed=seed, workers=workers, progress=progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    console.print(f"segmentation cache: {path}")
+
+
+@app.command()
+def features(
+    root: Annotated[Path, typer.Argument(help="Challenge folder.")],
+    extractor: Annotated[str, typer.Option(help="Name in configs/features/ or a YAML path.")],
+    cache: Annotated[Path, typer.Option(help="Cache folder for stores and checkpoints.")]
+    = Path(".milbench/cache"),
+    batch_size: int = 32,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Extract (or reuse, or resume) the instance features of every image of a challenge folder."""
+    from milbench.config import read_extractor
+    from preprocessing.commands import features_command
+
+    try:
+        mapping, _ = read_extractor(extractor)
+        store = features_command(root, mapping, cache, seed=seed, batch_size=batch_size,
+                                 progress=progress, device=device)
+    except USER_ERRORS as error:
+        _fail(error)
+    console.print(f"feature store: {store.root} ({store.n_rows} images × {store.dim})")
+
+
+@app.command()
+def pretrain(
+    root: Annotated[Path, typer.Argument(help="Folder-per-class set: ROOT/<split>/<CLASS>/*.jpg")],
+    out: Annotated[Path, typer.Option(help="Folder for backbone.pt and metrics.")],
+    arch: str = "resnet18",
+    weights: Annotated[str | None, typer.Option(help="Torchvision weights name or a local file.")] = None,
+    input_size: int = 224,
+    head_epochs: int = 3,
+    finetune_epochs: int = 5,
+    seed: int = 0,
+):
+    """Two-phase fine-tuning of a backbone on a cell-type dataset; the result serves as weights."""
+    from preprocessing.commands import pretrain_command
+
+    try:
+        metrics = pretrain_command(root, out, arch=arch, weights=weights, input_size=input_size,
+                                   head_epochs=head_epochs, finetune_epochs=finetune_epochs, seed=seed)
+    except USER_ERRORS as error:
+        _fail(error)
+    console.print_json(data=metrics)
+
+
+@bench_app.command("features")
+def bench_features(
+    root: Annotated[Path | None, typer.Option(help="Challenge folder; default: drawn smears.")] = None,
+    extractor: Annotated[list[str] | None, typer.Option(help="Extractor YAML (repeatable).")] = None,
+    n_images: int = 256,
+    batch_size: int = 32,
+    repeats: int = 3,
+    out: Annotated[Path | None, typer.Option(help="Folder for features_bench.csv/.json.")] = None,
+):
+    """Images per second of the whole extraction path vs the bare forward, and their ratio."""
+    from milbench.bench.features import bench_features_command
+
+    try:
+        bench_features_command(root, extractor, n_images=n_images, batch_size=batch_size,
+                               repeats=repeats, out=out)
+    except USER_ERRORS as error:
+        _fail(error)
+
+
+@bench_app.command("segmentation")
+def bench_segmentation(
+    root: Annotated[Path | None, typer.Option(help="Synthetic cohort with truth masks.")] = None,
+    preset: Annotated[str, typer.Option(help="Preset generated when no root is given.")] = "tiny",
+    limit: Annotated[int | None, typer.Option(help="At most this many images.")] = None,
+    out: Path = Path("bench-segmentation"),
+    seed: int = 0,
+):
+    """Mean IoU of the cell mask per segmentation variant against synthetic truth; PNG grid."""
+    from milbench.bench.segmentation import bench_segmentation_command
+
+    try:
+        bench_segmentation_command(root, out=out, limit=limit, preset=preset, seed=seed)
+    except USER_ERRORS as error:
+        _fail(error)

@@ -153,22 +153,26 @@ def _resolve_extractor(raw: dict[str, Any], config_dir: Path) -> None:
     if not isinstance(features, dict):
         return
     extractor = features.get("extractor")
-    if not isinstance(extractor, str) or extractor == "none":
-        return
-    candidates = [Path(extractor), config_dir / "features" / f"{extractor}.yaml",
-                  PACKAGE_CONFIGS / "features" / f"{extractor}.yaml"]
+    if isinstance(extractor, str) and extractor != "none":
+        features["extractor"], source = read_extractor(extractor, config_dir)
+        features["source"] = str(source)
+
+
+def read_extractor(name_or_path: str, config_dir: Path = PACKAGE_CONFIGS) -> tuple[dict[str, Any], Path]:
+    """An extractor mapping from a YAML path or a name in ``configs/features/``, and its file."""
+    candidates = [Path(name_or_path), config_dir / "features" / f"{name_or_path}.yaml",
+                  PACKAGE_CONFIGS / "features" / f"{name_or_path}.yaml"]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        names = sorted(p.stem for p in (config_dir / "features").glob("*.yaml"))
-        raise ConfigError(f"features.extractor {extractor!r}: no such file, and not one of {names}")
+        names = sorted(p.stem for p in (PACKAGE_CONFIGS / "features").glob("*.yaml"))
+        raise ConfigError(f"features.extractor {name_or_path!r}: no such file, and not one of {names}")
     try:
         mapping = yaml.safe_load(found.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise ConfigError(f"{found}: not valid YAML ({error})") from None
     if not isinstance(mapping, dict):
         raise ConfigError(f"{found}: an extractor config must be a mapping")
-    features["extractor"] = mapping
-    features["source"] = str(found)
+    return mapping, found
 
 
 def resolved_dict(config: RunConfig) -> dict[str, Any]:

@@ -119,3 +119,18 @@ def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
     assert config["data"]["resolved_root"] == str(cohort.resolve())
     metrics = pd.read_csv(next((tmp_path / "work" / "runs").iterdir()) / "metrics.csv")
     assert metrics["hidden_test_balanced_accuracy"].between(0, 1).all()  # synthetic truth scored
+
+
+def test_features_command_extracts_once_and_reuses(tmp_path, challenge):
+    extractor = tmp_path / "tiny_resnet.yaml"
+    extractor.write_text("kind: backbone\nname: resnet18\nweights: null\ninput_size: 32\n")
+    args = ["features", challenge, "--extractor", extractor, "--cache", tmp_path / "cache", "--no-progress"]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert "× 512" in first.output
+    stores = list((tmp_path / "cache" / "features").iterdir())
+    assert len(stores) == 1 and (stores[0] / "complete.json").is_file()
+    second = invoke(*args)
+    assert second.exit_code == 0 and first.output == second.output
+    bad = invoke("features", challenge, "--extractor", "no_such_extractor")
+    assert bad.exit_code == 2 and "no such file, and not one of" in bad.output
