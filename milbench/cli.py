@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -22,7 +23,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(submission_app, name="submission")
 app.add_typer(bench_app, name="bench")
 
-console = Console()
+# Piped output (logs, CI) gets a wide fixed width instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 150)
 # Messages are never hard-wrapped: they name paths that must stay searchable.
 error_console = Console(stderr=True, soft_wrap=True, highlight=False)
 # Errors a user can fix from the message alone: shown without a traceback.
@@ -76,6 +78,29 @@ def run(
 
 
 @app.command()
+def ablate(
+    config: Annotated[Path, typer.Argument(help="Ablation YAML (variants × repeats).")],
+    data: Annotated[Path | None, typer.Option(help="Challenge folder; default: a generated cohort.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every variant.")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted grid there.")] = None,
+    jobs: Annotated[int | None, typer.Option(help="Worker processes (default: the config's n_jobs).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Run an ablation grid; print and save the mean ± std (max) table."""
+    from milbench.ablation import run_ablation
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.root={data}")
+    try:
+        run_dir, _ = run_ablation(config, overrides, resume=resume, n_jobs=jobs, progress=progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    console.print((run_dir / "ablation.md").read_text())
+    console.print(f"ablation directory: {run_dir}")
+
+
+@app.command()
 def synth(
     preset: Annotated[str, typer.Argument(help="tiny, small, challenge, or allidb2")],
     out: Annotated[Path, typer.Option(help="Folder to create (must not exist or be empty).")],
@@ -118,7 +143,8 @@ def data_summary(
         cohort = load_challenge(root, date.fromisoformat(reference_date))
     except USER_ERRORS as error:
         _fail(error)
-    _print_table(summary_table(cohort), f"Cohort {root}")
+    table = summary_table(cohort).set_index("group").T.reset_index(names="")
+    _print_table(table, f"Cohort {root}")
     if cohort.skipped:
         console.print(f"[yellow]{len(cohort.skipped)} files skipped[/] (see skipped.csv)")
     written = write_summary(cohort, out or root.parent / f"{root.name}-summary")
@@ -154,3 +180,19 @@ def models_list():
 
     for name in list_models():
         console.print(f"{name}  [dim]{', '.join(sorted(model_tags(name)))}[/]")
+
+
+@bench_app.command("slides")
+def bench_slides(
+    n_slides: Annotated[int, typer.Option(help="Test slides per generator.")] = 50,
+    seed: int = 0,
+    mode: Annotated[str, typer.Option(help="stochastic, distorted or both.")] = "both",
+    out: Annotated[Path | None, typer.Option(help="Folder for CSV and markdown tables.")] = None,
+):
+    """Cluster/EMD slide classification on scikit-learn's digits: CNN vs VAE, grid, Bayesian."""
+    from milbench.bench.slides import bench_slides_command
+
+    try:
+        bench_slides_command(n_slides, seed, out, mode)
+    except USER_ERRORS as error:
+        _fail(error)

@@ -13,6 +13,8 @@ from typing import Any
 def _temporary_sibling(path: Path) -> Path:
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(handle)
+    # mkstemp makes owner-only files; results are meant to be shared like any other file.
+    os.chmod(name, 0o644)
     return Path(name)
 
 

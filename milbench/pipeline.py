@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from milbench import plots
-from milbench.config import ConfigError, DataConfig, RunConfig, resolved_dict
+from milbench.config import ConfigError, DataConfig, ModelEntry, RunConfig, resolved_dict
 from milbench.data import Cohort, load_challenge
 from milbench.evaluation.cv import CVResult, cross_validate
 from milbench.evaluation.metrics import METRICS, format_mean_std_max
@@ -65,44 +65,71 @@ def instance_bags(cohort: Cohort, extractor: str) -> list[np.ndarray]:
     raise ConfigError(f"features.extractor {extractor!r} is not available; use 'none'")
 
 
-def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
+@dataclass
+class PreparedData:
+    """A config's data, ready for models: training and test bags, labels, clinical tables."""
+
+    root: Path
+    cohort: Cohort
+    train: Cohort
+    test: Cohort
+    train_bags: list[np.ndarray]
+    test_bags: list[np.ndarray]
+    labels: np.ndarray
+    train_clinical: pd.DataFrame
+    test_clinical: pd.DataFrame
+
+
+def prepare_data(config: RunConfig, progress: bool = True) -> PreparedData:
     root = resolve_data_root(config.data, config.workdir, progress)
     cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
     train, test = cohort.train(), cohort.test()
+    if len(train) == 0:
+        raise ConfigError(f"{root}: no training patients")
     for entry in config.models:
         if "instances" in model_tags(entry.name) and config.features.extractor == "none":
             raise ConfigError(f"model {entry.name!r} needs instance features; set features.extractor")
+    return PreparedData(
+        root=root, cohort=cohort, train=train, test=test,
+        train_bags=instance_bags(train, config.features.extractor),
+        test_bags=instance_bags(test, config.features.extractor),
+        labels=train.labels(),
+        train_clinical=train.clinical_table(), test_clinical=test.clinical_table(),
+    )
 
+
+def stratification(config: RunConfig, train: Cohort, min_size: int) -> np.ndarray:
+    return stratification_keys(
+        train.frame(), tuple(config.evaluation.stratify), config.evaluation.age_threshold,
+        config.evaluation.count_threshold, min_size=min_size,
+    )
+
+
+def build_model(entry: ModelEntry):
+    return create_model(entry.name, **entry.params)
+
+
+def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
+    data = prepare_data(config, progress)
     run = Run.create(Path(config.workdir) / "runs", config.name)
     resolved = resolved_dict(config)
-    resolved["data"]["resolved_root"] = str(root.resolve())
+    resolved["data"]["resolved_root"] = str(data.root.resolve())
     run.save_config(resolved)
-    run.write_csv("cohort/patients.csv", cohort.frame())
+    run.write_csv("cohort/patients.csv", data.cohort.frame())
     run.write_csv("cohort/skipped.csv", pd.DataFrame(
-        [(s.path, s.reason) for s in cohort.skipped], columns=["path", "reason"]))
-    if len(train) == 0:
-        raise ConfigError(f"{root}: no training patients")
+        [(s.path, s.reason) for s in data.cohort.skipped], columns=["path", "reason"]))
 
-    frame = train.frame()
-    keys = stratification_keys(
-        frame, tuple(config.evaluation.stratify), config.evaluation.age_threshold,
-        config.evaluation.count_threshold, min_size=config.evaluation.n_splits,
-    )
-    folds = kfold_splits(train.ids, keys, config.evaluation.n_splits, config.evaluation.n_repeats,
-                         config.seed)
+    keys = stratification(config, data.train, min_size=config.evaluation.n_splits)
+    folds = kfold_splits(data.train.ids, keys, config.evaluation.n_splits,
+                         config.evaluation.n_repeats, config.seed)
     save_folds(folds, run.file("splits/folds.csv"))
-
-    train_bags = instance_bags(train, config.features.extractor)
-    test_bags = instance_bags(test, config.features.extractor)
-    labels = train.labels()
-    train_clinical, test_clinical = train.clinical_table(), test.clinical_table()
 
     rows, results, submissions = [], {}, {}
     for entry in config.models:
         name = entry.display_name
-        model = create_model(entry.name, **entry.params)
-        result = cross_validate(model, train_bags, labels, train.ids, folds, train_clinical,
-                                seed=config.seed, description=f"CV {name}", progress=progress)
+        result = cross_validate(build_model(entry), data.train_bags, data.labels, data.train.ids,
+                                folds, data.train_clinical, seed=config.seed,
+                                description=f"CV {name}", progress=progress)
         results[name] = result
         _write_model_results(run, name, result)
         summary = result.summary
@@ -112,24 +139,24 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
             "balanced_accuracy_mean": summary.loc["balanced_accuracy", "mean"],
             "seconds_per_fit": float(np.mean(result.fit_seconds)),
         })
-        if len(test):
-            final = create_model(entry.name, **entry.params)
+        if len(data.test):
+            final = build_model(entry)
             if "random_state" in final.get_params():
                 final.set_params(random_state=config.seed)
-            final.fit(train_bags, labels, train_clinical)
-            scores = final.predict_proba(test_bags, test_clinical)[:, 1]
-            predicted = final.predict(test_bags, test_clinical)
+            final.fit(data.train_bags, data.labels, data.train_clinical)
+            scores = final.predict_proba(data.test_bags, data.test_clinical)[:, 1]
+            predicted = final.predict(data.test_bags, data.test_clinical)
             run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(
-                {"patient_id": test.ids, "score": scores, "predicted": predicted}))
+                {"patient_id": data.test.ids, "score": scores, "predicted": predicted}))
             if config.submission.enabled:
                 submissions[name] = write_submission(
-                    dict(zip(test.ids, predicted.tolist(), strict=True)), test.ids,
+                    dict(zip(data.test.ids, predicted.tolist(), strict=True)), data.test.ids,
                     config.submission.dir, f"{config.name}-{name}",
                     provenance={
                         "model": entry.name, "params": entry.params, "seed": config.seed,
                         "git": git_state(), "run_dir": str(run.path.resolve()),
                         "cv_balanced_accuracy": format_mean_std_max(summary, "balanced_accuracy"),
-                        "data_root": str(root.resolve()),
+                        "data_root": str(data.root.resolve()),
                     },
                 )
     table = pd.DataFrame(rows)
@@ -140,8 +167,8 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
         for name, r in results.items()
     })
     run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
-    _write_plots(run, cohort, results)
-    run.write_text("report.md", _report(config, root, cohort, table, submissions))
+    _write_plots(run, data.cohort, results)
+    run.write_text("report.md", _report(config, data.root, data.cohort, table, submissions))
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions)
 
 

@@ -94,6 +94,14 @@ class Run:
             return run
         raise RuntimeError(f"could not create a new run directory under {base}")
 
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """An existing run directory, to resume work in it (its config is never rewritten)."""
+        path = Path(path)
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{path}: not a run directory (no config.yaml)")
+        return cls(path)
+
     def file(self, relative: str) -> Path:
         path = self.path / relative
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -98,3 +98,21 @@ def test_errors_are_one_clear_line(tmp_path, challenge):
     assert "Traceback" not in result.output
     result = invoke("run", CONFIGS / "clinical.yaml", "--set", "evaluation.n_splits=one")
     assert result.exit_code == 2 and "evaluation.n_splits" in result.output
+
+
+def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
+    args = ["run", CONFIGS / "pipeline.yaml", "--no-progress",
+            "--set", "data.synthetic.preset=tiny", "--set", "evaluation.n_splits=2",
+            "--set", "evaluation.n_repeats=1", "--set", f"workdir={tmp_path / 'work'}",
+            "--set", f"submission.dir={tmp_path / 'subs'}"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    cohort = tmp_path / "work" / "data" / "synthetic-tiny-seed0"
+    assert (cohort / "synth.json").is_file() and (cohort / "clinical_annotation.csv").is_file()
+    stamp = (cohort / "synth.json").stat().st_mtime_ns
+    submission = next((tmp_path / "subs").glob("pipeline-clinical_logreg-v1.csv"))
+    assert invoke("submission", "check", submission, "--data", cohort).exit_code == 0
+    assert invoke(*args).exit_code == 0
+    assert (cohort / "synth.json").stat().st_mtime_ns == stamp  # reused, not regenerated
+    config = yaml.safe_load(next((tmp_path / "work" / "runs").iterdir()).joinpath("config.yaml").read_text())
+    assert config["data"]["resolved_root"] == str(cohort.resolve())

@@ -23,7 +23,7 @@ def clinical_data(n=80, seed=0):
     return [np.zeros((3, 0))] * n, y.astype(int), table
 
 
-@pytest.mark.parametrize("name", list_models(tag="clinical"))
+@pytest.mark.parametrize("name", list_models("clinical_*"))
 def test_learns_and_generalises(name):
     bags, y, table = clinical_data(seed=0)
     model = create_model(name, random_state=0).fit(bags, y, table)
@@ -37,7 +37,7 @@ def test_learns_and_generalises(name):
     assert clone(model).get_params() == model.get_params()
 
 
-@pytest.mark.parametrize("name", list_models(tag="clinical"))
+@pytest.mark.parametrize("name", list_models("clinical_*"))
 def test_errors(name):
     bags, y, table = clinical_data()
     with pytest.raises(NotFittedError):

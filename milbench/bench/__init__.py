@@ -1,1 +1,1 @@
-"""Benchmarks."""
+"""Benchmarks behind `milbench bench`: speed and accuracy figures measured, never asserted."""

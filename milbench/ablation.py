@@ -1,0 +1,248 @@
+"""Ablation grids (``milbench ablate``): variants × repeats of one model on a fixed protocol.
+
+An ablation config names a base run config and, per variant, the overrides that make it (the same
+``key=value`` syntax as ``--set``). Each (variant, repeat) cell is evaluated independently — on a
+stratified train/validation split or a stratified K-fold CV seeded by the repeat — in parallel
+worker processes, and its result is written as soon as it finishes, so an interrupted grid resumes
+without redoing finished cells. The table gives mean ± std (max) over repeats per metric with the
+best variant of each column marked; learning curves (models with a ``history_``) are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from milbench.config import ConfigError, RunConfig, load_config, resolved_dict
+from milbench.evaluation.cv import cross_validate, fold_seed
+from milbench.evaluation.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
+from milbench.evaluation.splits import kfold_splits, train_val_split
+from milbench.progress import progress_bar
+from milbench.runs import Run
+
+log = logging.getLogger(__name__)
+
+
+class Protocol(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["split", "cv"] = "split"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    n_splits: int = Field(5, ge=2)
+
+
+class AblationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "ablation"
+    base: str = Field(description="run config file, relative to the ablation file")
+    repeats: int = Field(7, ge=1)
+    protocol: Protocol = Protocol()
+    n_jobs: int = Field(2, ge=1)
+    variants: dict[str, list[str]] = Field(min_length=1)
+
+
+def load_ablation(path: str | Path, overrides: list[str] = ()) -> tuple[AblationConfig, dict[str, RunConfig]]:
+    """The ablation config and, per variant, its fully resolved run config."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        ablation = AblationConfig.model_validate(raw)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ablation config ({error.strerror})") from None
+    except (yaml.YAMLError, ValidationError) as error:
+        raise ConfigError(f"{path}: invalid ablation config\n{error}") from None
+    base = (path.parent / ablation.base).resolve()
+    variants = {}
+    for name, variant_overrides in ablation.variants.items():
+        config = load_config(base, [*overrides, *variant_overrides])
+        if len(config.models) != 1:
+            raise ConfigError(f"{path}: variant {name!r} must evaluate exactly one model, "
+                              f"its config names {len(config.models)}")
+        variants[name] = config
+    return ablation, variants
+
+
+@lru_cache(maxsize=4)
+def _prepared(config_json: str):
+    # One data preparation per distinct data/features config in each worker process.
+    from milbench.pipeline import prepare_data
+
+    return prepare_data(RunConfig.model_validate_json(config_json), progress=False)
+
+
+def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any]:
+    """Evaluate one (variant, repeat) cell; runs in a worker process."""
+    from milbench.pipeline import build_model, stratification
+
+    config = RunConfig.model_validate_json(config_json)
+    protocol = Protocol.model_validate_json(protocol_json)
+    data_key = config.model_copy(update={"models": config.models[:1]}).model_dump_json(
+        include={"data", "features", "workdir", "models"})
+    data = _prepared(data_key)
+    entry = config.models[0]
+    seed = config.seed + repeat
+    started = time.perf_counter()
+    history = None
+    if protocol.kind == "split":
+        keys = stratification(config, data.train, min_size=2)
+        split = train_val_split(data.train.ids, keys, protocol.val_fraction, seed=seed)
+        position = {pid: i for i, pid in enumerate(data.train.ids)}
+        train = [position[p] for p in split.train_ids]
+        val = [position[p] for p in split.val_ids]
+        model = build_model(entry)
+        if "random_state" in model.get_params():
+            model.set_params(random_state=fold_seed(config.seed, repeat, 0))
+        model.fit([data.train_bags[i] for i in train], data.labels[train],
+                  data.train_clinical.iloc[train])
+        val_bags = [data.train_bags[i] for i in val]
+        scores = model.predict_proba(val_bags, data.train_clinical.iloc[val])[:, 1]
+        predicted = model.predict(val_bags, data.train_clinical.iloc[val])
+        metrics = binary_metrics(data.labels[val], predicted, scores)
+        history = getattr(model, "history_", None)
+    else:
+        keys = stratification(config, data.train, min_size=protocol.n_splits)
+        folds = kfold_splits(data.train.ids, keys, protocol.n_splits, 1, seed)
+        result = cross_validate(build_model(entry), data.train_bags, data.labels, data.train.ids,
+                                folds, data.train_clinical, seed=seed, progress=False)
+        metrics = result.per_repeat.drop(columns=["repeat"]).iloc[0].to_dict()
+    return {"repeat": repeat, "seconds": time.perf_counter() - started,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "history": history}
+
+
+def _cell_file(variant: str, repeat: int) -> str:
+    return f"cells/{variant}/repeat-{repeat:03d}.json"
+
+
+def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path | None = None,
+                 n_jobs: int | None = None, progress: bool = True) -> tuple[Path, pd.DataFrame]:
+    ablation, variants = load_ablation(path, overrides)
+    record = {"ablation": ablation.model_dump(mode="json"),
+              "variants": {name: resolved_dict(c) for name, c in variants.items()}}
+    if resume is None:
+        run = Run.create(Path(next(iter(variants.values())).workdir) / "ablations", ablation.name)
+        run.save_config(record)
+    else:
+        run = Run.open(resume)
+        saved = yaml.safe_load((run.path / "config.yaml").read_text())
+        if saved != json.loads(json.dumps(record)):
+            raise ConfigError(f"{run.path}: the ablation config changed since this grid started; "
+                              "start a new grid instead of resuming")
+    cells = [(v, r) for v in variants for r in range(ablation.repeats)]
+    todo = [(v, r) for v, r in cells if not (run.path / _cell_file(v, r)).is_file()]
+    if len(todo) < len(cells):
+        log.info("resuming: %d of %d cells already done", len(cells) - len(todo), len(cells))
+    protocol_json = ablation.protocol.model_dump_json()
+    workers = n_jobs or ablation.n_jobs
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"ablation {ablation.name}", total=len(cells), completed=len(cells) - len(todo))
+        if workers == 1:
+            for variant, repeat in todo:
+                result = run_cell(variants[variant].model_dump_json(), repeat, protocol_json)
+                run.write_json(_cell_file(variant, repeat), {"variant": variant, **result})
+                bar.advance(task)
+        else:
+            # spawn, not fork: forking a process that already runs OpenMP/torch threads can hang.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                pending = {pool.submit(run_cell, variants[v].model_dump_json(), r, protocol_json): (v, r)
+                           for v, r in todo}
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        variant, repeat = pending.pop(future)
+                        run.write_json(_cell_file(variant, repeat),
+                                       {"variant": variant, **future.result()})
+                        bar.advance(task)
+    results = [json.loads((run.path / _cell_file(v, r)).read_text()) for v, r in cells]
+    table = ablation_table(results, list(variants))
+    run.write_csv("ablation.csv", table, index=True)
+    run.write_text("ablation.md", format_ablation_markdown(table, ablation))
+    curves = learning_curves(results)
+    if curves:
+        run.save_figure("plots/learning_curves.png", plot_learning_curves(curves))
+    return run.path, table
+
+
+def ablation_table(results: list[dict], variants: list[str]) -> pd.DataFrame:
+    """Per variant and metric: mean, std and max over repeats (columns ``metric:stat``)."""
+    rows = {}
+    for variant in variants:
+        per_repeat = pd.DataFrame([r["metrics"] for r in results if r["variant"] == variant])
+        summary = aggregate(per_repeat)
+        rows[variant] = {f"{m}:{stat}": summary.loc[m, stat] for m in METRICS
+                         for stat in ("mean", "std", "max")}
+        rows[variant]["seconds_per_cell"] = float(np.mean(
+            [r["seconds"] for r in results if r["variant"] == variant]))
+    return pd.DataFrame(rows).T.rename_axis("variant")
+
+
+def best_variants(table: pd.DataFrame) -> dict[str, str]:
+    """For each metric, the variant with the highest mean."""
+    return {m: str(table[f"{m}:mean"].astype(float).idxmax()) for m in METRICS
+            if table[f"{m}:mean"].notna().any()}
+
+
+def format_ablation_markdown(table: pd.DataFrame, ablation: AblationConfig) -> str:
+    best = best_variants(table)
+    header = ["variant", *METRICS]
+    protocol = ablation.protocol
+    described = (f"stratified train/validation split, {protocol.val_fraction:.0%} validation"
+                 if protocol.kind == "split" else f"stratified {protocol.n_splits}-fold CV")
+    lines = [f"# Ablation `{ablation.name}`", "",
+             f"{ablation.repeats} repeats of a {described}, reseeded per repeat. "
+             "Cells: mean ± std (max) over repeats; best mean per column in bold.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in table.index:
+        cells = []
+        for metric in METRICS:
+            summary = pd.DataFrame({"mean": [table.loc[variant, f"{metric}:mean"]],
+                                    "std": [table.loc[variant, f"{metric}:std"]],
+                                    "max": [table.loc[variant, f"{metric}:max"]]}, index=[metric])
+            text = format_mean_std_max(summary, metric)
+            cells.append(f"**{text}**" if best.get(metric) == variant else text)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def learning_curves(results: list[dict]) -> dict[str, pd.DataFrame]:
+    """Per variant, the per-epoch mean over repeats of every recorded history column."""
+    curves = {}
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        histories = [pd.DataFrame(r["history"]).assign(repeat=r["repeat"])
+                     for r in results if r["variant"] == variant and r.get("history")]
+        if histories:
+            frame = pd.concat(histories)
+            if "epoch" not in frame.columns:
+                frame["epoch"] = frame.groupby("repeat").cumcount()
+            curves[variant] = frame.drop(columns=["repeat"]).groupby("epoch").mean(numeric_only=True)
+    return curves
+
+
+def plot_learning_curves(curves: dict[str, pd.DataFrame]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = sorted({c for frame in curves.values() for c in frame.columns})
+    figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
+    for axis, column in zip(axes[0], columns, strict=True):
+        for variant, frame in curves.items():
+            if column in frame:
+                axis.plot(frame.index, frame[column], label=variant)
+        axis.set(xlabel="epoch", title=column)
+    axes[0][0].legend(fontsize=8)
+    figure.suptitle("Learning curves, mean over repeats")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,69 @@
+"""Voting ensemble over named bag models.
+
+``soft``: the (weighted) mean of the members' tumoral probabilities, thresholded at 0.5.
+``hard``: each member votes with its own ``predict``; ``predict_proba`` is the (weighted) share of
+tumoral votes. Tie rule (an exact 50 % vote share, possible with an even number of members or
+with weights): the soft average decides, and an exact 0.5 there too goes to tumoral (1), the
+majority class of the challenge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+from milbench.ensemble.members import build_member, check_members
+from milbench.models.base import BagClassifier, check_binary_labels
+from milbench.models.registry import register_model
+
+
+@register_model("voting", tags=("ensemble", "clinical"))
+class VotingEnsemble(BagClassifier):
+    def __init__(self, members=("clinical_logreg",), voting: str = "soft", weights=None,
+                 random_state=None):
+        self.members = members
+        self.voting = voting
+        self.weights = weights
+        self.random_state = random_state
+
+    def _weights(self, n: int) -> np.ndarray:
+        if self.weights is None:
+            return np.full(n, 1.0 / n)
+        weights = np.asarray(self.weights, dtype=float)
+        if weights.shape != (n,) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, "
+                             f"got {self.weights}")
+        return weights / weights.sum()
+
+    def fit(self, bags, y, clinical=None):
+        if self.voting not in ("soft", "hard"):
+            raise ValueError(f"voting must be 'soft' or 'hard', got {self.voting!r}")
+        labels = check_binary_labels(y)
+        members = check_members(self.members)
+        self._weights(len(members))
+        self.members_ = [build_member(m, self.random_state).fit(bags, labels, clinical) for m in members]
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def _member_probabilities(self, bags, clinical) -> np.ndarray:
+        return np.column_stack([m.predict_proba(bags, clinical)[:, 1] for m in self.members_])
+
+    def predict_proba(self, bags, clinical=None) -> np.ndarray:
+        check_is_fitted(self)
+        weights = self._weights(len(self.members_))
+        if self.voting == "soft":
+            tumoral = self._member_probabilities(bags, clinical) @ weights
+        else:
+            votes = np.column_stack([m.predict(bags, clinical) for m in self.members_])
+            tumoral = votes @ weights
+        return np.column_stack([1 - tumoral, tumoral])
+
+    def predict(self, bags, clinical=None) -> np.ndarray:
+        check_is_fitted(self)
+        share = self.predict_proba(bags, clinical)[:, 1]
+        if self.voting == "soft":
+            return (share >= 0.5).astype(int)
+        soft = self._member_probabilities(bags, clinical) @ self._weights(len(self.members_))
+        tie = np.isclose(share, 0.5)
+        soft_tumoral = (soft > 0.5) | np.isclose(soft, 0.5)
+        return np.where(tie, soft_tumoral, share > 0.5).astype(int)

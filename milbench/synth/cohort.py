@@ -1,0 +1,577 @@
+"""Synthetic lymphocytosis cohorts and ALL-IDB2-style crops, written in the real data layouts.
+
+``generate_cohort`` writes a patient cohort exactly as the Kaggle lymphocytosis challenge ships
+it (see DATA.md), plus a hidden ``truth/`` folder (test labels, per-image atypia, masks) and a
+``synth.json`` manifest. ``generate_allidb2`` writes instance-labelled single-cell crops in the
+ALL-IDB2 layout. Both are deterministic: the same arguments give byte-identical files, whatever
+the number of worker processes, because every patient (or crop) draws from its own child of
+``numpy.random.SeedSequence(seed)``.
+
+Output appears atomically: everything is written into a hidden sibling directory that is renamed
+onto the target at the end (manifest last), and existing non-empty targets are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from milbench import __version__
+from milbench.io import atomic_write_json, atomic_write_text
+from milbench.synth.render import encode_jpeg, encode_png, encode_tiff, render_cell, sample_stain
+
+GENERATOR_VERSION = "1"
+MANIFEST_NAME = "synth.json"
+# Ages are drawn first and turned into birth dates relative to this day; loaders computing age
+# from DOB should use the same reference to recover them.
+AGE_REFERENCE_DATE = date(2020, 1, 1)
+CLINICAL_COLUMNS = ["ID", "LABEL", "GENDER", "DOB", "LYMPH_COUNT"]
+INSTANCE_COLUMNS = ["patient_id", "image", "split", "atypical", "variant"]
+
+
+@dataclass(frozen=True)
+class BagSizes:
+    """Log-normal bag sizes per class, clipped to ``[low, high]``."""
+
+    tumoral_median: float
+    reactive_median: float
+    sigma: float
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class SynthPreset:
+    """Cohort size and default knobs of a synthetic cohort."""
+
+    name: str
+    n_train_tumoral: int
+    n_train_reactive: int
+    n_test_tumoral: int
+    n_test_reactive: int
+    train_bags: BagSizes
+    test_bags: BagSizes
+    masks: bool
+    witness_rate: float = 0.5
+    signal_strength: float = 0.7
+    clinical_informativeness: float = 0.5
+    # Upper bound of the per-patient atypical rate in reactive patients (keeps MIL non-trivial).
+    reactive_atypical_rate: float = 0.04
+    # Range of the per-patient fraction of reactive-variant cells, by label.
+    reactive_variant_rate_reactive: tuple[float, float] = (0.15, 0.4)
+    reactive_variant_rate_tumoral: tuple[float, float] = (0.0, 0.08)
+
+    @property
+    def n_patients(self) -> int:
+        train = self.n_train_tumoral + self.n_train_reactive
+        return train + self.n_test_tumoral + self.n_test_reactive
+
+
+PRESETS: dict[str, SynthPreset] = {
+    "tiny": SynthPreset(
+        name="tiny", n_train_tumoral=6, n_train_reactive=3, n_test_tumoral=2, n_test_reactive=1,
+        train_bags=BagSizes(6.5, 5.5, 0.25, 4, 8), test_bags=BagSizes(6.5, 5.5, 0.25, 4, 8),
+        masks=True,
+    ),
+    "small": SynthPreset(
+        name="small", n_train_tumoral=28, n_train_reactive=12, n_test_tumoral=8,
+        n_test_reactive=4, train_bags=BagSizes(20.0, 14.0, 0.35, 8, 30),
+        test_bags=BagSizes(18.0, 13.0, 0.35, 8, 30), masks=True,
+    ),
+    # Matches the real challenge (DATA.md): 163 train (113 tumoral) + 42 test patients, train
+    # bags 16-198 (median 85 tumoral, 52.5 reactive), test bags 26-180; ~16.7k images.
+    "challenge": SynthPreset(
+        name="challenge", n_train_tumoral=113, n_train_reactive=50, n_test_tumoral=29,
+        n_test_reactive=13, train_bags=BagSizes(85.0, 52.5, 0.5, 16, 198),
+        test_bags=BagSizes(70.0, 48.0, 0.6, 26, 180), masks=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SyntheticTruth:
+    """Hidden truth of a synthetic cohort."""
+
+    test_labels: dict[str, int]
+    instances: pd.DataFrame  # patient_id, image, split, atypical (0/1), variant
+    mask_dir: Path | None
+
+
+@dataclass(frozen=True)
+class _Patient:
+    patient_id: str
+    split: str  # "train" or "test"
+    label: int
+    gender: str
+    dob: str
+    lymph_count: float
+    variants: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_unit(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _resolve_preset(preset: str | SynthPreset) -> SynthPreset:
+    if isinstance(preset, SynthPreset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def _require_empty_target(out_dir: Path) -> None:
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            raise FileExistsError(f"{out_dir} exists and is not empty; refusing to write into it")
+    elif out_dir.exists() or out_dir.is_symlink():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+
+
+@contextmanager
+def _staged_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a hidden sibling directory that becomes ``out_dir`` only if the body succeeds."""
+    _require_empty_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial",
+                                    dir=out_dir.parent))
+    try:
+        yield staging
+        # mkdtemp makes a private (0700) directory; give the result the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        _require_empty_target(out_dir)
+        try:
+            # rename replaces an empty directory atomically and fails on a non-empty one, so a
+            # cohort written by someone else meanwhile is never clobbered.
+            os.rename(staging, out_dir)
+        except OSError as error:
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(f"{out_dir} was filled while generating") from error
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- cohort plan
+
+
+def _bag_sizes(rng: np.random.Generator, labels: np.ndarray, sizes: BagSizes) -> np.ndarray:
+    medians = np.where(labels == 1, sizes.tumoral_median, sizes.reactive_median)
+    drawn = medians * np.exp(sizes.sigma * rng.standard_normal(labels.size))
+    return np.clip(np.round(drawn), sizes.low, sizes.high).astype(int)
+
+
+def _clinical(
+    rng: np.random.Generator, labels: np.ndarray, informativeness: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ages (years) and lymphocyte counts (G/L) whose link to the label grows with the knob.
+
+    Counts mix a reactive-like component (median ~4.6, rarely above 8) and a high, wide
+    component (above 8, median ~28, up to 295). At informativeness 0 both labels share one
+    mixture; as it grows, tumoral patients move to the high component and reactive ones leave
+    it (cubically, so that at the default 0.5 a count above 8 already points strongly to
+    tumoral, as in the real data, while many tumoral patients still have low counts). Tumoral
+    patients also get older.
+    """
+    n = labels.size
+    tumoral = labels == 1
+    p_high = np.where(tumoral, 0.5 + 0.4 * informativeness, 0.5 * (1 - informativeness) ** 3)
+    high = rng.uniform(size=n) < p_high
+    low_counts = 4.6 * np.exp(0.3 * rng.standard_normal(n))
+    high_counts = 8.0 + 20.0 * np.exp(1.0 * rng.standard_normal(n))
+    counts = np.where(high, high_counts, low_counts)
+    counts = np.round(np.clip(counts, 2.28, 295.0), 2)
+    age_mean = np.where(tumoral, 64 + 10 * informativeness, 64 - 8 * informativeness)
+    ages = np.clip(age_mean + 13.0 * rng.standard_normal(n), 18, 99)
+    return ages, counts
+
+
+def _dates_of_birth(rng: np.random.Generator, ages: np.ndarray) -> list[str]:
+    """``M/D/YYYY`` strings, except a contiguous block in ``DD-MM-YYYY`` (a quirk of the data)."""
+    n = ages.size
+    days = np.round(ages * 365.25 + rng.uniform(0, 365, n)).astype(int)
+    births = [AGE_REFERENCE_DATE - timedelta(days=int(d)) for d in days]
+    block = max(1, round(0.12 * n))
+    start = int(rng.integers(0, n - block + 1))
+    dobs = []
+    for i, born in enumerate(births):
+        if start <= i < start + block:
+            dobs.append(f"{born.day:02d}-{born.month:02d}-{born.year}")
+        else:
+            dobs.append(f"{born.month}/{born.day}/{born.year}")
+    return dobs
+
+
+def _genders(rng: np.random.Generator, n: int) -> list[str]:
+    genders = np.where(rng.uniform(size=n) < 0.55, "M", "F").astype(object)
+    females = np.flatnonzero(genders == "F")
+    if females.size == 0:
+        females = np.array([int(rng.integers(n))])
+        genders[females] = "F"
+    # The real file has a few lowercase "f" entries; keep at least one.
+    lowercase = rng.uniform(size=females.size) < 0.04
+    lowercase[int(rng.integers(females.size))] = True
+    genders[females[lowercase]] = "f"
+    return [str(g) for g in genders]
+
+
+def _instance_variants(
+    rng: np.random.Generator, label: int, n_images: int, preset: SynthPreset, witness_rate: float
+) -> tuple[str, ...]:
+    variants = np.full(n_images, "typical", dtype=object)
+    if label == 1:
+        fraction = float(np.clip(rng.normal(witness_rate, 0.15), 0.1, 0.95))
+        n_atypical = max(1, int(round(fraction * n_images)))
+        confounder_rate = rng.uniform(*preset.reactive_variant_rate_tumoral)
+    else:
+        n_atypical = int(rng.binomial(n_images, rng.uniform(0, preset.reactive_atypical_rate)))
+        confounder_rate = rng.uniform(*preset.reactive_variant_rate_reactive)
+    order = rng.permutation(n_images)
+    variants[order[:n_atypical]] = "atypical"
+    rest = order[n_atypical:]
+    n_reactive = int(rng.binomial(rest.size, confounder_rate))
+    variants[rest[:n_reactive]] = "reactive"
+    return tuple(str(v) for v in variants)
+
+
+def _plan_cohort(
+    preset: SynthPreset, seed_seq: np.random.SeedSequence, witness_rate: float,
+    clinical_informativeness: float,
+) -> list[_Patient]:
+    rng = np.random.default_rng(seed_seq)
+    n = preset.n_patients
+    id_pool = max(300, 3 * n)
+    ids = [f"P{i}" for i in rng.choice(id_pool, size=n, replace=False)]
+    train_labels = rng.permutation(
+        np.array([1] * preset.n_train_tumoral + [0] * preset.n_train_reactive, dtype=int)
+    )
+    test_labels = rng.permutation(
+        np.array([1] * preset.n_test_tumoral + [0] * preset.n_test_reactive, dtype=int)
+    )
+    labels = np.concatenate([train_labels, test_labels])
+    splits = ["train"] * train_labels.size + ["test"] * test_labels.size
+    sizes = np.concatenate([
+        _bag_sizes(rng, train_labels, preset.train_bags),
+        _bag_sizes(rng, test_labels, preset.test_bags),
+    ])
+    ages, counts = _clinical(rng, labels, clinical_informativeness)
+    dobs = _dates_of_birth(rng, ages)
+    genders = _genders(rng, n)
+    return [
+        _Patient(
+            patient_id=ids[i], split=splits[i], label=int(labels[i]), gender=genders[i],
+            dob=dobs[i], lymph_count=float(counts[i]),
+            variants=_instance_variants(rng, int(labels[i]), int(sizes[i]), preset, witness_rate),
+        )
+        for i in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------- rendering workers
+
+
+def _image_name(index: int) -> str:
+    return f"{index:06d}.jpg"
+
+
+def _render_patient(task: tuple[str, str, tuple[str, ...], float, np.random.SeedSequence, bool]
+                    ) -> int:
+    """Render one patient's bag into ``<staging>/<split>set/<id>/``; returns the image count."""
+    staging, relative, variants, signal_strength, seed_seq, masks = task
+    rng = np.random.default_rng(seed_seq)
+    stain = sample_stain(rng)
+    folder = Path(staging) / relative
+    folder.mkdir(parents=True)
+    mask_folder = Path(staging) / "truth" / "masks" / Path(relative).name
+    if masks:
+        mask_folder.mkdir(parents=True)
+    for index, variant in enumerate(variants):
+        cell = render_cell(rng, stain, variant, signal_strength)
+        # Plain writes are enough here: the whole staging tree only becomes visible by rename.
+        (folder / _image_name(index)).write_bytes(encode_jpeg(cell.image, stain.jpeg_quality))
+        if masks:
+            stem = f"{index:06d}"
+            (mask_folder / f"{stem}_cell.png").write_bytes(encode_png(cell.cell_mask))
+            (mask_folder / f"{stem}_nucleus.png").write_bytes(encode_png(cell.nucleus_mask))
+    return len(variants)
+
+
+def _render_crop(task: tuple[str, str, str, np.random.SeedSequence]) -> int:
+    staging, name, variant, seed_seq = task
+    rng = np.random.default_rng(seed_seq)
+    # Every ALL-IDB crop gets its own stain: the set was acquired over many sessions.
+    stain = sample_stain(rng)
+    cell = render_cell(rng, stain, variant, 1.0, size=257, magnification=1.35, jitter=6.0)
+    (Path(staging) / name).write_bytes(encode_tiff(cell.image))
+    return 1
+
+
+def _init_worker() -> None:
+    import cv2
+
+    # One OpenCV thread per process: the pool already fills the cores.
+    cv2.setNumThreads(1)
+
+
+def _run_tasks(
+    function: Callable[[Any], int], tasks: Sequence[Any], total: int, workers: int,
+    progress: bool, description: str,
+) -> None:
+    bar = None
+    if progress:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TimeRemainingColumn())
+        bar.start()
+        task_id = bar.add_task(description, total=total)
+    try:
+        if workers == 1:
+            results: Iterator[int] = map(function, tasks)
+            for done in results:
+                if bar is not None:
+                    bar.advance(task_id, done)
+        else:
+            # spawn, not fork: the caller may hold threads (torch, rich) that fork would copy.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(workers, initializer=_init_worker) as pool:
+                for done in pool.imap_unordered(function, tasks):
+                    if bar is not None:
+                        bar.advance(task_id, done)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _csv(frame: pd.DataFrame, index: bool = False) -> str:
+    return frame.to_csv(index=index, lineterminator="\n")
+
+
+def _clinical_frame(patients: Sequence[_Patient], hide_labels: bool) -> pd.DataFrame:
+    return pd.DataFrame({
+        "ID": [p.patient_id for p in patients],
+        "LABEL": [-1 if hide_labels else p.label for p in patients],
+        "GENDER": [p.gender for p in patients],
+        "DOB": [p.dob for p in patients],
+        "LYMPH_COUNT": [p.lymph_count for p in patients],
+    }, columns=CLINICAL_COLUMNS)
+
+
+def _write_tables(root: Path, patients: Sequence[_Patient]) -> pd.DataFrame:
+    train = [p for p in patients if p.split == "train"]
+    test = [p for p in patients if p.split == "test"]
+    train_frame = _clinical_frame(train, hide_labels=False)
+    test_frame = _clinical_frame(test, hide_labels=True)
+    everything = pd.concat([train_frame, test_frame], ignore_index=True)
+    atomic_write_text(root / "clinical_annotation.csv", _csv(everything, index=True))
+    atomic_write_text(root / "trainset" / "trainset_true.csv", _csv(train_frame))
+    atomic_write_text(root / "testset" / "testset_data.csv", _csv(test_frame))
+    submission = pd.DataFrame({"Id": [p.patient_id for p in test], "Predicted": 0})
+    atomic_write_text(root / "sample_submission.csv", _csv(submission))
+
+    truth = root / "truth"
+    labels = pd.DataFrame({"ID": [p.patient_id for p in test], "LABEL": [p.label for p in test]})
+    atomic_write_text(truth / "test_labels.csv", _csv(labels))
+    instances = pd.DataFrame(
+        [
+            (p.patient_id, _image_name(i), p.split, int(v == "atypical"), v)
+            for p in patients
+            for i, v in enumerate(p.variants)
+        ],
+        columns=INSTANCE_COLUMNS,
+    )
+    atomic_write_text(truth / "instances.csv", _csv(instances))
+    return instances
+
+
+def generate_cohort(
+    out_dir: str | os.PathLike,
+    preset: str | SynthPreset = "small",
+    seed: int = 0,
+    *,
+    witness_rate: float | None = None,
+    signal_strength: float | None = None,
+    clinical_informativeness: float | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> Path:
+    """Write a synthetic cohort in the lymphocytosis-challenge layout under ``out_dir``.
+
+    Knobs left as ``None`` take the preset's defaults: ``witness_rate`` is the mean fraction of
+    atypical cells in tumoral patients, ``signal_strength`` how different atypical cells look
+    (0 = indistinguishable), ``clinical_informativeness`` how much age and lymphocyte count
+    say about the label (0 = nothing). Raises ``FileExistsError`` if ``out_dir`` is non-empty.
+    ``workers > 1`` renders in spawned processes (same bytes as one worker); a calling script
+    then needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    spec = _resolve_preset(preset)
+    seed = _check_count("seed", seed, 0)
+    workers = _check_count("workers", workers, 1)
+    knobs = {
+        "witness_rate": _check_unit(
+            "witness_rate", spec.witness_rate if witness_rate is None else witness_rate),
+        "signal_strength": _check_unit(
+            "signal_strength",
+            spec.signal_strength if signal_strength is None else signal_strength,
+        ),
+        "clinical_informativeness": _check_unit(
+            "clinical_informativeness",
+            spec.clinical_informativeness if clinical_informativeness is None
+            else clinical_informativeness),
+    }
+    out_dir = Path(out_dir)
+    children = np.random.SeedSequence(seed).spawn(1 + spec.n_patients)
+    patients = _plan_cohort(spec, children[0], knobs["witness_rate"],
+                            knobs["clinical_informativeness"])
+
+    with _staged_directory(out_dir) as staging:
+        instances = _write_tables(staging, patients)
+        tasks = [
+            (str(staging), f"{p.split}set/{p.patient_id}", p.variants, knobs["signal_strength"],
+             child, spec.masks)
+            for p, child in zip(patients, children[1:], strict=True)
+        ]
+        # Largest bags first so the pool's last tasks are short ones.
+        tasks.sort(key=lambda task: -len(task[2]))
+        _run_tasks(_render_patient, tasks, len(instances), workers, progress,
+                   f"synth {spec.name}")
+        counts = {}
+        for split in ("train", "test"):
+            members = [p for p in patients if p.split == split]
+            counts[split] = {
+                "patients": len(members),
+                "tumoral": sum(p.label == 1 for p in members),
+                "reactive": sum(p.label == 0 for p in members),
+                "images": int((instances["split"] == split).sum()),
+                "atypical_images": int(
+                    instances.loc[instances["split"] == split, "atypical"].sum()),
+            }
+        manifest = {
+            "kind": "lymphocytosis",
+            "preset": spec.name,
+            "preset_spec": asdict(spec),
+            "seed": seed,
+            "knobs": knobs,
+            "generator_version": GENERATOR_VERSION,
+            "milbench_version": __version__,
+            "age_reference_date": AGE_REFERENCE_DATE.isoformat(),
+            "masks": spec.masks,
+            "counts": counts,
+        }
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
+    return out_dir
+
+
+def generate_allidb2(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    n_per_class: int = 130,
+    workers: int = 1,
+    progress: bool = False,
+) -> Path:
+    """Write ALL-IDB2-style crops: ``out_dir/ALL_IDB2/img/ImNNN_L.tif`` (257x257 RGB TIFF).
+
+    Label 1 (blast) crops hold an atypical cell at full signal strength, label 0 (healthy) a
+    typical one; ``n_per_class`` of each, numbered from 001 with labels shuffled.
+    """
+    seed = _check_count("seed", seed, 0)
+    n_per_class = _check_count("n_per_class", n_per_class, 1)
+    workers = _check_count("workers", workers, 1)
+    out_dir = Path(out_dir)
+    total = 2 * n_per_class
+    children = np.random.SeedSequence(seed).spawn(1 + total)
+    labels = np.random.default_rng(children[0]).permutation([1] * n_per_class + [0] * n_per_class)
+    width = max(3, len(str(total)))
+    names = [f"Im{i + 1:0{width}d}_{label}.tif" for i, label in enumerate(labels)]
+    with _staged_directory(out_dir) as staging:
+        image_dir = staging / "ALL_IDB2" / "img"
+        image_dir.mkdir(parents=True)
+        tasks = [
+            (str(image_dir), name, "atypical" if label == 1 else "typical", child)
+            for name, label, child in zip(names, labels.tolist(), children[1:], strict=True)
+        ]
+        _run_tasks(_render_crop, tasks, total, workers, progress, "synth ALL-IDB2")
+        manifest = {
+            "kind": "all_idb2",
+            "seed": seed,
+            "n_per_class": n_per_class,
+            "generator_version": GENERATOR_VERSION,
+            "milbench_version": __version__,
+            "counts": {"blast": int(labels.sum()), "healthy": int(total - labels.sum())},
+        }
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
+    return out_dir
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def read_manifest(root: str | os.PathLike) -> dict | None:
+    """The ``synth.json`` manifest of a generated directory, or None if there is none."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_truth(root: str | os.PathLike) -> SyntheticTruth:
+    """Read the hidden truth of a synthetic cohort (``root/truth``)."""
+    truth = Path(root) / "truth"
+    if not truth.is_dir():
+        raise FileNotFoundError(f"{truth} not found: {root} is not a synthetic cohort")
+    labels = pd.read_csv(truth / "test_labels.csv", dtype={"ID": str, "LABEL": int})
+    instances = pd.read_csv(
+        truth / "instances.csv",
+        dtype={"patient_id": str, "image": str, "split": str, "atypical": int, "variant": str},
+    )
+    masks = truth / "masks"
+    return SyntheticTruth(
+        test_labels={str(i): int(v) for i, v in zip(labels["ID"], labels["LABEL"], strict=True)},
+        instances=instances,
+        mask_dir=masks if masks.is_dir() else None,
+    )
+

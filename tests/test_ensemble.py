@@ -1,0 +1,118 @@
+"""The stacker learns only from out-of-fold member outputs; the voting ensemble's rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.utils.validation import check_is_fitted
+
+from milbench.models import create_model, registry
+from milbench.models.base import BagClassifier
+
+
+class Memorizer(BagClassifier):
+    """Returns the training label for a bag it was trained on and 0.5 for any other bag: in-sample
+    outputs are perfect, out-of-sample ones carry no information."""
+
+    def __init__(self, random_state=None):
+        self.random_state = random_state
+
+    def fit(self, bags, y, clinical=None):
+        self.memory_ = {np.asarray(b).tobytes(): int(label) for b, label in zip(bags, y, strict=True)}
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, bags, clinical=None):
+        check_is_fitted(self)
+        p = np.array([self.memory_.get(np.asarray(b).tobytes(), 0.5) for b in bags], dtype=float)
+        return np.column_stack([1 - p, p])
+
+
+class ConstantVote(BagClassifier):
+    def __init__(self, value: float = 1.0, random_state=None):
+        self.value = value
+        self.random_state = random_state
+
+    def fit(self, bags, y, clinical=None):
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, bags, clinical=None):
+        check_is_fitted(self)
+        return np.tile([1 - self.value, self.value], (len(bags), 1))
+
+
+@pytest.fixture
+def test_models(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "memorizer", Memorizer)
+    monkeypatch.setitem(registry._TAGS, "memorizer", frozenset())
+    monkeypatch.setitem(registry._REGISTRY, "constant", ConstantVote)
+    monkeypatch.setitem(registry._TAGS, "constant", frozenset())
+
+
+def data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 3 != 0).astype(int)
+    bags = [rng.normal(size=(3, 2)) + y[i] for i in range(n)]
+    clinical = pd.DataFrame({"age": rng.normal(60, 8, n) + 10 * y,
+                             "lymph_count": np.exp(rng.normal(1.3, 0.4, n) + 1.2 * y),
+                             "male": rng.integers(0, 2, n).astype(float)})
+    return bags, y, clinical
+
+
+def test_stacker_meta_features_are_out_of_fold(test_models):
+    bags, y, clinical = data()
+    stacker = create_model("stacker", members=["memorizer", "clinical_logreg"], random_state=0)
+    stacker.fit(bags, y, clinical)
+    # In-sample the memorizer would hand the meta-classifier the labels; out of fold it cannot.
+    assert (stacker.oof_design_["memorizer:proba"] == 0.5).all()
+    assert list(stacker.feature_names_) == [
+        "memorizer:proba", "clinical_logreg:proba",
+        "clinical:age", "clinical:log_lymph_count", "clinical:male"]
+    # The refitted members do see all training bags, for prediction on new ones.
+    assert set(stacker.meta_features(bags, clinical)["memorizer:proba"]) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("meta", ["xgboost", "lightgbm"])
+def test_stacker_learns_and_is_deterministic(meta):
+    bags, y, clinical = data(60, seed=1)
+    test_bags, test_y, test_clinical = data(60, seed=2)
+    params = dict(members=["clinical_logreg"], meta=meta, random_state=3)
+    first = create_model("stacker", **params).fit(bags, y, clinical)
+    second = create_model("stacker", **params).fit(bags, y, clinical)
+    proba = first.predict_proba(test_bags, test_clinical)
+    assert np.array_equal(proba, second.predict_proba(test_bags, test_clinical))
+    assert (first.predict(test_bags, test_clinical) == test_y).mean() > 0.8
+    with pytest.raises(ValueError, match="meta must be 'xgboost' or 'lightgbm'"):
+        create_model("stacker", meta="svm").fit(bags, y, clinical)
+
+
+def test_voting_soft_hard_and_tie_rule(test_models):
+    bags, y, clinical = data(6)
+    members = [{"name": "constant", "params": {"value": v}, "label": f"c{i}"}
+               for i, v in enumerate([0.9, 0.2, 0.3])]
+    soft = create_model("voting", members=members, voting="soft").fit(bags, y, clinical)
+    assert np.allclose(soft.predict_proba(bags, clinical)[:, 1], (0.9 + 0.2 + 0.3) / 3)
+    assert (soft.predict(bags, clinical) == 0).all()
+    hard = create_model("voting", members=members, voting="hard").fit(bags, y, clinical)
+    assert np.allclose(hard.predict_proba(bags, clinical)[:, 1], 1 / 3)
+    weighted = create_model("voting", members=members, voting="hard", weights=[2, 1, 0]).fit(bags, y)
+    assert (weighted.predict(bags) == 1).all()  # 2/3 of the weight votes tumoral
+    # Tie: two members, one vote each; the soft average (0.9 + 0.3) / 2 = 0.6 decides -> 1.
+    tie = create_model("voting", members=[members[0], members[2]], voting="hard").fit(bags, y)
+    assert np.allclose(tie.predict_proba(bags)[:, 1], 0.5) and (tie.predict(bags) == 1).all()
+    # Tie with soft average 0.45 -> 0; exactly 0.5 -> 1.
+    low = [members[2], {"name": "constant", "params": {"value": 0.6}, "label": "x"}]
+    assert (create_model("voting", members=low, voting="hard").fit(bags, y).predict(bags) == 0).all()
+    even = [members[2], {"name": "constant", "params": {"value": 0.7}, "label": "x"}]
+    assert (create_model("voting", members=even, voting="hard").fit(bags, y).predict(bags) == 1).all()
+
+def test_ensemble_member_errors(test_models):
+    bags, y, clinical = data(6)
+    with pytest.raises(ValueError, match="member labels must be unique"):
+        create_model("voting", members=["constant", "constant"]).fit(bags, y)
+    with pytest.raises(ValueError, match="unknown keys"):
+        create_model("voting", members=[{"name": "constant", "weight": 2}]).fit(bags, y)
+    with pytest.raises(ValueError, match="weights must be 1 non-negative"):
+        create_model("voting", members=["constant"], weights=[1, 2]).fit(bags, y)
