@@ -42,6 +42,8 @@ def check_path_bags(bags) -> list[np.ndarray]:
     for index, bag in enumerate(bags):
         if isinstance(bag, str | os.PathLike) or not isinstance(bag, Sequence | np.ndarray):
             raise TypeError(f"bag {index}: full mode takes bags as sequences of image paths")
+        if not all(isinstance(p, str | os.PathLike) for p in bag):
+            raise TypeError(f"bag {index}: full mode takes bags of image paths, not feature vectors")
         paths = np.array([os.fspath(p) for p in bag], dtype=str)
         if len(paths) == 0:
             raise ValueError(f"bag {index} has no instances")
