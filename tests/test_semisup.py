@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -317,3 +318,31 @@ def test_full_mode_fine_tunes_the_network_on_images(world):
     assert np.allclose(restored.predict_proba(path_bags, world["clinical"]), proba)
     with pytest.raises(TypeError, match="paths"):
         model.predict_proba(world["bags"], world["clinical"])
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_bench_reports_precision_against_the_truth(world, tmp_path):
+    import json
+
+    from milbench.bench.semisup import bench_semisup_command
+
+    overrides = {
+        "data": {"root": str(world["root"] / "cohort")},
+        "source": {"root": str(world["root"] / "source")},
+        "extractor": {"kind": "backbone", "name": "resnet18", "weights": None, "input_size": 32,
+                      "segmentation": None},
+        "evaluation": {"n_splits": 3, "n_repeats": 2},
+        "params": {"epochs": 2, "n_iterations": 3, "source_val_size": 8},
+    }
+    summary = bench_semisup_command(None, tmp_path, overrides, progress=False)
+    assert summary["folds"] == 6
+    assert 0 <= summary["balanced_accuracy"]["mean"] <= 1
+    written = json.loads((tmp_path / "semisup_summary.json").read_text())
+    assert written["balanced_accuracy_text"] == summary["balanced_accuracy_text"]
+    chosen = pd.read_csv(tmp_path / "semisup_chosen.csv")
+    assert not chosen.duplicated(["repeat", "fold", "patient_id", "image"]).any()
+    assert set(chosen["atypical"]) <= {0, 1}
+    assert (tmp_path / "semisup_iterations.png").stat().st_size > 0
+    assert "| iteration |" in (tmp_path / "semisup_report.md").read_text()
