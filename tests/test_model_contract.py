@@ -5,10 +5,12 @@ registering it). Checks that need a capability (instance scores, a feature width
 from __future__ import annotations
 
 import pickle
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from bag_fixtures import make_tiny_bags
+from bag_fixtures import WITNESS_SHIFT, make_tiny_bags
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import balanced_accuracy_score
@@ -22,8 +24,25 @@ FAST_PARAMS = {"max_epochs": 40, "patience": 40}
 
 def _make(name: str, **extra):
     model = create_model(name)
-    params = {k: v for k, v in {**FAST_PARAMS, **extra}.items() if k in model.get_params()}
+    resources = {"source_features": str(SOURCE_FEATURES)}
+    params = {k: v for k, v in {**FAST_PARAMS, **resources, **extra}.items() if k in model.get_params()}
     return model.set_params(**params)
+
+
+def _write_source_features(path):
+    """An instance-labelled source set in the fixture's feature space (models bootstrapped from
+    one, e.g. the semi-supervised model, take it as ``source_features``)."""
+    rng = np.random.default_rng(7)
+    features = rng.normal(size=(40, 4))
+    features[:, 0] = np.clip(features[:, 0], -1.5, 1.5)
+    labels = np.arange(40) % 2
+    features[labels == 1, 0] = WITNESS_SHIFT + rng.normal(0.0, 0.3, size=20)
+    np.savez(path, X=features, y=labels)
+    return path
+
+
+SOURCE_FEATURES = _write_source_features(
+    Path(tempfile.mkdtemp(prefix="milbench-contract-")) / "source_features.npz")
 
 
 @pytest.fixture(scope="module")
