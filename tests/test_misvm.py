@@ -118,3 +118,15 @@ def test_calibration_uses_out_of_fold_bag_scores(tiny):
     )
     with pytest.raises(ValueError, match="calibration_folds"):
         MISVM(calibration_folds=1).fit(bags, labels)
+
+
+def test_calibration_never_reverses_the_bag_score(tiny, monkeypatch):
+    bags, labels, _, _ = tiny
+    reference = MISVM(kernel="linear", calibration_folds=None).fit(bags, labels)
+    # Held-out scores that rank the bags backwards must not flip the model's ranking.
+    monkeypatch.setattr(
+        MISVM, "_held_out_scores", lambda self, b, y: -reference.decision_function(b)
+    )
+    model = MISVM(kernel="linear", calibration_folds=3).fit(bags, labels)
+    assert model.calibration_[-1].coef_[0, 0] > 0
+    np.testing.assert_allclose(model.predict_proba(bags), reference.predict_proba(bags))

@@ -168,9 +168,15 @@ class _InstanceSVM(_ScoreCalibrated):
             [self.svm_.decision_function(features[rows]).max() for rows in members]
         )
         held_out = self._held_out_scores(bags, labels)
-        self.calibration_ = _fit_score_calibration(
-            train_scores if held_out is None else held_out, labels
-        )
+        self.calibration_ = None
+        if held_out is not None:
+            self.calibration_ = _fit_score_calibration(held_out, labels)
+            if self.calibration_[-1].coef_[0, 0] <= 0:
+                # Held-out scores that do not rank the bags would reverse the bag score; the
+                # calibration must stay increasing, so fall back to the training scores.
+                self.calibration_ = None
+        if self.calibration_ is None:
+            self.calibration_ = _fit_score_calibration(train_scores, labels)
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = instances.shape[1]
         self.threshold_ = 0.5
