@@ -24,11 +24,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import pandas as pd
-import typer
 import yaml
 from sklearn.base import clone
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
@@ -372,26 +370,3 @@ def bench_mil_command(
         atomic_write_text(out / "table.md", f"`{command}`\n\n{format_table(summary)}")
     return summary
 
-
-def make_typer_app():
-    """A typer sub-app with the ``mil`` command, for ``app.add_typer(..., name="bench")``."""
-    app = typer.Typer(help="Benchmark suites.", no_args_is_help=True)
-
-    @app.command("mil")
-    def mil(
-        datasets: Annotated[str, typer.Option(help="comma-separated names")] = ",".join(
-            DEFAULT_DATASETS
-        ),
-        models: Annotated[str, typer.Option(help="model specs, comma-separated")] = ",".join(
-            DEFAULT_MODELS
-        ),
-        repeats: Annotated[int, typer.Option(help="CV repeats")] = 5,
-        splits: Annotated[int, typer.Option(help="CV folds")] = 10,
-        out: Annotated[Path | None, typer.Option(help="folder for the CSVs and table.md")] = None,
-        seed: Annotated[int, typer.Option(help="seed of folds, models and digit bags")] = 0,
-        n_jobs: Annotated[int, typer.Option(help="parallel fits")] = 1,
-    ) -> None:
-        """MIL benchmark: MUSK1/2, ELEPHANT, UCSB, digit bags vs published figures."""
-        bench_mil_command(datasets, models, repeats, splits, out, seed, n_jobs)
-
-    return app
