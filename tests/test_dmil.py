@@ -166,3 +166,12 @@ def test_invalid_parameters(tiny):
         AttentionDMIL(aggregation="sum").fit(bags, labels)
     with pytest.raises(ValueError, match="norm"):
         AttentionDMIL(norm="group").fit(bags, labels)
+
+
+def test_pca_is_fitted_on_training_instances_and_sizes_the_network():
+    bags, labels, clinical, _ = make_tiny_bags(n_features=6)
+    model = AttentionDMIL(pca_components=3, max_epochs=3, random_state=0).fit(bags, labels, clinical)
+    assert model.transform_.n_components_ == 3
+    assert model.transform_.scaler_.n_samples_seen_ == sum(len(b) for b in bags)
+    assert model.predict_proba(bags, clinical).shape == (len(bags), 2)
+    assert AttentionDMIL(scale=False, max_epochs=2).fit(bags, labels).transform_ is None

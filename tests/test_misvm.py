@@ -80,8 +80,8 @@ def test_pca_and_scaling_are_fitted_on_training_instances(tiny):
     bags, labels, _, _ = tiny
     model = MISVM(kernel="linear", pca_components=100).fit(bags, labels)
     # PCA is capped at the feature width; the scaler saw exactly the training instances.
-    assert model.transform_.named_steps["pca"].n_components_ == bags[0].shape[1]
-    assert model.transform_.named_steps["scale"].n_samples_seen_ == sum(len(b) for b in bags)
+    assert model.transform_.pca_.n_components_ == bags[0].shape[1]
+    assert model.transform_.scaler_.n_samples_seen_ == sum(len(b) for b in bags)
     unscaled = MISVM(kernel="linear", scale=False).fit(bags, labels)
     assert unscaled.transform_ is None
 

@@ -41,6 +41,7 @@ from milbench.models.base import BagClassifier, check_bags, check_binary_labels,
 from milbench.models.clinical import clinical_design_matrix
 from milbench.models.collate import pad_bags
 from milbench.models.registry import register_model
+from preprocessing.transforms import BagTransform
 
 AGGREGATIONS = ("attention", "gated_attention", "max", "mean_std")
 NORMS = ("layer", "batch", "none")
@@ -159,6 +160,7 @@ class AttentionDMIL(BagClassifier):
         norm: str = "layer",
         use_clinical: bool | str = "auto",
         scale: bool = True,
+        pca_components: int | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-4,
         batch_size: int = 16,
@@ -182,6 +184,7 @@ class AttentionDMIL(BagClassifier):
         self.norm = norm
         self.use_clinical = use_clinical
         self.scale = scale
+        self.pca_components = pca_components
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -215,9 +218,8 @@ class AttentionDMIL(BagClassifier):
             raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
 
     def _scale_bags(self, bags: list[np.ndarray]) -> list[np.ndarray]:
-        return [
-            ((bag - self.instance_mean_) / self.instance_scale_).astype(np.float32) for bag in bags
-        ]
+        transformed = bags if self.transform_ is None else self.transform_.transform(bags)
+        return [bag.astype(np.float32) for bag in transformed]
 
     def _clinical_inputs(self, clinical, n_bags: int) -> np.ndarray | None:
         if not self.uses_clinical_:
@@ -277,14 +279,12 @@ class AttentionDMIL(BagClassifier):
             raise ValueError("use_clinical=True but fit got no clinical table")
         self.uses_clinical_ = self.use_clinical is not False and clinical is not None
 
-        instances = np.concatenate(bags, axis=0)
-        self.n_features_in_ = instances.shape[1]
-        if self.scale:
-            self.instance_mean_ = instances.mean(axis=0)
-            self.instance_scale_ = np.where(instances.std(axis=0) > 0, instances.std(axis=0), 1.0)
-        else:
-            self.instance_mean_ = np.zeros(self.n_features_in_)
-            self.instance_scale_ = np.ones(self.n_features_in_)
+        self.n_features_in_ = bags[0].shape[1]
+        # Scaler (+ PCA) on the training instances only: inside CV, the training fold's.
+        self.transform_ = (
+            BagTransform(n_components=self.pca_components, scale=self.scale, random_state=0).fit(bags)
+            if self.scale or self.pca_components is not None else None
+        )
         if self.uses_clinical_:
             # Standardised age, log count, male; statistics from the training bags only.
             design = clinical_design_matrix(check_clinical(clinical, len(bags)))
@@ -336,7 +336,7 @@ class AttentionDMIL(BagClassifier):
 
     def _train(self, bags, labels, clinical, train_rows, val_rows, seed) -> DMILNetwork:
         network = DMILNetwork(
-            n_features=self.n_features_in_,
+            n_features=bags[0].shape[1],
             n_clinical=0 if clinical is None else clinical.shape[1],
             aggregation=self.aggregation,
             attention_dim=self.attention_dim,

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -43,6 +42,7 @@ from sklearn.utils.validation import check_is_fitted
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels
 from milbench.models.collate import split_by_bag, stack_instances
 from milbench.models.registry import register_model
+from preprocessing.transforms import BagTransform
 
 _KERNELS = ("linear", "rbf")
 
@@ -135,14 +135,10 @@ class _InstanceSVM(_ScoreCalibrated):
             random_state=self.random_state,
         )
 
-    def _make_transform(self, n_instances: int, n_features: int) -> Pipeline | None:
-        steps = []
-        if self.scale:
-            steps.append(("scale", StandardScaler()))
-        if self.pca_components is not None:
-            components = min(int(self.pca_components), n_instances, n_features)
-            steps.append(("pca", PCA(n_components=components, svd_solver="full")))
-        return Pipeline(steps) if steps else None
+    def _make_transform(self) -> BagTransform | None:
+        if not self.scale and self.pca_components is None:
+            return None
+        return BagTransform(n_components=self.pca_components, scale=self.scale, random_state=0)
 
     def _train_svm(self, features: np.ndarray, targets: np.ndarray) -> SVC:
         return self._make_svm().fit(features, targets)
@@ -158,9 +154,10 @@ class _InstanceSVM(_ScoreCalibrated):
         order = np.lexsort(keys)
         instances, bag_index = instances[order], bag_index[order]
 
-        self.transform_ = self._make_transform(*instances.shape)
+        # The instances, stacked in canonical order, form one "bag" for the transform.
+        self.transform_ = self._make_transform()
         features = (
-            instances if self.transform_ is None else self.transform_.fit_transform(instances)
+            instances if self.transform_ is None else self.transform_.fit_transform([instances])[0]
         )
         members = [np.flatnonzero(bag_index == b) for b in range(len(bags))]
         self.svm_, self.n_iter_, self.converged_ = self._alternate(features, labels, members)
@@ -210,7 +207,7 @@ class _InstanceSVM(_ScoreCalibrated):
         bags = self._check_predict_bags(bags)
         instances = np.concatenate(bags, axis=0)
         if self.transform_ is not None:
-            instances = self.transform_.transform(instances)
+            instances = self.transform_.transform([instances])[0]
         decisions = self.svm_.decision_function(instances)
         return split_by_bag(decisions, [len(bag) for bag in bags])
 
