@@ -324,3 +324,19 @@ def bench_segmentation(
         bench_segmentation_command(root, out=out, limit=limit, preset=preset, seed=seed)
     except USER_ERRORS as error:
         _fail(error)
+
+
+@bench_app.command("semisup")
+def bench_semisup(
+    config: Annotated[Path | None, typer.Argument(help="Default: configs/bench/semisup.yaml.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for report, tables, plot.")] = Path("bench_semisup"),
+    max_folds: Annotated[int | None, typer.Option(help="Stop after this many folds (quick looks).")] = None,
+):
+    """Semi-supervised pseudo-labelling model in head mode: CV score, pseudo-label precision per
+    iteration against the synthetic truth, wall time."""
+    from milbench.bench.semisup import bench_semisup_command
+
+    try:
+        bench_semisup_command(config, out, max_folds=max_folds)
+    except USER_ERRORS as error:
+        _fail(error)

@@ -11,9 +11,9 @@ from milbench.config import ConfigError, load_config, resolved_dict
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["clinical.yaml", "pipeline.yaml"])
-def test_shipped_configs_validate(name):
-    config = load_config(CONFIGS / name)
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_validate(path):
+    config = load_config(path)
     assert config.models and config.evaluation.n_splits >= 2
 
 

@@ -29,13 +29,13 @@ from milbench.evaluation.metrics import aggregate, binary_metrics, format_mean_s
 from milbench.evaluation.splits import kfold_splits
 from milbench.io import atomic_write, atomic_write_json, atomic_write_text
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "semisup.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "semisup.yaml"
 CONFIG_KEYS = {"name", "seed", "data", "source", "extractor", "evaluation", "params"}
 
 
 def load_semisup_config(path: str | os.PathLike | None = None,
                         overrides: Mapping[str, Any] | None = None) -> dict:
-    """The YAML config (``configs/semisup.yaml`` by default); ``overrides`` replace top-level
+    """The YAML config (``configs/bench/semisup.yaml`` by default); ``overrides`` replace top-level
     sections key by key (``{"params": {"epochs": 5}}``). Unknown top-level keys are errors."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
