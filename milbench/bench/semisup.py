@@ -56,16 +56,12 @@ def load_semisup_config(path: str | os.PathLike | None = None,
 
 def _prepare_data(config: dict, work: Path) -> tuple[Path, Path]:
     """Cohort and source roots: the configured ones, or generated (once) under ``work/data``."""
-    from milbench.synth import generate_allidb2, generate_cohort
+    from milbench.config import DataConfig
+    from milbench.pipeline import resolve_data_root
+    from milbench.synth import generate_allidb2
 
     data, source = config.get("data") or {}, config.get("source") or {}
-    cohort_root = data.get("root")
-    if cohort_root is None:
-        synthetic = data.get("synthetic") or {}
-        cohort_root = work / "data" / f"cohort_{synthetic.get('preset', 'small')}_{synthetic.get('seed', 0)}"
-        if not (cohort_root / "clinical_annotation.csv").is_file():
-            generate_cohort(cohort_root, preset=synthetic.get("preset", "small"),
-                            seed=int(synthetic.get("seed", 0)))
+    cohort_root = resolve_data_root(DataConfig.model_validate(data), work, progress=False)
     source_root = source.get("root")
     if source_root is None:
         synthetic = source.get("synthetic") or {}
