@@ -314,7 +314,7 @@ def bench_segmentation(
     root: Annotated[Path | None, typer.Option(help="Synthetic cohort with truth masks.")] = None,
     preset: Annotated[str, typer.Option(help="Preset generated when no root is given.")] = "tiny",
     limit: Annotated[int | None, typer.Option(help="At most this many images.")] = None,
-    out: Path = Path("bench-segmentation"),
+    out: Path = Path(".milbench/bench/segmentation"),
     seed: int = 0,
 ):
     """Mean IoU of the cell mask per segmentation variant against synthetic truth; PNG grid."""
@@ -329,7 +329,7 @@ def bench_segmentation(
 @bench_app.command("semisup")
 def bench_semisup(
     config: Annotated[Path | None, typer.Argument(help="Default: configs/bench/semisup.yaml.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for report, tables, plot.")] = Path("bench_semisup"),
+    out: Annotated[Path, typer.Option(help="Report, tables, plot.")] = Path(".milbench/bench/semisup"),
     max_folds: Annotated[int | None, typer.Option(help="Stop after this many folds (quick looks).")] = None,
 ):
     """Semi-supervised pseudo-labelling model in head mode: CV score, pseudo-label precision per
