@@ -103,6 +103,7 @@ def test_errors_are_one_clear_line(tmp_path, challenge):
 
 def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
     args = ["run", CONFIGS / "pipeline.yaml", "--no-progress",
+            "--set", "models=[{name: clinical_logreg}]", "--set", "features.extractor=none",
             "--set", "data.synthetic.preset=tiny", "--set", "evaluation.n_splits=2",
             "--set", "evaluation.n_repeats=1", "--set", f"workdir={tmp_path / 'work'}",
             "--set", f"submission.dir={tmp_path / 'subs'}"]

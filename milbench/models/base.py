@@ -81,6 +81,16 @@ class BagClassifier(ClassifierMixin, BaseEstimator):
         tags.input_tags.two_d_array = False
         return tags
 
+    def _check_predict_bags(self, bags) -> list[np.ndarray]:
+        """Bags to predict on: the model is fitted and they have its training feature width."""
+        check_is_fitted(self)
+        bags = check_bags(bags)
+        if bags[0].shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"bags have {bags[0].shape[1]} features, the model was fitted on {self.n_features_in_}"
+            )
+        return bags
+
     def predict(self, bags, clinical=None) -> np.ndarray:
         check_is_fitted(self)
         proba = self.predict_proba(bags, clinical)[:, 1]

@@ -37,7 +37,6 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.validation import check_is_fitted
 
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels
 from milbench.models.registry import register_model
@@ -228,19 +227,9 @@ class ClusterEMDClassifier(BagClassifier):
         rows = [self._analyse(stage, bag).features for bag in bags]
         return pd.DataFrame(rows, columns=list(BAG_FEATURES), dtype=float)
 
-    def _checked(self, bags) -> list[np.ndarray]:
-        check_is_fitted(self)
-        bags = check_bags(bags)
-        if bags[0].shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"bags have {bags[0].shape[1]} features; the model was fitted on "
-                f"{self.n_features_in_}"
-            )
-        return bags
-
     def bag_features(self, bags) -> pd.DataFrame:
         """One row per bag, columns ``BAG_FEATURES`` (for the stacker)."""
-        bags = self._checked(bags)
+        bags = self._check_predict_bags(bags)
         return self._features_frame(self.stage_, bags)
 
     def decision_function(self, bags, clinical=None) -> np.ndarray:
@@ -254,5 +243,5 @@ class ClusterEMDClassifier(BagClassifier):
     def instance_scores(self, bags) -> list[np.ndarray]:
         """Per instance: 1.0 if it ends in a tumoral cluster (or, as noise or after the
         disagreement fallback, the instance classifier calls it tumoral), else 0.0."""
-        bags = self._checked(bags)
+        bags = self._check_predict_bags(bags)
         return [self._analyse(self.stage_, bag).instance_labels for bag in bags]

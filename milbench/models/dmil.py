@@ -34,7 +34,6 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
@@ -226,16 +225,6 @@ class AttentionDMIL(BagClassifier):
             return None
         design = clinical_design_matrix(check_clinical(clinical, n_bags))
         return ((design - self.clinical_mean_) / self.clinical_scale_).astype(np.float32)
-
-    def _check_predict_bags(self, bags) -> list[np.ndarray]:
-        check_is_fitted(self)
-        bags = check_bags(bags)
-        if bags[0].shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"bags have {bags[0].shape[1]} features, the model was fitted on "
-                f"{self.n_features_in_}"
-            )
-        return bags
 
     # -- batching ----------------------------------------------------------------------------
     def _batches(self, order: np.ndarray) -> list[np.ndarray]:

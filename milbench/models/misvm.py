@@ -37,7 +37,6 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
-from sklearn.utils.validation import check_is_fitted
 
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels
 from milbench.models.collate import split_by_bag, stack_instances
@@ -67,16 +66,6 @@ def _check_fit_inputs(bags, y) -> tuple[list[np.ndarray], np.ndarray]:
 
 class _ScoreCalibrated(BagClassifier):
     """``predict_proba`` from ``decision_function`` through the fitted calibration."""
-
-    def _check_predict_bags(self, bags) -> list[np.ndarray]:
-        check_is_fitted(self)
-        bags = check_bags(bags)
-        if bags[0].shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"bags have {bags[0].shape[1]} features, the model was fitted on "
-                f"{self.n_features_in_}"
-            )
-        return bags
 
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
         scores = self.decision_function(bags)
