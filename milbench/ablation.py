@@ -80,15 +80,18 @@ def _prepared(config_json: str):
     return prepare_data(RunConfig.model_validate_json(config_json), progress=False)
 
 
+def _data_key(config: RunConfig) -> str:
+    """What a cell's data preparation depends on (models only through their tags)."""
+    return config.model_dump_json(include={"seed", "data", "features", "workdir", "models"})
+
+
 def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any]:
     """Evaluate one (variant, repeat) cell; runs in a worker process."""
     from milbench.pipeline import build_model, stratification
 
     config = RunConfig.model_validate_json(config_json)
     protocol = Protocol.model_validate_json(protocol_json)
-    data_key = config.model_copy(update={"models": config.models[:1]}).model_dump_json(
-        include={"data", "features", "workdir", "models"})
-    data = _prepared(data_key)
+    data = _prepared(_data_key(config))
     entry = config.models[0]
     seed = config.seed + repeat
     started = time.perf_counter()
@@ -144,6 +147,10 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
         log.info("resuming: %d of %d cells already done", len(cells) - len(todo), len(cells))
     protocol_json = ablation.protocol.model_dump_json()
     workers = n_jobs or ablation.n_jobs
+    # Data and features are prepared here, once per distinct setting, so that worker processes
+    # only ever read finished feature stores (two extracting into one store would collide).
+    for key in dict.fromkeys(_data_key(variants[v]) for v, _ in todo):
+        _prepared(key)
     with progress_bar(progress) as bar:
         task = bar.add_task(f"ablation {ablation.name}", total=len(cells), completed=len(cells) - len(todo))
         if workers == 1:
