@@ -137,3 +137,13 @@ def test_cross_validation_out_of_fold_and_no_leakage():
     again = cross_validate(RecordingModel(), bags, frame["label"].to_numpy(), ids, folds, clinical,
                            progress=False)
     pd.testing.assert_frame_equal(result.oof, again.oof)
+
+
+def test_train_val_split_with_more_strata_than_validation_patients():
+    frame = patients(40, seed=2)
+    keys = stratification_keys(frame, min_size=2)
+    assert len(np.unique(keys)) > 8
+    split = train_val_split(list(frame["patient_id"]), keys, val_fraction=0.2, seed=0)
+    assert len(split.val_ids) == 8 and not set(split.val_ids) & set(split.train_ids)
+    val_labels = frame.set_index("patient_id").loc[list(split.val_ids), "label"]
+    assert abs(val_labels.mean() - frame["label"].mean()) <= 0.15  # still label-stratified

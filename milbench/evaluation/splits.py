@@ -113,6 +113,13 @@ def train_val_split(
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     ids_array = np.asarray(ids)
+    keys = np.asarray(keys)
+    n_val = int(np.ceil(val_fraction * len(ids)))
+    if len(np.unique(keys)) > min(n_val, len(ids) - n_val):
+        # More strata than validation patients: a stratified split is impossible, keep the label.
+        log.info("train/val split: %d strata for %d validation patients; stratifying on the label",
+                 len(np.unique(keys)), n_val)
+        keys = np.array([key.split("|")[0] for key in keys])
     splitter = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     train, val = next(splitter.split(ids_array, keys))
     return Fold(0, 0, tuple(ids_array[train]), tuple(ids_array[val]))
