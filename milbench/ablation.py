@@ -223,7 +223,8 @@ def format_ablation_markdown(table: pd.DataFrame, ablation: AblationConfig) -> s
 
 
 def learning_curves(results: list[dict]) -> dict[str, pd.DataFrame]:
-    """Per variant, the per-epoch mean over repeats of every recorded history column."""
+    """Per variant, the per-epoch mean over repeats of every recorded history column (epochs
+    reached by at least half of the repeats)."""
     curves = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         histories = [pd.DataFrame(r["history"]).assign(repeat=r["repeat"])
@@ -232,7 +233,11 @@ def learning_curves(results: list[dict]) -> dict[str, pd.DataFrame]:
             frame = pd.concat(histories)
             if "epoch" not in frame.columns:
                 frame["epoch"] = frame.groupby("repeat").cumcount()
-            curves[variant] = frame.drop(columns=["repeat"]).groupby("epoch").mean(numeric_only=True)
+            grouped = frame.drop(columns=["repeat"]).groupby("epoch")
+            # Early stopping ends repeats at different epochs; a mean over the few repeats still
+            # running would jump, so epochs reached by fewer than half of them are left out.
+            enough = grouped.size() * 2 >= len(histories)
+            curves[variant] = grouped.mean(numeric_only=True)[enough]
     return curves
 
 
