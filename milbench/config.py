@@ -43,6 +43,7 @@ class FeaturesConfig(_Strict):
         "or an inline extractor mapping; names and paths are resolved to the mapping on loading")
     source: str | None = Field(None, description="the file the extractor mapping was read from")
     batch_size: int = Field(32, ge=1)
+    device: str = Field("cpu", description="torch device for extraction and autoencoder training")
 
 
 class EvaluationConfig(_Strict):

@@ -64,7 +64,8 @@ def feature_store(cohort: Cohort, config: RunConfig, progress: bool = True):
     from preprocessing.extract import extract_features
 
     return extract_features(cohort, config.features.extractor, Path(config.workdir) / "cache",
-                            seed=config.seed, progress=progress, batch_size=config.features.batch_size)
+                            seed=config.seed, progress=progress, batch_size=config.features.batch_size,
+                            device=config.features.device)
 
 
 @dataclass
