@@ -130,3 +130,11 @@ def test_calibration_never_reverses_the_bag_score(tiny, monkeypatch):
     model = MISVM(kernel="linear", calibration_folds=3).fit(bags, labels)
     assert model.calibration_[-1].coef_[0, 0] > 0
     np.testing.assert_allclose(model.predict_proba(bags), reference.predict_proba(bags))
+
+
+def test_calibration_source_is_recorded(tiny):
+    bags, labels, _, _ = tiny
+    assert MISVM(kernel="linear", calibration_folds=None).fit(bags, labels).calibrated_on_ == "training"
+    assert MISVM(kernel="linear").fit(bags, labels).calibrated_on_ in {"out_of_fold", "training"}
+    assert MISVM(kernel="linear", calibration_folds=3).fit(bags * 3, np.tile(labels, 3)).calibrated_on_ == (
+        "out_of_fold")

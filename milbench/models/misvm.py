@@ -30,6 +30,8 @@ that scikit-learn's C is not divided by the number of QP variables as ``misvm``'
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
@@ -42,6 +44,8 @@ from milbench.models.base import BagClassifier, check_bags, check_binary_labels
 from milbench.models.collate import split_by_bag, stack_instances
 from milbench.models.registry import register_model
 from preprocessing.transforms import BagTransform
+
+log = logging.getLogger(__name__)
 
 _KERNELS = ("linear", "rbf")
 
@@ -160,7 +164,10 @@ class _InstanceSVM(_ScoreCalibrated):
             if self.calibration_[-1].coef_[0, 0] <= 0:
                 # Held-out scores that do not rank the bags would reverse the bag score; the
                 # calibration must stay increasing, so fall back to the training scores.
+                log.info("%s: out-of-fold bag scores do not rank the bags; calibrating on "
+                         "training scores", type(self).__name__)
                 self.calibration_ = None
+        self.calibrated_on_ = "out_of_fold" if self.calibration_ is not None else "training"
         if self.calibration_ is None:
             self.calibration_ = _fit_score_calibration(train_scores, labels)
         self.classes_ = np.array([0, 1])
