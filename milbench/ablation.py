@@ -87,11 +87,12 @@ def _data_key(config: RunConfig) -> str:
 
 def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any]:
     """Evaluate one (variant, repeat) cell; runs in a worker process."""
-    from milbench.pipeline import build_model, stratification
+    from milbench.pipeline import attach_source_features, build_model, stratification
 
     config = RunConfig.model_validate_json(config_json)
     protocol = Protocol.model_validate_json(protocol_json)
     data = _prepared(_data_key(config))
+    attach_source_features(config, progress=False)  # cached after the data preparation
     entry = config.models[0]
     seed = config.seed + repeat
     started = time.perf_counter()

@@ -46,6 +46,15 @@ class FeaturesConfig(_Strict):
     device: str = Field("cpu", description="torch device for extraction and autoencoder training")
 
 
+class SourceConfig(_Strict):
+    """An instance-labelled source set (ALL-IDB2 layout) for models that bootstrap from one."""
+
+    root: str | None = Field(None, description="ALL-IDB2 root; null generates a synthetic set")
+    seed: int = 0
+    n_per_class: int = Field(130, ge=2)
+    stain_space: Literal["rgb", "lab"] = "rgb"
+
+
 class EvaluationConfig(_Strict):
     n_splits: int = Field(5, ge=2)
     n_repeats: int = Field(5, ge=1)
@@ -75,6 +84,7 @@ class RunConfig(_Strict):
     workdir: str = ".milbench"
     data: DataConfig = DataConfig()
     features: FeaturesConfig = FeaturesConfig()
+    source: SourceConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
     models: list[ModelEntry] = Field(min_length=1)
     submission: SubmissionConfig = SubmissionConfig()

@@ -84,7 +84,47 @@ class PreparedData:
     features: dict  # the feature store manifest ({} without instance features)
 
 
+def resolve_source_root(config: RunConfig, progress: bool = True) -> Path:
+    """The ALL-IDB2-layout source set: the configured one, or a synthetic one generated once."""
+    source = config.source
+    if source.root is not None:
+        return Path(source.root)
+    from milbench.synth import generate_allidb2
+
+    path = Path(config.workdir) / "data" / f"allidb2-seed{source.seed}-n{source.n_per_class}"
+    if not path.exists():
+        generate_allidb2(path, seed=source.seed, n_per_class=source.n_per_class, progress=progress)
+    return path
+
+
+def attach_source_features(config: RunConfig, progress: bool = True) -> None:
+    """Give every model that learns from an instance-labelled source set (it has a
+    ``source_features`` parameter left empty) the source's features, computed with the run's
+    extractor. Cohort and source images are stain-matched to the source set (seed 001 §4), which
+    changes the features of every model of the run; the resolved config records it."""
+    needing = [e for e in config.models if "source_features" in build_model(e).get_params()
+               and not e.params.get("source_features")]
+    if not needing:
+        return
+    names = [e.display_name for e in needing]
+    if config.source is None:
+        raise ConfigError(f"models {names} learn from an instance-labelled source set: add a "
+                          "`source:` section (root: null generates a synthetic ALL-IDB2 set)")
+    if config.features.extractor == "none":
+        raise ConfigError(f"models {names} need backbone features: set features.extractor")
+    from milbench.semisup.source import prepare_source_features, source_stain
+
+    root = resolve_source_root(config, progress)
+    config.features.extractor = {**config.features.extractor,
+                                 "stain": source_stain(root, config.source.stain_space)}
+    path = prepare_source_features(root, config.features.extractor, Path(config.workdir) / "cache",
+                                   seed=config.seed, progress=progress)
+    for entry in needing:
+        entry.params["source_features"] = str(path)
+
+
 def prepare_data(config: RunConfig, progress: bool = True) -> PreparedData:
+    """Cohort, bags and clinical tables for ``config`` (source features attached in place)."""
     root = resolve_data_root(config.data, config.workdir, progress)
     cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
     train, test = cohort.train(), cohort.test()
@@ -93,6 +133,7 @@ def prepare_data(config: RunConfig, progress: bool = True) -> PreparedData:
     for entry in config.models:
         if "instances" in model_tags(entry.name) and config.features.extractor == "none":
             raise ConfigError(f"model {entry.name!r} needs instance features; set features.extractor")
+    attach_source_features(config, progress)
     if config.features.extractor == "none":
         # Zero-width bags (one row per image) for models that read only the clinical table.
         train_bags = [np.zeros((p.n_images, 0)) for p in train.patients]

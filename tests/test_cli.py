@@ -135,3 +135,32 @@ def test_features_command_extracts_once_and_reuses(tmp_path, challenge):
     assert second.exit_code == 0 and first.output == second.output
     bad = invoke("features", challenge, "--extractor", "no_such_extractor")
     assert bad.exit_code == 2 and "no such file, and not one of" in bad.output
+
+
+def test_run_prepares_the_source_set_for_models_that_bootstrap_from_one(tmp_path):
+    config = tmp_path / "semisup.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "semisup-tiny", "workdir": str(tmp_path / "work"),
+        "data": {"synthetic": {"preset": "tiny"}},
+        "features": {"extractor": {"kind": "backbone", "name": "resnet18", "input_size": 32}},
+        "source": {"n_per_class": 8},
+        "evaluation": {"n_splits": 2, "n_repeats": 1},
+        "models": [{"name": "semisup", "params": {
+            "n_iterations": 2, "early_iterations": 1, "early_per_iteration": 1,
+            "late_per_iteration": 1, "source_val_size": 4, "epochs": 2}}],
+        "submission": {"dir": str(tmp_path / "subs")},
+    }))
+    result = invoke("run", config, "--no-progress")
+    assert result.exit_code == 0, result.output
+    run = next((tmp_path / "work" / "runs").iterdir())
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    source_features = resolved["models"][0]["params"]["source_features"]
+    assert Path(source_features).is_file() and source_features.endswith(".npz")
+    assert resolved["features"]["extractor"]["stain"]["reference"].endswith("ALL_IDB2/img")
+    assert (tmp_path / "work" / "data" / "allidb2-seed0-n8" / "ALL_IDB2" / "img").is_dir()
+    assert len(pd.read_csv(run / "models" / "semisup" / "oof.csv")) == len(
+        pd.read_csv(run / "cohort" / "patients.csv").query("split == 'train'"))
+    no_source = tmp_path / "no_source.yaml"
+    no_source.write_text(config.read_text().replace("source:\n  n_per_class: 8\n", ""))
+    result = invoke("run", no_source, "--no-progress")
+    assert result.exit_code == 2 and "add a `source:` section" in result.output
