@@ -152,13 +152,13 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
     # only ever read finished feature stores (two extracting into one store would collide).
     for key in dict.fromkeys(_data_key(variants[v]) for v, _ in todo):
         _prepared(key)
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"ablation {ablation.name}", total=len(cells), completed=len(cells) - len(todo))
+    with progress_bar(f"ablation {ablation.name}", total=len(cells), completed=len(cells) - len(todo),
+                      enabled=progress, unit="cell") as advance:
         if workers == 1:
             for variant, repeat in todo:
                 result = run_cell(variants[variant].model_dump_json(), repeat, protocol_json)
                 run.write_json(_cell_file(variant, repeat), {"variant": variant, **result})
-                bar.advance(task)
+                advance()
         else:
             # spawn, not fork: forking a process that already runs OpenMP/torch threads can hang.
             context = multiprocessing.get_context("spawn")
@@ -171,7 +171,7 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
                         variant, repeat = pending.pop(future)
                         run.write_json(_cell_file(variant, repeat),
                                        {"variant": variant, **future.result()})
-                        bar.advance(task)
+                        advance()
     results = [json.loads((run.path / _cell_file(v, r)).read_text()) for v, r in cells]
     table = ablation_table(results, list(variants))
     run.write_csv("ablation.csv", table, index=True)

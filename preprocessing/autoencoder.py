@@ -205,8 +205,8 @@ def fit_cohort_autoencoder(
     Writes ``checkpoint.pt`` (resumable), ``autoencoder.pt`` (final weights),
     ``reconstructions.png`` and ``train.json`` (with ``uses_test_images``) into ``out_dir``.
     """
+    from milbench.progress import progress_bar
     from preprocessing.images import ImageDataset
-    from preprocessing.progress import progress_bar
 
     out_dir = Path(out_dir)
     final = out_dir / "autoencoder.pt"
@@ -222,7 +222,7 @@ def fit_cohort_autoencoder(
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
     started = time.perf_counter()
     with progress_bar("train autoencoder", total=epochs * len(dataset),
-                      enabled=progress) as advance:
+                      enabled=progress, unit="img") as advance:
         def on_step(step: int, loss: float) -> None:
             advance(min(batch_size, len(dataset) - ((step - 1) % steps_per_epoch) * batch_size))
 

@@ -39,7 +39,7 @@ def segment_command(root: str | os.PathLike, variant: str = "kmeans_saturation",
     set to ``background``); existing entries are kept, so an interrupted run resumes.
     ``out`` defaults to ``ROOT/segmentation``.
     """
-    from preprocessing.progress import progress_bar
+    from milbench.progress import progress_bar
 
     if variant not in list_variants():
         raise ValueError(f"unknown segmentation variant {variant!r}; choose from "
@@ -52,7 +52,7 @@ def segment_command(root: str | os.PathLike, variant: str = "kmeans_saturation",
         return out / variant
     chunks = [paths[i:i + 32] for i in range(0, len(paths), 32)]
     with ProcessPoolExecutor(workers) as pool, progress_bar(
-            f"segment ({variant})", total=len(paths), enabled=progress) as advance:
+            f"segment ({variant})", total=len(paths), enabled=progress, unit="img") as advance:
         for done in pool.map(_segment_chunk,
                              [(chunk, out, variant, background, seed) for chunk in chunks]):
             advance(done)

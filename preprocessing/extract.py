@@ -257,8 +257,8 @@ def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preproce
                    on_batch: Callable[[int], None] | None = None,
                    description: str = "features", device: str = "cpu") -> None:
     """The whole path: decode + preprocess in loader workers, forward, durable write."""
+    from milbench.progress import progress_bar
     from preprocessing.images import ImageDataset
-    from preprocessing.progress import progress_bar
 
     if writer.rows_written >= len(paths):
         return
@@ -270,7 +270,7 @@ def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preproce
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     with progress_bar(description, total=len(paths), completed=writer.rows_written,
-                      enabled=progress) as advance, torch.inference_mode():
+                      enabled=progress, unit="img") as advance, torch.inference_mode():
         for rows, raw in loader:
             images = preprocessor.finish(raw.to(device, non_blocking=True))
             if channels_last:

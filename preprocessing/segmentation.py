@@ -267,10 +267,11 @@ def segment_file(image_path: str | os.PathLike, out_dir: str | os.PathLike, vari
 def segment_files(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, variant: str,
                   *, background: int = 0, seed: int = 0, progress: bool = True) -> int:
     """Segment many files into the cache, with a rich progress bar; returns how many."""
-    from preprocessing.progress import progress_bar
+    from milbench.progress import progress_bar
 
     paths = list(paths)
-    with progress_bar(f"segment ({variant})", total=len(paths), enabled=progress) as advance:
+    with progress_bar(f"segment ({variant})", total=len(paths), enabled=progress,
+                      unit="img") as advance:
         for path in paths:
             segment_file(path, out_dir, variant, background=background, seed=seed)
             advance(1)

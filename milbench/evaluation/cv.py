@@ -54,8 +54,7 @@ def cross_validate(
     position = {pid: i for i, pid in enumerate(ids)}
     labels = np.asarray(labels, dtype=int)
     rows, fit_seconds = [], []
-    with progress_bar(progress) as bar:
-        task = bar.add_task(description, total=len(folds))
+    with progress_bar(description, total=len(folds), enabled=progress, unit="fold") as advance:
         for fold in folds:
             train = [position[pid] for pid in fold.train_ids]
             val = [position[pid] for pid in fold.val_ids]
@@ -71,7 +70,7 @@ def cross_validate(
             predictions = estimator.predict(_take(bags, val), val_clinical)
             for i, score, predicted in zip(val, scores, predictions, strict=True):
                 rows.append((fold.repeat, fold.fold, ids[i], int(labels[i]), float(score), int(predicted)))
-            bar.advance(task)
+            advance()
     oof = pd.DataFrame(rows, columns=["repeat", "fold", "patient_id", "label", "score", "predicted"])
     per_repeat = []
     for repeat, group in oof.groupby("repeat", sort=True):
