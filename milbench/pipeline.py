@@ -4,7 +4,9 @@ refit on all training patients → test predictions and leaderboard CSVs → met
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +16,12 @@ import pandas as pd
 from milbench import plots
 from milbench.config import ConfigError, DataConfig, ModelEntry, RunConfig, resolved_dict
 from milbench.data import Cohort, load_challenge
+from milbench.ensemble.members import check_selection, is_selection, member_label, select_best
 from milbench.evaluation.cv import CVResult, cross_validate
 from milbench.evaluation.metrics import METRICS, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, save_folds, stratification_keys
 from milbench.models import create_model, model_tags
+from milbench.models.reuse import fit_model, reusing_fits
 from milbench.runs import Run, git_state
 from milbench.submit import write_submission
 
@@ -29,6 +33,25 @@ class RunOutcome:
     run_dir: Path
     table: pd.DataFrame  # one row per model: metric summaries
     submissions: dict[str, Path]
+    timings: pd.DataFrame  # stage, seconds
+
+
+class StageTimer:
+    """Wall time of each named stage of a run, in order."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages.append((name, time.perf_counter() - started))
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.stages, columns=["stage", "seconds"])
 
 
 def synthetic_cohort_path(data: DataConfig, workdir: str | Path) -> Path:
@@ -123,25 +146,30 @@ def attach_source_features(config: RunConfig, progress: bool = True) -> None:
         entry.params["source_features"] = str(path)
 
 
-def prepare_data(config: RunConfig, progress: bool = True) -> PreparedData:
+def prepare_data(config: RunConfig, progress: bool = True,
+                 timer: StageTimer | None = None) -> PreparedData:
     """Cohort, bags and clinical tables for ``config`` (source features attached in place)."""
-    root = resolve_data_root(config.data, config.workdir, progress)
-    cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
+    timer = timer or StageTimer()
+    with timer.stage("data"):
+        root = resolve_data_root(config.data, config.workdir, progress)
+        cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
     train, test = cohort.train(), cohort.test()
     if len(train) == 0:
         raise ConfigError(f"{root}: no training patients")
     for entry in config.models:
         if "instances" in model_tags(entry.name) and config.features.extractor == "none":
             raise ConfigError(f"model {entry.name!r} needs instance features; set features.extractor")
-    attach_source_features(config, progress)
+    with timer.stage("source features"):
+        attach_source_features(config, progress)
     if config.features.extractor == "none":
         # Zero-width bags (one row per image) for models that read only the clinical table.
         train_bags = [np.zeros((p.n_images, 0)) for p in train.patients]
         test_bags = [np.zeros((p.n_images, 0)) for p in test.patients]
         manifest = {}
     else:
-        store = feature_store(cohort, config, progress)
-        train_bags, test_bags, manifest = store.bags(train), store.bags(test), store.manifest
+        with timer.stage("instance features"):
+            store = feature_store(cohort, config, progress)
+            train_bags, test_bags, manifest = store.bags(train), store.bags(test), store.manifest
     return PreparedData(
         root=root, cohort=cohort, train=train, test=test, train_bags=train_bags, test_bags=test_bags,
         labels=train.labels(), train_clinical=train.clinical_table(),
@@ -174,8 +202,49 @@ def build_model(entry: ModelEntry):
     return create_model(entry.name, **entry.params)
 
 
+def check_member_selections(config: RunConfig) -> None:
+    """Fail before any training on a malformed ``members: {best: k}`` entry."""
+    for position, entry in enumerate(config.models):
+        members = entry.params.get("members")
+        if not is_selection(members):
+            continue
+        where = f"model {entry.display_name!r}"
+        if "ensemble" not in model_tags(entry.name):
+            raise ConfigError(f"{where}: only ensembles take members")
+        try:
+            check_selection(members, METRICS)
+        except ValueError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        if not any("ensemble" not in model_tags(e.name) for e in config.models[:position]):
+            raise ConfigError(f"{where}: members are chosen among the models listed before it; "
+                              "there are none")
+
+
+def resolve_member_selection(entry: ModelEntry, earlier: list[ModelEntry],
+                             results: dict[str, CVResult]) -> tuple[ModelEntry, pd.DataFrame]:
+    """``entry`` with ``members: {best: k, by: metric}`` replaced by the k earlier non-ensemble
+    models with the best mean CV metric (on this run's folds), and the ranking considered."""
+    k, metric = check_selection(entry.params["members"], METRICS)
+    candidates = [({"name": e.name, "params": e.params, "label": e.display_name},
+                   float(results[e.display_name].summary.loc[metric, "mean"]))
+                  for e in earlier if "ensemble" not in model_tags(e.name)]
+    if len(candidates) < k:
+        log.warning("%s: best %d requested, only %d candidate models; using all of them",
+                    entry.display_name, k, len(candidates))
+    chosen = select_best(candidates, k)
+    ranking = pd.DataFrame({"model": [c["label"] for c, _ in candidates],
+                            metric: [score for _, score in candidates]})
+    ranking["chosen"] = ranking["model"].isin([c["label"] for c in chosen])
+    log.info("%s: members %s (best %d by CV %s)", entry.display_name,
+             [c["label"] for c in chosen], k, metric)
+    resolved = entry.model_copy(update={"params": {**entry.params, "members": chosen}})
+    return resolved, ranking.sort_values(metric, ascending=False, kind="stable")
+
+
 def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
-    data = prepare_data(config, progress)
+    check_member_selections(config)
+    timer = StageTimer()
+    data = prepare_data(config, progress, timer)
     run = Run.create(Path(config.workdir) / "runs", config.name)
     resolved = resolved_dict(config)
     resolved["data"]["resolved_root"] = str(data.root.resolve())
@@ -193,55 +262,87 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
 
     test_truth = hidden_test_labels(data.root, data.test.ids)
     rows, results, submissions = [], {}, {}
-    for entry in config.models:
-        name = entry.display_name
-        result = cross_validate(build_model(entry), data.train_bags, data.labels, data.train.ids,
-                                folds, data.train_clinical, seed=config.seed,
-                                description=f"CV {name}", progress=progress)
-        results[name] = result
-        _write_model_results(run, name, result)
-        summary = result.summary
-        rows.append({
-            "model": name,
-            **{metric: format_mean_std_max(summary, metric) for metric in METRICS},
-            "balanced_accuracy_mean": summary.loc["balanced_accuracy", "mean"],
-            "seconds_per_fit": float(np.mean(result.fit_seconds)),
+    # Ensembles share their members' fits on the same patients (see milbench.models.reuse).
+    with reusing_fits():
+        for position, entry in enumerate(config.models):
+            name = entry.display_name
+            note = ""
+            if is_selection(entry.params.get("members")):
+                entry, ranking = resolve_member_selection(entry, config.models[:position], results)
+                run.write_csv(f"models/{name}/member_ranking.csv", ranking)
+                note = "members chosen by this CV: " + ", ".join(
+                    member_label(m) for m in entry.params["members"])
+            with timer.stage(f"CV {name}"):
+                results[name] = cross_validate(
+                    build_model(entry), data.train_bags, data.labels, data.train.ids, folds,
+                    data.train_clinical, seed=config.seed, description=f"CV {name}",
+                    progress=progress)
+            _write_model_results(run, name, results[name])
+            rows.append(_summary_row(name, results[name], note))
+            if len(data.test):
+                with timer.stage(f"refit and predict {name}"):
+                    row_extra, path = _fit_final(run, config, data, entry, name, results[name],
+                                                 test_truth)
+                rows[-1].update(row_extra)
+                if path is not None:
+                    submissions[name] = path
+    with timer.stage("report"):
+        table = pd.DataFrame(rows)
+        run.write_csv("metrics.csv", table)
+        run.write_json("metrics.json", {
+            name: {"per_repeat": r.per_repeat.to_dict(orient="records"),
+                   "summary": r.summary.to_dict(orient="index")}
+            for name, r in results.items()
         })
-        if len(data.test):
-            final = build_model(entry)
-            if "random_state" in final.get_params():
-                final.set_params(random_state=config.seed)
-            final.fit(data.train_bags, data.labels, data.train_clinical)
-            scores = final.predict_proba(data.test_bags, data.test_clinical)[:, 1]
-            predicted = final.predict(data.test_bags, data.test_clinical)
-            run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(
-                {"patient_id": data.test.ids, "score": scores, "predicted": predicted}))
-            if test_truth is not None:
-                hidden = binary_metrics(test_truth, predicted, scores)
-                rows[-1]["hidden_test_balanced_accuracy"] = hidden["balanced_accuracy"]
-                rows[-1]["hidden_test_roc_auc"] = hidden["roc_auc"]
-            if config.submission.enabled:
-                submissions[name] = write_submission(
-                    dict(zip(data.test.ids, predicted.tolist(), strict=True)), data.test.ids,
-                    config.submission.dir, f"{config.name}-{name}",
-                    provenance={
-                        "model": entry.name, "params": entry.params, "seed": config.seed,
-                        "git": git_state(), "run_dir": str(run.path.resolve()),
-                        "cv_balanced_accuracy": format_mean_std_max(summary, "balanced_accuracy"),
-                        "data_root": str(data.root.resolve()),
-                    },
-                )
-    table = pd.DataFrame(rows)
-    run.write_csv("metrics.csv", table)
-    run.write_json("metrics.json", {
-        name: {"per_repeat": r.per_repeat.to_dict(orient="records"),
-               "summary": r.summary.to_dict(orient="index")}
-        for name, r in results.items()
-    })
-    run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
-    _write_plots(run, data.cohort, results)
-    run.write_text("report.md", _report(config, data, table, submissions))
-    return RunOutcome(run_dir=run.path, table=table, submissions=submissions)
+        run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
+        _write_plots(run, data.cohort, results)
+        run.write_text("report.md", _report(config, data, table, submissions, timer.table()))
+    run.write_csv("timings.csv", timer.table())
+    return RunOutcome(run_dir=run.path, table=table, submissions=submissions,
+                      timings=timer.table())
+
+
+def _summary_row(name: str, result: CVResult, note: str) -> dict:
+    summary = result.summary
+    return {
+        "model": name,
+        **{metric: format_mean_std_max(summary, metric) for metric in METRICS},
+        "balanced_accuracy_mean": summary.loc["balanced_accuracy", "mean"],
+        "seconds_per_fit": float(np.mean(result.fit_seconds)),
+        "note": note,
+    }
+
+
+def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelEntry, name: str,
+               result: CVResult, test_truth: np.ndarray | None) -> tuple[dict, Path | None]:
+    """Refit on all training patients, predict the test patients, score them against the
+    hidden truth of a synthetic cohort, write the submission."""
+    final = build_model(entry)
+    if "random_state" in final.get_params():
+        final.set_params(random_state=config.seed)
+    final = fit_model(final, data.train_bags, data.labels, data.train_clinical)
+    scores = final.predict_proba(data.test_bags, data.test_clinical)[:, 1]
+    predicted = final.predict(data.test_bags, data.test_clinical)
+    run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(
+        {"patient_id": data.test.ids, "score": scores, "predicted": predicted}))
+    extra = {}
+    if test_truth is not None:
+        hidden = binary_metrics(test_truth, predicted, scores)
+        extra = {"hidden_test_balanced_accuracy": hidden["balanced_accuracy"],
+                 "hidden_test_roc_auc": hidden["roc_auc"]}
+    if not config.submission.enabled:
+        return extra, None
+    path = write_submission(
+        dict(zip(data.test.ids, predicted.tolist(), strict=True)), data.test.ids,
+        config.submission.dir, f"{config.name}-{name}",
+        provenance={
+            "model": entry.name, "params": entry.params, "seed": config.seed,
+            "git": git_state(), "run_dir": str(run.path.resolve()),
+            "cv_balanced_accuracy": format_mean_std_max(result.summary, "balanced_accuracy"),
+            "data_root": str(data.root.resolve()),
+        },
+    )
+    return extra, path
 
 
 def _write_model_results(run: Run, name: str, result: CVResult) -> None:
@@ -259,7 +360,7 @@ def _write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None
 
 
 def _report(config: RunConfig, data: PreparedData, table: pd.DataFrame,
-            submissions: dict[str, Path]) -> str:
+            submissions: dict[str, Path], timings: pd.DataFrame) -> str:
     root, cohort, train, test = data.root, data.cohort, data.train, data.test
     features = data.features.get("config", {})
     if not data.features:
@@ -269,7 +370,8 @@ def _report(config: RunConfig, data: PreparedData, table: pd.DataFrame,
                      + (" — trained without labels on all images, test images included"
                         if data.features.get("uses_test_images") else ""))
     hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
-    shown = table[["model", *METRICS, "seconds_per_fit", *hidden]]
+    selected = table["note"].astype(bool).any()
+    shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *(["note"] if selected else [])]]
     lines = [
         f"# Run `{config.name}`",
         "",
@@ -283,6 +385,13 @@ def _report(config: RunConfig, data: PreparedData, table: pd.DataFrame,
            "models predicted (no real challenge folder has them)." if hidden else ""),
         "",
         shown.to_markdown(index=False),
+        *(["", "An ensemble whose members were chosen by this CV (best k) scores optimistically "
+           "here: the same folds picked and scored it. `seconds_per_fit` of an ensemble excludes "
+           "member fits it shared with the members' own CV."] if selected else []),
+        "",
+        "Wall time per stage (seconds):",
+        "",
+        timings.to_markdown(index=False, floatfmt=".1f"),
         "",
         "![ROC](plots/roc.png) ![confusion](plots/confusion.png)",
         "![clinical](plots/clinical_by_class.png)",

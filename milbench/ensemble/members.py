@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from milbench.models.registry import create_model
+from milbench.models.reuse import fit_model
 
 
 def member_label(member: dict[str, Any]) -> str:
@@ -44,6 +45,11 @@ def build_member(member: dict[str, Any], random_state: int | None):
     return model
 
 
+def fit_member(member: dict[str, Any], random_state: int | None, bags, y, clinical):
+    """A member fitted on ``bags`` (shared with an identical earlier fit inside a pipeline run)."""
+    return fit_model(build_member(member, random_state), bags, y, clinical)
+
+
 def member_outputs(label: str, model, bags, clinical) -> pd.DataFrame:
     """A member's patient-level outputs: its tumoral probability and, where the model has them,
     its bag features (positive-instance rate, counts, distances ...), prefixed by its label."""
@@ -53,3 +59,33 @@ def member_outputs(label: str, model, bags, clinical) -> pd.DataFrame:
         for name in features.columns:
             columns[f"{label}:{name}"] = np.asarray(features[name], dtype=float)
     return pd.DataFrame(columns)
+
+
+def is_selection(members) -> bool:
+    """Whether ``members`` asks for the best k of the run's models (``{"best": k}``) instead of
+    naming them."""
+    return isinstance(members, dict)
+
+
+def check_selection(selection: dict[str, Any], metrics: tuple[str, ...]) -> tuple[int, str]:
+    """``(k, metric)`` of a ``{"best": k, "by": metric}`` selection; k defaults to 5 and the
+    metric to balanced accuracy."""
+    unknown = set(selection) - {"best", "by"}
+    if unknown:
+        raise ValueError(f"members selection has unknown keys {sorted(unknown)}; use best and by")
+    best, by = selection.get("best", 5), selection.get("by", "balanced_accuracy")
+    if isinstance(best, bool) or not isinstance(best, int) or best < 1:
+        raise ValueError(f"members: best must be a positive integer, got {best!r}")
+    if by not in metrics:
+        raise ValueError(f"members: by must be one of {list(metrics)}, got {by!r}")
+    return best, by
+
+
+def select_best(candidates: list[tuple[dict[str, Any], float]], k: int) -> list[dict[str, Any]]:
+    """The ``k`` member specs with the highest CV score; ties keep the candidates' order."""
+    def order(i: int) -> tuple[float, int]:
+        score = candidates[i][1]
+        return (-score if np.isfinite(score) else np.inf, i)
+
+    ranked = sorted(range(len(candidates)), key=order)
+    return [candidates[i][0] for i in ranked[:k]]

@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 from xgboost import XGBClassifier
 
-from milbench.ensemble.members import build_member, check_members, member_label, member_outputs
+from milbench.ensemble.members import check_members, fit_member, member_label, member_outputs
 from milbench.models.base import BagClassifier, check_binary_labels, check_clinical
 from milbench.models.clinical import clinical_design_matrix
 from milbench.models.registry import register_model
@@ -102,8 +102,8 @@ class ClinicalStacker(BagClassifier):
         for fold, (train, val) in enumerate(inner.split(np.zeros(len(labels)), labels)):
             validation_positions.append(val)
             for m, member in enumerate(members):
-                model = build_member(member, seed).fit(
-                    _rows(bags, train), labels[train], _clinical_rows(clinical, train))
+                model = fit_member(member, seed, _rows(bags, train), labels[train],
+                                   _clinical_rows(clinical, train))
                 out_of_fold[m][fold] = member_outputs(
                     member_label(member), model, _rows(bags, val), _clinical_rows(clinical, val))
         order = np.argsort(np.concatenate(validation_positions))
@@ -112,7 +112,7 @@ class ClinicalStacker(BagClassifier):
         self.feature_names_ = list(design.columns)
         self.oof_design_ = design  # kept for inspection and the leakage test
         self.meta_ = self._meta_estimator(labels).fit(design.to_numpy(), labels)
-        self.members_ = [build_member(m, seed).fit(bags, labels, clinical) for m in members]
+        self.members_ = [fit_member(m, seed, bags, labels, clinical) for m in members]
         self.classes_ = np.array([0, 1])
         return self
 

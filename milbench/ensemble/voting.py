@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from milbench.ensemble.members import build_member, check_members
+from milbench.ensemble.members import check_members, fit_member
 from milbench.models.base import BagClassifier, check_binary_labels
 from milbench.models.registry import register_model
 
@@ -41,7 +41,7 @@ class VotingEnsemble(BagClassifier):
         labels = check_binary_labels(y)
         members = check_members(self.members)
         self._weights(len(members))
-        self.members_ = [build_member(m, self.random_state).fit(bags, labels, clinical) for m in members]
+        self.members_ = [fit_member(m, self.random_state, bags, labels, clinical) for m in members]
         self.classes_ = np.array([0, 1])
         return self
 

@@ -15,6 +15,7 @@ from sklearn.base import clone
 
 from milbench.evaluation.metrics import aggregate, binary_metrics
 from milbench.evaluation.splits import Fold
+from milbench.models.reuse import fit_model
 from milbench.progress import progress_bar
 
 
@@ -64,7 +65,7 @@ def cross_validate(
             train_clinical = None if clinical is None else clinical.iloc[train]
             val_clinical = None if clinical is None else clinical.iloc[val]
             started = time.perf_counter()
-            estimator.fit(_take(bags, train), labels[train], train_clinical)
+            estimator = fit_model(estimator, _take(bags, train), labels[train], train_clinical)
             fit_seconds.append(time.perf_counter() - started)
             scores = estimator.predict_proba(_take(bags, val), val_clinical)[:, 1]
             predictions = estimator.predict(_take(bags, val), val_clinical)

@@ -1,0 +1,104 @@
+"""Ensembles inside a run: members chosen as the best k by CV, and fits shared with the members."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from milbench.config import ConfigError, load_config
+from milbench.evaluation.cv import cross_validate
+from milbench.evaluation.splits import load_folds
+from milbench.models import create_model
+from milbench.models.reuse import fit_model, reusing_fits
+from milbench.pipeline import prepare_data, run_pipeline
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def tiny_config(tmp_path, models: str, *extra: str):
+    return load_config(CONFIGS / "pipeline.yaml", [
+        f"models={models}", "features.extractor=none", "data.synthetic.preset=tiny",
+        "evaluation.n_splits=2", "evaluation.n_repeats=2", f"workdir={tmp_path / 'work'}",
+        f"submission.dir={tmp_path / 'subs'}", *extra])
+
+
+class CountingModel:
+    """Counts calls to fit, to see which fits were shared."""
+
+    fits = 0
+
+    def __init__(self, random_state=None):
+        self.random_state = random_state
+
+    def get_params(self, deep=False):
+        return {"random_state": self.random_state}
+
+    def fit(self, bags, y, clinical=None):
+        CountingModel.fits += 1
+        return self
+
+
+def test_fits_are_shared_only_inside_the_block_and_only_when_identical():
+    bags = [np.ones((2, 3)), np.zeros((1, 3))]
+    y = np.array([1, 0])
+    CountingModel.fits = 0
+    first = fit_model(CountingModel(0), bags, y)
+    fit_model(CountingModel(0), bags, y)
+    assert CountingModel.fits == 2  # outside the block every fit runs
+    with reusing_fits() as reuse:
+        first = fit_model(CountingModel(0), bags, y)
+        assert fit_model(CountingModel(0), list(bags), y) is first
+        assert fit_model(CountingModel(1), bags, y) is not first  # other seed
+        assert fit_model(CountingModel(0), bags, np.array([0, 1])) is not first  # other labels
+        assert fit_model(CountingModel(0), [bags[0], np.zeros((1, 3)) + 1], y) is not first  # data
+        assert reuse.hits == 1
+    assert CountingModel.fits == 2 + 4
+
+
+def test_voting_over_the_best_member_by_cv_reuses_its_fits(tmp_path):
+    config = tiny_config(tmp_path, "[{name: clinical_xgb}, {name: clinical_logreg}, "
+                                   "{name: voting, label: vote_best1, params: {members: {best: 1}}}]")
+    outcome = run_pipeline(config, progress=False)
+    ranking = pd.read_csv(outcome.run_dir / "models" / "vote_best1" / "member_ranking.csv")
+    table = outcome.table.set_index("model")
+    best = table["balanced_accuracy_mean"].drop("vote_best1").idxmax()
+    assert ranking.loc[ranking["chosen"], "model"].tolist() == [best]
+    assert table.loc["vote_best1", "note"] == f"members chosen by this CV: {best}"
+    assert "scores optimistically" in (outcome.run_dir / "report.md").read_text()
+    # A one-member soft vote is its member: identical out-of-fold scores and test predictions.
+    vote, member = (pd.read_csv(outcome.run_dir / "models" / m / "oof.csv") for m in ("vote_best1", best))
+    np.testing.assert_allclose(vote["score"], member["score"])
+    vote, member = (pd.read_csv(outcome.run_dir / "models" / m / "test_predictions.csv")
+                    for m in ("vote_best1", best))
+    np.testing.assert_allclose(vote["score"], member["score"])
+
+    # Shared fits give exactly what refitting gives.
+    data = prepare_data(config, progress=False)
+    folds = load_folds(outcome.run_dir / "splits" / "folds.csv")
+    refit = cross_validate(create_model("voting", members=[{"name": best}]), data.train_bags,
+                           data.labels, data.train.ids, folds, data.train_clinical,
+                           seed=config.seed, progress=False)
+    pd.testing.assert_frame_equal(refit.oof, pd.read_csv(outcome.run_dir / "models" / "vote_best1" / "oof.csv"))
+
+    timings = pd.read_csv(outcome.run_dir / "timings.csv")
+    assert {"data", "CV clinical_xgb", "CV vote_best1", "refit and predict vote_best1",
+            "report"} <= set(timings["stage"])
+    assert (timings["seconds"] >= 0).all()
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    ("[{name: clinical_logreg, params: {members: {best: 1}}}]", "only ensembles take members"),
+    ("[{name: voting, params: {members: {best: 2}}}, {name: clinical_logreg}]",
+     "chosen among the models listed before it"),
+    ("[{name: clinical_logreg}, {name: voting, params: {members: {best: 0}}}]",
+     "best must be a positive integer"),
+    ("[{name: clinical_logreg}, {name: voting, params: {members: {top: 2}}}]", "unknown keys"),
+    ("[{name: clinical_logreg}, {name: stacker, params: {members: {by: speed}}}]", "by must be one of"),
+])
+def test_bad_member_selections_fail_before_training(tmp_path, models, message):
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(tiny_config(tmp_path, models), progress=False)
+    assert not (tmp_path / "work" / "runs").exists()
