@@ -290,9 +290,36 @@ def pretrain(
     console.print_json(data=metrics)
 
 
+@bench_app.command("pipeline")
+def bench_pipeline(
+    config: Annotated[Path, typer.Argument(help="YAML run config.")] = Path("configs/pipeline.yaml"),
+    preset: Annotated[str, typer.Option(help="Synthetic preset when no --data.")] = "challenge",
+    data: Annotated[Path | None, typer.Option(help="Challenge folder instead of a preset.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.sub=value")] = None,
+    warm_cache: Annotated[bool, typer.Option(help="Reuse cached features instead of timing them.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for the table, JSON, plot and work files.")]
+    = Path(".milbench/bench/pipeline"),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Wall time of each stage of a whole run (default: the default pipeline on `challenge`)."""
+    from milbench.bench.pipeline import GOAL_SECONDS, bench_pipeline_command
+
+    try:
+        table = bench_pipeline_command(config, preset=preset, data=data, overrides=list(set_ or []),
+                                       warm_cache=warm_cache, out=out, progress=progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    total = float(table["total_seconds"].iloc[0])
+    shown = table[["stage", "seconds", "share"]]
+    _print_table(shown.assign(seconds=shown["seconds"].round(1), share=shown["share"].round(3)),
+                 f"pipeline stages: {total / 60:.1f} min in all; goal {GOAL_SECONDS // 60} min "
+                 + ("met" if table["goal_met"].iloc[0] else "missed"))
+    console.print(f"written: {out / 'pipeline_bench.csv'}, .json, .png")
+
+
 @bench_app.command("features")
 def bench_features(
-    root: Annotated[Path | None, typer.Option(help="Challenge folder; default: drawn smears.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Challenge folder; default: drawn smears.")] = None,
     extractor: Annotated[list[str] | None, typer.Option(help="Extractor YAML (repeatable).")] = None,
     n_images: int = 256,
     batch_size: int = 32,
@@ -303,7 +330,7 @@ def bench_features(
     from milbench.bench.features import bench_features_command
 
     try:
-        bench_features_command(root, extractor, n_images=n_images, batch_size=batch_size,
+        bench_features_command(data, extractor, n_images=n_images, batch_size=batch_size,
                                repeats=repeats, out=out)
     except USER_ERRORS as error:
         _fail(error)

@@ -81,7 +81,8 @@ def test_voting_over_the_best_member_by_cv_reuses_its_fits(tmp_path):
     refit = cross_validate(create_model("voting", members=[{"name": best}]), data.train_bags,
                            data.labels, data.train.ids, folds, data.train_clinical,
                            seed=config.seed, progress=False)
-    pd.testing.assert_frame_equal(refit.oof, pd.read_csv(outcome.run_dir / "models" / "vote_best1" / "oof.csv"))
+    shared = pd.read_csv(outcome.run_dir / "models" / "vote_best1" / "oof.csv")
+    pd.testing.assert_frame_equal(refit.oof, shared)
 
     timings = pd.read_csv(outcome.run_dir / "timings.csv")
     assert {"data", "CV clinical_xgb", "CV vote_best1", "refit and predict vote_best1",
@@ -102,3 +103,30 @@ def test_bad_member_selections_fail_before_training(tmp_path, models, message):
     with pytest.raises(ConfigError, match=message):
         run_pipeline(tiny_config(tmp_path, models), progress=False)
     assert not (tmp_path / "work" / "runs").exists()
+
+
+def test_bench_pipeline_times_every_stage_and_writes_its_table(tmp_path, monkeypatch):
+    import json
+
+    from milbench.bench.pipeline import bench_pipeline_command
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "bench"
+    (out / "work" / "cache").mkdir(parents=True)
+    (out / "work" / "cache" / "stale").write_text("x")
+    table = bench_pipeline_command(
+        CONFIGS / "pipeline.yaml", preset="tiny", out=out, progress=False,
+        overrides=["models=[{name: clinical_logreg}, {name: voting, params: {members: {best: 1}}}]",
+                   "features.extractor=none", "evaluation.n_splits=2", "evaluation.n_repeats=1",
+                   f"workdir={tmp_path / 'work'}"])
+    assert list(table["stage"][:2]) == ["generate cohort (synthetic only)", "data"]
+    assert {"CV clinical_logreg", "CV voting", "refit and predict voting", "report"} <= set(table["stage"])
+    assert not (out / "work" / "cache" / "stale").exists()  # cold cache
+    assert not (tmp_path / "submissions").exists()
+    record = json.loads((out / "pipeline_bench.json").read_text())
+    assert record["preset"] == "tiny" and record["feature_cache"] == "cold"
+    assert record["pipeline_seconds"] == pytest.approx(table["seconds"][1:].sum())
+    assert record["goal_met"] is True and set(record["cv_balanced_accuracy"]) == {"clinical_logreg", "voting"}
+    assert (tmp_path / "work" / "data" / "synthetic-tiny-seed0").is_dir()  # the cohort stays reusable
+    assert (out / "pipeline_bench.png").stat().st_size > 1000
+    assert pd.read_csv(out / "pipeline_bench.csv")["share"].sum() == pytest.approx(1.0)
