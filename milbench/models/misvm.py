@@ -154,9 +154,7 @@ class _InstanceSVM(_ScoreCalibrated):
         )
         members = [np.flatnonzero(bag_index == b) for b in range(len(bags))]
         self.svm_, self.n_iter_, self.converged_ = self._alternate(features, labels, members)
-        train_scores = np.array(
-            [self.svm_.decision_function(features[rows]).max() for rows in members]
-        )
+        train_scores = np.array([d.max() for d in _bag_decisions(self.svm_, features, members)])
         held_out = self._held_out_scores(bags, labels)
         self.calibration_ = None
         if held_out is not None:
@@ -220,6 +218,13 @@ class _InstanceSVM(_ScoreCalibrated):
         return np.array([(scores > 0).mean() for scores in self._instance_decisions(bags)])
 
 
+def _bag_decisions(svm: SVC, features: np.ndarray, members: list[np.ndarray]) -> list[np.ndarray]:
+    """SVM decision values of each bag's rows, from one call over all of them (a call per bag
+    costs more in input checks than in the kernel)."""
+    rows = np.concatenate(members)
+    return split_by_bag(svm.decision_function(features[rows]), [len(m) for m in members])
+
+
 @register_model("misvm", tags=("instances",))
 class MISVM(_InstanceSVM):
     """MI-SVM: one witness instance per positive bag, all instances of negative bags."""
@@ -234,12 +239,9 @@ class MISVM(_InstanceSVM):
         witnesses = None
         for iteration in range(1, int(self.max_iters) + 1):
             svm = self._train_svm(np.vstack([negatives, representatives]), targets)
-            chosen = np.array(
-                [
-                    rows[np.argmax(svm.decision_function(features[rows]))]
-                    for rows in positive_members
-                ]
-            )
+            chosen = np.array([rows[np.argmax(d)] for rows, d in
+                               zip(positive_members, _bag_decisions(svm, features, positive_members),
+                                   strict=True)])
             if witnesses is not None and np.array_equal(chosen, witnesses):
                 self.witness_rows_ = witnesses
                 return svm, iteration, True
@@ -261,8 +263,8 @@ class MiSVM(_InstanceSVM):
         for iteration in range(1, int(self.max_iters) + 1):
             svm = self._train_svm(features, instance_labels)
             updated = instance_labels.copy()
-            for rows in positive_members:
-                decisions = svm.decision_function(features[rows])
+            for rows, decisions in zip(positive_members,
+                                       _bag_decisions(svm, features, positive_members), strict=True):
                 bag_labels = (decisions > 0).astype(int)
                 if not bag_labels.any():
                     bag_labels[np.argmax(decisions)] = 1  # a positive bag keeps a positive
