@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Multiple-instance learning toolkit for the lymphocytosis challenge.",
@@ -43,7 +44,7 @@ SHORT_NAMES = {"balanced_accuracy": "bal_acc", "seconds_per_fit": "s/fit",
 
 def _fail(error: BaseException) -> None:
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    error_console.print(f"[bold red]error:[/] {message}")
+    error_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code=2)
 
 
@@ -173,7 +174,7 @@ def submission_check(
     problems = check_submission(file, test_ids)
     if problems:
         for problem in problems:
-            error_console.print(f"[red]✗[/] {problem}")
+            error_console.print(f"[red]✗[/] {escape(problem)}")
         raise typer.Exit(code=1)
     console.print(f"[green]✓[/] {file}: valid submission for {len(test_ids)} test patients")
 
