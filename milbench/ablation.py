@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from milbench import tracking
 from milbench.config import ConfigError, RunConfig, load_config, resolved_dict
 from milbench.evaluation.cv import cross_validate, fold_seed
 from milbench.evaluation.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
@@ -131,10 +132,12 @@ def _cell_file(variant: str, repeat: int) -> str:
 def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path | None = None,
                  n_jobs: int | None = None, progress: bool = True) -> tuple[Path, pd.DataFrame]:
     ablation, variants = load_ablation(path, overrides)
+    base = next(iter(variants.values()))  # its workdir and tracking section hold for the grid
+    tracking.require(base)
     record = {"ablation": ablation.model_dump(mode="json"),
               "variants": {name: resolved_dict(c) for name, c in variants.items()}}
     if resume is None:
-        run = Run.create(Path(next(iter(variants.values())).workdir) / "ablations", ablation.name)
+        run = Run.create(Path(base.workdir) / "ablations", ablation.name)
         run.save_config(record)
     else:
         run = Run.open(resume)
@@ -179,6 +182,7 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
     curves = learning_curves(results)
     if curves:
         run.save_figure("plots/learning_curves.png", plot_learning_curves(curves))
+    tracking.log_ablation(base, run.path, table)
     return run.path, table
 
 

@@ -78,6 +78,22 @@ class SubmissionConfig(_Strict):
     dir: str = "submissions"
 
 
+class TrackingConfig(_Strict):
+    """Optional MLflow logging of a finished run (``pip install milbench[mlflow]``)."""
+
+    mlflow: bool = False
+    tracking_uri: str | None = Field(
+        None, description="an MLflow tracking URI or a local folder; null: a file store in <workdir>/mlruns")
+    experiment: str | None = Field(None, description="MLflow experiment name; null: the config's name")
+
+    @field_validator("tracking_uri", "experiment")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be null or a non-empty string")
+        return value
+
+
 class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
@@ -88,6 +104,7 @@ class RunConfig(_Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     models: list[ModelEntry] = Field(min_length=1)
     submission: SubmissionConfig = SubmissionConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("models")
     @classmethod

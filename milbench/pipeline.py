@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from milbench import plots
+from milbench import plots, tracking
 from milbench.config import ConfigError, DataConfig, ModelEntry, RunConfig, resolved_dict
 from milbench.data import Cohort, load_challenge
 from milbench.ensemble.members import check_selection, is_selection, member_label, select_best
@@ -243,6 +243,7 @@ def resolve_member_selection(entry: ModelEntry, earlier: list[ModelEntry],
 
 def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
     check_member_selections(config)
+    tracking.require(config)  # before any work: enabled tracking needs MLflow installed
     timer = StageTimer()
     data = prepare_data(config, progress, timer)
     run = Run.create(Path(config.workdir) / "runs", config.name)
@@ -298,6 +299,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
         _write_plots(run, data.cohort, results)
         run.write_text("report.md", _report(config, data, table, submissions, timer.table()))
     run.write_csv("timings.csv", timer.table())
+    tracking.log_run(config, run.path)  # reads the finished run directory; nothing when disabled
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions,
                       timings=timer.table())
 
