@@ -62,3 +62,47 @@ def confusion_matrices(cells_by_model: dict[str, dict[str, int]]):
         axis.set(xticks=[0, 1], yticks=[0, 1], xlabel="predicted", ylabel="true", title=name)
     figure.tight_layout()
     return figure
+
+
+def bag_sizes_by_class(patients: pd.DataFrame):
+    """Histogram of images per patient for each class of training patients, and the test patients."""
+    groups = [(f"train, {CLASS_NAMES[label]}", patients[(patients["split"] == "train")
+                                                        & (patients["label"] == label)])
+              for label in (0, 1)]
+    groups.append(("test (unlabelled)", patients[patients["split"] == "test"]))
+    groups = [(name, group["n_images"]) for name, group in groups if len(group)]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    bins = np.histogram_bin_edges(patients["n_images"], bins=min(25, max(5, len(patients) // 4)))
+    for name, sizes in groups:
+        axis.hist(sizes, bins=bins, histtype="step", linewidth=2,
+                  label=f"{name}: n={len(sizes)}, median {np.median(sizes):g}")
+    axis.set(xlabel="images per patient (bag size)", ylabel="patients", title="Bag size by class")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def oof_scores_by_class(oof_by_model: dict[str, pd.DataFrame]):
+    """Per model, each training patient's out-of-fold score (mean over repeats) by true class:
+    a jittered strip per class with its median."""
+    n = len(oof_by_model)
+    columns = min(n, 4)
+    rows = -(-n // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows), squeeze=False)
+    jitter = np.random.default_rng(0)
+    for axis, (name, oof) in zip(axes.flat, oof_by_model.items(), strict=False):
+        per_patient = oof.groupby("patient_id", sort=False).agg(label=("label", "first"),
+                                                                score=("score", "mean"))
+        for label, group in per_patient.groupby("label"):
+            x = int(label) + jitter.uniform(-0.15, 0.15, len(group))
+            axis.scatter(x, group["score"], s=12, alpha=0.6, color=f"C{int(label)}")
+            median = group["score"].median()
+            axis.plot([int(label) - 0.3, int(label) + 0.3], [median, median], color="black", linewidth=2)
+        axis.set(xticks=[0, 1], xticklabels=[CLASS_NAMES[0], CLASS_NAMES[1]], xlim=(-0.6, 1.6),
+                 ylabel="out-of-fold score", title=name)
+    for axis in list(axes.flat)[n:]:
+        axis.set_axis_off()
+    figure.suptitle("Out-of-fold scores by true class (mean over repeats; bar: median)", fontsize=10)
+    figure.tight_layout()
+    return figure
+

@@ -24,6 +24,9 @@ def write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None:
     cells = {n: {c: int(r.per_repeat[c].sum()) for c in ("tn", "fp", "fn", "tp")}
              for n, r in results.items()}
     run.save_figure("plots/confusion.png", plots.confusion_matrices(cells))
+    run.save_figure("plots/bag_sizes_by_class.png", plots.bag_sizes_by_class(cohort.frame()))
+    run.save_figure("plots/oof_scores_by_class.png",
+                    plots.oof_scores_by_class({n: r.oof for n, r in results.items()}))
 
 
 def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
@@ -61,9 +64,17 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
         timings.to_markdown(index=False, floatfmt=".1f"),
         "",
         "![ROC](plots/roc.png) ![confusion](plots/confusion.png)",
-        "![clinical](plots/clinical_by_class.png)",
         "",
-        "Submissions:",
-        *[f"- {name}: `{path}`" for name, path in submissions.items()],
+        "## Class distributions",
+        "",
+        "Clinical attributes, bag sizes (images per patient) and each model's out-of-fold scores "
+        "by class (training patients; bag sizes also for the test patients).",
+        "",
+        "![clinical](plots/clinical_by_class.png) ![bag sizes](plots/bag_sizes_by_class.png)",
+        "![out-of-fold scores](plots/oof_scores_by_class.png)",
+        "",
+        "## Submissions",
+        "",
+        *([f"- {name}: `{path}`" for name, path in submissions.items()] or ["none"]),
     ]
     return "\n".join(lines) + "\n"

@@ -49,7 +49,8 @@ def test_run_writes_run_directory_and_valid_submissions(tmp_path, challenge, mon
     assert list(metrics["model"]) == ["clinical_logreg", "clinical_xgb"]
     assert metrics["balanced_accuracy_mean"].between(0, 1).all()
     assert "hidden_test_balanced_accuracy" not in metrics  # a real-layout folder has no truth
-    for plot in ("roc.png", "confusion.png", "clinical_by_class.png"):
+    for plot in ("roc.png", "confusion.png", "clinical_by_class.png", "bag_sizes_by_class.png",
+                 "oof_scores_by_class.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
     assert "clinical_logreg" in (run / "report.md").read_text()
     submissions = sorted((tmp_path / "subs").glob("*.csv"))
