@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and CI
@@ -106,3 +108,46 @@ def oof_scores_by_class(oof_by_model: dict[str, pd.DataFrame]):
     figure.tight_layout()
     return figure
 
+
+@dataclass
+class MontageCell:
+    image: np.ndarray  # RGB uint8
+    score: float
+    atypical: bool | None  # synthetic truth; None when unknown
+
+
+@dataclass
+class MontageRow:
+    caption: str
+    cells: list[MontageCell]
+
+
+def instance_montage(rows: list[MontageRow], title: str, n_columns: int):
+    """A grid of images, one row per patient (caption at the left), each titled with its score;
+    truly atypical images get a red frame."""
+    n_rows = max(len(rows), 1)
+    title_inches = 0.16 * (title.count("\n") + 1) + 0.18
+    # Inches: a caption column, then ~0.8-inch images with their scores above, in 1-inch rows.
+    width, height = 1.4 + 0.85 * n_columns + 0.1, title_inches + 1.0 * n_rows + 0.1
+    figure, axes = plt.subplots(n_rows, n_columns, figsize=(width, height), squeeze=False)
+    figure.subplots_adjust(left=1.4 / width, right=1 - 0.1 / width, top=1 - title_inches / height,
+                           bottom=0.1 / height, wspace=0.08, hspace=0.25)
+    for axis_row, row in zip(axes, rows, strict=False):
+        for column, axis in enumerate(axis_row):
+            if column >= len(row.cells):
+                axis.set_axis_off()
+                continue
+            cell = row.cells[column]
+            axis.imshow(cell.image)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.set_title(f"{cell.score:.3g}", fontsize=7, pad=2)
+            for spine in axis.spines.values():
+                spine.set_visible(bool(cell.atypical))
+                spine.set_color("red")
+                spine.set_linewidth(3)
+        axis_row[0].set_ylabel(row.caption, rotation=0, ha="right", va="center", fontsize=7, labelpad=6)
+    for axis in axes.flat[len(rows) * n_columns:]:
+        axis.set_axis_off()
+    figure.suptitle(title, fontsize=8, y=1 - 0.05 / height, va="top")
+    return figure

@@ -15,6 +15,7 @@ from milbench.evaluation.metrics import METRICS
 from milbench.runs import Run
 
 if TYPE_CHECKING:  # pipeline imports this module
+    from milbench.instances import InstanceViews
     from milbench.pipeline import PreparedData
 
 
@@ -29,8 +30,12 @@ def write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None:
                     plots.oof_scores_by_class({n: r.oof for n, r in results.items()}))
 
 
+def _dash(value) -> str:
+    return "–" if pd.isna(value) else f"{value:.3f}"
+
+
 def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
-           submissions: dict[str, Path], timings: pd.DataFrame) -> str:
+           submissions: dict[str, Path], timings: pd.DataFrame, views: InstanceViews | None = None) -> str:
     root, cohort, train, test = data.root, data.cohort, data.train, data.test
     features = data.features.get("config", {})
     if not data.features:
@@ -41,7 +46,11 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
                         if data.features.get("uses_test_images") else ""))
     hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
     selected = table["note"].astype(bool).any()
-    shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *(["note"] if selected else [])]]
+    instance = ["instance_auc"] if "instance_auc" in table else []
+    shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *instance,
+                   *(["note"] if selected else [])]].copy()
+    if instance:
+        shown["instance_auc"] = shown["instance_auc"].map(_dash)
     lines = [
         f"# Run `{config.name}`",
         "",
@@ -65,6 +74,7 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
         "",
         "![ROC](plots/roc.png) ![confusion](plots/confusion.png)",
         "",
+        *_instance_section(views),
         "## Class distributions",
         "",
         "Clinical attributes, bag sizes (images per patient) and each model's out-of-fold scores "
@@ -78,3 +88,23 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
         *([f"- {name}: `{path}`" for name, path in submissions.items()] or ["none"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _instance_section(views: InstanceViews | None) -> list[str]:
+    if views is None or (not views.montages and views.auc is None):
+        return []
+    lines = ["## Instances", ""]
+    if views.auc is not None:
+        lines += [
+            "`instance_auc`: ROC AUC of the final model's instance scores (refit on all training "
+            "patients) against the synthetic truth's atypical flag, over every test patient's image; "
+            "– for models without instance scores. `instance_auc.csv` adds the mean AUC within "
+            "bags (`within_bag_auc`; attention weights are normalised per bag) and the counts.",
+            "",
+        ]
+    if views.montages:
+        lines += ["Highest-scoring images per patient (final model; test patients, then a few "
+                  "training patients scored in-sample):", ""]
+        lines += [f"- {name}: ![{name} top instances]({path})" for name, path in views.montages.items()]
+        lines.append("")
+    return lines
