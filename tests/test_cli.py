@@ -121,6 +121,7 @@ def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
     assert config["data"]["resolved_root"] == str(cohort.resolve())
     metrics = pd.read_csv(next((tmp_path / "work" / "runs").iterdir()) / "metrics.csv")
     assert metrics["hidden_test_balanced_accuracy"].between(0, 1).all()  # synthetic truth scored
+    assert metrics["instance_auc"].isna().all() and "nan" not in result.output  # printed as –
 
 
 def test_features_command_extracts_once_and_reuses(tmp_path, challenge):
