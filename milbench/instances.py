@@ -213,6 +213,7 @@ def write_instance_views(run: Run, data: PreparedData, finals: dict, top_k: int 
         montages[name] = path
     auc = None
     if truth_path.is_file():
-        auc = pd.DataFrame(rows).reindex(columns=AUC_COLUMNS)
+        counts = {column: "Int64" for column in AUC_COLUMNS[3:]}  # empty, not NaN floats, when unscored
+        auc = pd.DataFrame(rows).reindex(columns=AUC_COLUMNS).astype(counts)
         run.write_csv("instance_auc.csv", auc)
     return InstanceViews(montages=montages, auc=auc)

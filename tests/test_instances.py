@@ -169,6 +169,9 @@ def test_run_writes_montages_and_instance_auc(tiny_run):
     auc = pd.read_csv(run / "instance_auc.csv").set_index("model")
     assert list(auc.index) == ["clinical_logreg", "misvm", "dmil"]
     assert math.isnan(auc.loc["clinical_logreg", "instance_auc"])
+    test_images = pd.read_csv(run / "cohort" / "patients.csv").query("split == 'test'")["n_images"].sum()
+    assert auc["n_images"].dropna().eq(test_images).all()
+    assert f",{test_images}," in (run / "instance_auc.csv").read_text()  # counts written as integers
     assert auc.loc[["misvm", "dmil"], "instance_auc"].between(0, 1).all()
     # Feature 0 is the truth: a witness SVM that read the right rows ranks atypical images first.
     assert auc.loc["misvm", "instance_auc"] > 0.9
