@@ -53,7 +53,7 @@ def _print_table(frame, title: str) -> None:
     for column in frame.columns:
         table.add_column(str(column))
     for row in frame.itertuples(index=False):
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[("–" if v != v else f"{v:.3f}") if isinstance(v, float) else str(v) for v in row])
     console.print(table)
 
 

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from milbench import plots, tracking
+from milbench import report, tracking
 from milbench.config import ConfigError, DataConfig, ModelEntry, RunConfig, resolved_dict
 from milbench.data import Cohort, load_challenge
 from milbench.ensemble.members import check_selection, is_selection, member_label, select_best
 from milbench.evaluation.cv import CVResult, cross_validate
 from milbench.evaluation.metrics import METRICS, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, save_folds, stratification_keys
+from milbench.instances import write_instance_views
 from milbench.models import create_model, model_tags
 from milbench.models.reuse import fit_model, reusing_fits
 from milbench.runs import Run, git_state
@@ -262,7 +263,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
     save_folds(folds, run.file("splits/folds.csv"))
 
     test_truth = hidden_test_labels(data.root, data.test.ids)
-    rows, results, submissions = [], {}, {}
+    rows, results, submissions, finals = [], {}, {}, {}
     # Ensembles share their members' fits on the same patients (see milbench.models.reuse).
     with reusing_fits():
         for position, entry in enumerate(config.models):
@@ -282,13 +283,14 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
             rows.append(_summary_row(name, results[name], note))
             if len(data.test):
                 with timer.stage(f"refit and predict {name}"):
-                    row_extra, path = _fit_final(run, config, data, entry, name, results[name],
-                                                 test_truth)
+                    row_extra, path, finals[name] = _fit_final(run, config, data, entry, name,
+                                                               results[name], test_truth)
                 rows[-1].update(row_extra)
                 if path is not None:
                     submissions[name] = path
     with timer.stage("report"):
-        table = pd.DataFrame(rows)
+        views = write_instance_views(run, data, finals)  # montages; instance AUC on synthetic truth
+        table = views.add_to(pd.DataFrame(rows))
         run.write_csv("metrics.csv", table)
         run.write_json("metrics.json", {
             name: {"per_repeat": r.per_repeat.to_dict(orient="records"),
@@ -296,8 +298,8 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
             for name, r in results.items()
         })
         run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
-        _write_plots(run, data.cohort, results)
-        run.write_text("report.md", _report(config, data, table, submissions, timer.table()))
+        report.write_plots(run, data.cohort, results)
+        run.write_text("report.md", report.render(config, data, table, submissions, timer.table(), views))
     run.write_csv("timings.csv", timer.table())
     tracking.log_run(config, run.path)  # reads the finished run directory; nothing when disabled
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions,
@@ -316,9 +318,9 @@ def _summary_row(name: str, result: CVResult, note: str) -> dict:
 
 
 def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelEntry, name: str,
-               result: CVResult, test_truth: np.ndarray | None) -> tuple[dict, Path | None]:
+               result: CVResult, test_truth: np.ndarray | None) -> tuple[dict, Path | None, object]:
     """Refit on all training patients, predict the test patients, score them against the
-    hidden truth of a synthetic cohort, write the submission."""
+    hidden truth of a synthetic cohort, write the submission; the fitted model comes last."""
     final = build_model(entry)
     if "random_state" in final.get_params():
         final.set_params(random_state=config.seed)
@@ -333,7 +335,7 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelEntr
         extra = {"hidden_test_balanced_accuracy": hidden["balanced_accuracy"],
                  "hidden_test_roc_auc": hidden["roc_auc"]}
     if not config.submission.enabled:
-        return extra, None
+        return extra, None, final
     path = write_submission(
         dict(zip(data.test.ids, predicted.tolist(), strict=True)), data.test.ids,
         config.submission.dir, f"{config.name}-{name}",
@@ -344,62 +346,10 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelEntr
             "data_root": str(data.root.resolve()),
         },
     )
-    return extra, path
+    return extra, path, final
 
 
 def _write_model_results(run: Run, name: str, result: CVResult) -> None:
     run.write_csv(f"models/{name}/oof.csv", result.oof)
     run.write_csv(f"models/{name}/per_repeat.csv", result.per_repeat)
     run.write_csv(f"models/{name}/summary.csv", result.summary, index=True)
-
-
-def _write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None:
-    run.save_figure("plots/clinical_by_class.png", plots.clinical_by_class(cohort.train().frame()))
-    run.save_figure("plots/roc.png", plots.roc_curves({n: r.oof for n, r in results.items()}))
-    cells = {n: {c: int(r.per_repeat[c].sum()) for c in ("tn", "fp", "fn", "tp")}
-             for n, r in results.items()}
-    run.save_figure("plots/confusion.png", plots.confusion_matrices(cells))
-
-
-def _report(config: RunConfig, data: PreparedData, table: pd.DataFrame,
-            submissions: dict[str, Path], timings: pd.DataFrame) -> str:
-    root, cohort, train, test = data.root, data.cohort, data.train, data.test
-    features = data.features.get("config", {})
-    if not data.features:
-        described = "none (clinical attributes only)"
-    else:
-        described = (f"{features.get('kind')} `{features.get('name')}`, {data.features.get('dim')}-d"
-                     + (" — trained without labels on all images, test images included"
-                        if data.features.get("uses_test_images") else ""))
-    hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
-    selected = table["note"].astype(bool).any()
-    shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *(["note"] if selected else [])]]
-    lines = [
-        f"# Run `{config.name}`",
-        "",
-        f"Data: `{root}` — {len(train)} train patients ({int(train.labels().sum())} tumoral), "
-        f"{len(test)} test patients, {len(cohort.skipped)} skipped files.",
-        f"Instance features: {described}.",
-        f"Protocol: stratified {config.evaluation.n_splits}-fold CV × {config.evaluation.n_repeats} "
-        f"repeats on {', '.join(config.evaluation.stratify) or 'the label'}; seed {config.seed}. "
-        "Cells: mean ± std (max) over repeats."
-        + (" `hidden_test_*`: the synthetic cohort's hidden test labels, read only after the "
-           "models predicted (no real challenge folder has them)." if hidden else ""),
-        "",
-        shown.to_markdown(index=False),
-        *(["", "An ensemble whose members were chosen by this CV (best k) scores optimistically "
-           "here: the same folds picked and scored it. `seconds_per_fit` of an ensemble excludes "
-           "member fits it shared with the members' own CV."] if selected else []),
-        "",
-        "Wall time per stage (seconds):",
-        "",
-        timings.to_markdown(index=False, floatfmt=".1f"),
-        "",
-        "![ROC](plots/roc.png) ![confusion](plots/confusion.png)",
-        "![clinical](plots/clinical_by_class.png)",
-        "",
-        "Submissions:",
-        *[f"- {name}: `{path}`" for name, path in submissions.items()],
-    ]
-    return "\n".join(lines) + "\n"
-

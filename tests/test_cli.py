@@ -49,7 +49,8 @@ def test_run_writes_run_directory_and_valid_submissions(tmp_path, challenge, mon
     assert list(metrics["model"]) == ["clinical_logreg", "clinical_xgb"]
     assert metrics["balanced_accuracy_mean"].between(0, 1).all()
     assert "hidden_test_balanced_accuracy" not in metrics  # a real-layout folder has no truth
-    for plot in ("roc.png", "confusion.png", "clinical_by_class.png"):
+    for plot in ("roc.png", "confusion.png", "clinical_by_class.png", "bag_sizes_by_class.png",
+                 "oof_scores_by_class.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
     assert "clinical_logreg" in (run / "report.md").read_text()
     submissions = sorted((tmp_path / "subs").glob("*.csv"))
@@ -120,6 +121,7 @@ def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
     assert config["data"]["resolved_root"] == str(cohort.resolve())
     metrics = pd.read_csv(next((tmp_path / "work" / "runs").iterdir()) / "metrics.csv")
     assert metrics["hidden_test_balanced_accuracy"].between(0, 1).all()  # synthetic truth scored
+    assert metrics["instance_auc"].isna().all() and "nan" not in result.output  # printed as –
 
 
 def test_features_command_extracts_once_and_reuses(tmp_path, challenge):

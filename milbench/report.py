@@ -1,0 +1,110 @@
+"""A run's figures and its report.md (markdown linking the figures under ``plots/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from milbench import plots
+from milbench.config import RunConfig
+from milbench.data import Cohort
+from milbench.evaluation.cv import CVResult
+from milbench.evaluation.metrics import METRICS
+from milbench.runs import Run
+
+if TYPE_CHECKING:  # pipeline imports this module
+    from milbench.instances import InstanceViews
+    from milbench.pipeline import PreparedData
+
+
+def write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None:
+    run.save_figure("plots/clinical_by_class.png", plots.clinical_by_class(cohort.train().frame()))
+    run.save_figure("plots/roc.png", plots.roc_curves({n: r.oof for n, r in results.items()}))
+    cells = {n: {c: int(r.per_repeat[c].sum()) for c in ("tn", "fp", "fn", "tp")}
+             for n, r in results.items()}
+    run.save_figure("plots/confusion.png", plots.confusion_matrices(cells))
+    run.save_figure("plots/bag_sizes_by_class.png", plots.bag_sizes_by_class(cohort.frame()))
+    run.save_figure("plots/oof_scores_by_class.png",
+                    plots.oof_scores_by_class({n: r.oof for n, r in results.items()}))
+
+
+def _dash(value) -> str:
+    return "–" if pd.isna(value) else f"{value:.3f}"
+
+
+def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
+           submissions: dict[str, Path], timings: pd.DataFrame, views: InstanceViews | None = None) -> str:
+    root, cohort, train, test = data.root, data.cohort, data.train, data.test
+    features = data.features.get("config", {})
+    if not data.features:
+        described = "none (clinical attributes only)"
+    else:
+        described = (f"{features.get('kind')} `{features.get('name')}`, {data.features.get('dim')}-d"
+                     + (" — trained without labels on all images, test images included"
+                        if data.features.get("uses_test_images") else ""))
+    hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
+    selected = table["note"].astype(bool).any()
+    instance = ["instance_auc"] if "instance_auc" in table else []
+    shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *instance,
+                   *(["note"] if selected else [])]].copy()
+    if instance:
+        shown["instance_auc"] = shown["instance_auc"].map(_dash)
+    lines = [
+        f"# Run `{config.name}`",
+        "",
+        f"Data: `{root}` — {len(train)} train patients ({int(train.labels().sum())} tumoral), "
+        f"{len(test)} test patients, {len(cohort.skipped)} skipped files.",
+        f"Instance features: {described}.",
+        f"Protocol: stratified {config.evaluation.n_splits}-fold CV × {config.evaluation.n_repeats} "
+        f"repeats on {', '.join(config.evaluation.stratify) or 'the label'}; seed {config.seed}. "
+        "Cells: mean ± std (max) over repeats."
+        + (" `hidden_test_*`: the synthetic cohort's hidden test labels, read only after the "
+           "models predicted (no real challenge folder has them)." if hidden else ""),
+        "",
+        shown.to_markdown(index=False),
+        *(["", "An ensemble whose members were chosen by this CV (best k) scores optimistically "
+           "here: the same folds picked and scored it. `seconds_per_fit` of an ensemble excludes "
+           "member fits it shared with the members' own CV."] if selected else []),
+        "",
+        "Wall time per stage (seconds):",
+        "",
+        timings.to_markdown(index=False, floatfmt=".1f"),
+        "",
+        "![ROC](plots/roc.png) ![confusion](plots/confusion.png)",
+        "",
+        *_instance_section(views),
+        "## Class distributions",
+        "",
+        "Clinical attributes, bag sizes (images per patient) and each model's out-of-fold scores "
+        "by class (training patients; bag sizes also for the test patients).",
+        "",
+        "![clinical](plots/clinical_by_class.png) ![bag sizes](plots/bag_sizes_by_class.png)",
+        "![out-of-fold scores](plots/oof_scores_by_class.png)",
+        "",
+        "## Submissions",
+        "",
+        *([f"- {name}: `{path}`" for name, path in submissions.items()] or ["none"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _instance_section(views: InstanceViews | None) -> list[str]:
+    if views is None or (not views.montages and views.auc is None):
+        return []
+    lines = ["## Instances", ""]
+    if views.auc is not None:
+        lines += [
+            "`instance_auc`: ROC AUC of the final model's instance scores (refit on all training "
+            "patients) against the synthetic truth's atypical flag, over every test patient's image; "
+            "– for models without instance scores. `instance_auc.csv` adds the mean AUC within "
+            "bags (`within_bag_auc`; attention weights are normalised per bag) and the counts.",
+            "",
+        ]
+    if views.montages:
+        lines += ["Highest-scoring images per patient (final model; test patients, then a few "
+                  "training patients scored in-sample):", ""]
+        lines += [f"- {name}: ![{name} top instances]({path})" for name, path in views.montages.items()]
+        lines.append("")
+    return lines
