@@ -37,7 +37,7 @@ INSTALL_HINT = 'pip install "milbench[mlflow]"'
 RECORD_FILE = "mlflow.json"
 # Parent-run artifacts, when the run directory has them.
 RUN_ARTIFACTS = ("config.yaml", "environment.json", "report.md", "metrics.csv", "metrics.json",
-                 "timings.csv", "features.json", "plots")
+                 "timings.csv", "features.json", "instance_auc.csv", "plots")
 ABLATION_ARTIFACTS = ("config.yaml", "environment.json", "ablation.md", "ablation.csv", "plots")
 # MLflow's limits: param values (6000 characters since MLflow 2.x), params and metrics per batch.
 MAX_PARAM_LENGTH = 6000
