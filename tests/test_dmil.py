@@ -139,8 +139,10 @@ def test_reproducible_and_leaves_global_rng_alone(tiny):
     torch.manual_seed(123)
     expected = torch.rand(1)
     torch.manual_seed(123)
+    threads = torch.get_num_threads()
     first = AttentionDMIL(random_state=5, max_epochs=5).fit(bags, labels, clinical)
     assert torch.rand(1) == expected  # fit ran under a forked RNG
+    assert torch.get_num_threads() == threads  # its single thread was given back
     second = AttentionDMIL(random_state=5, max_epochs=5).fit(bags, labels, clinical)
     np.testing.assert_array_equal(
         first.decision_function(bags, clinical), second.decision_function(bags, clinical)
@@ -166,6 +168,8 @@ def test_invalid_parameters(tiny):
         AttentionDMIL(aggregation="sum").fit(bags, labels)
     with pytest.raises(ValueError, match="norm"):
         AttentionDMIL(norm="group").fit(bags, labels)
+    with pytest.raises(ValueError, match="torch_threads"):
+        AttentionDMIL(torch_threads=0).fit(bags, labels)
 
 
 def test_pca_is_fitted_on_training_instances_and_sizes_the_network():
