@@ -209,7 +209,7 @@ def bench_mil(
     datasets: Annotated[str, typer.Option(help="Comma-separated: musk1, musk2, elephant, ucsb, digits.")]
     = "musk1,musk2,elephant,ucsb,digits",
     models: Annotated[str, typer.Option(help="Comma-separated model specs (name, params in brackets).")]
-    = "misvm,misvm[kernel=linear;C=1],mi_svm,dmil,meanpool_svm",
+    = "misvm,misvm[kernel=linear;C=1],mi_svm,dmil[validation_fraction=0;max_epochs=50],meanpool_svm",
     repeats: int = 5,
     splits: int = 10,
     seed: int = 0,

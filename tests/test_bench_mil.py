@@ -85,6 +85,22 @@ def test_model_specs_and_lists():
     ]
 
 
+def test_default_models_include_the_benchmark_dmil_spec():
+    import inspect
+
+    from milbench import cli
+    from milbench.bench.mil import DEFAULT_MODELS, DMIL_BENCH_SPEC
+
+    spec = parse_model_spec(DMIL_BENCH_SPEC)
+    assert spec.name == "dmil" and spec.paper_method == "Attention MIL (Ilse 2018)"
+    model = spec.create()
+    assert model.get_params()["validation_fraction"] == 0 and model.get_params()["max_epochs"] == 50
+    assert DMIL_BENCH_SPEC in DEFAULT_MODELS
+    # The CLI spells the same list (kept literal so `milbench --help` stays light).
+    cli_default = inspect.signature(cli.bench_mil).parameters["models"].default
+    assert split_list(cli_default) == list(DEFAULT_MODELS)
+
+
 def test_protocol_uses_stratified_folds_in_file_order():
     data = make_digit_bags(n_bags=40, random_state=0)
     folds = run_mil_benchmark([data], ["meanpool_svm"], n_repeats=2, n_splits=4, progress=False)

@@ -138,3 +138,12 @@ def test_calibration_source_is_recorded(tiny):
     assert MISVM(kernel="linear").fit(bags, labels).calibrated_on_ in {"out_of_fold", "training"}
     assert MISVM(kernel="linear", calibration_folds=3).fit(bags * 3, np.tile(labels, 3)).calibrated_on_ == (
         "out_of_fold")
+
+
+def test_scale_c_divides_c_by_the_number_of_svm_examples(tiny):
+    bags, labels, _, _ = tiny
+    model = MISVM(kernel="linear", C=2.0, scale_C=True, calibration_folds=None).fit(bags, labels)
+    n_negative = sum(len(bag) for bag, label in zip(bags, labels, strict=True) if label == 0)
+    # MI-SVM trains on the negative instances plus one witness per positive bag.
+    assert model.svm_.C == pytest.approx(2.0 / (n_negative + int(np.sum(labels))))
+    assert MISVM(kernel="linear", C=2.0, calibration_folds=None).fit(bags, labels).svm_.C == 2.0

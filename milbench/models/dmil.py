@@ -32,6 +32,7 @@ import math
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils import check_random_state
@@ -431,7 +432,7 @@ class AttentionDMIL(BagClassifier):
         return logits
 
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
-        positive = 1.0 / (1.0 + np.exp(-self.decision_function(bags, clinical)))
+        positive = expit(self.decision_function(bags, clinical))  # no overflow for big logits
         return np.column_stack([1.0 - positive, positive])
 
     def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:

@@ -25,7 +25,10 @@ n x n QP matrix the reference ``misvm`` builds (>200 s per fit and 3.3 GB on MUS
 
 Defaults (RBF, C=10, gamma="scale", standardised instances) are the benchmark settings; note
 that scikit-learn's C is not divided by the number of QP variables as ``misvm``'s
-``scale_C=True`` does, so ``misvm``'s "C=1" is a much weaker penalty than ours.
+``scale_C=True`` does, so ``misvm``'s "C=1" is a much weaker penalty than ours. ``scale_C=True``
+here applies the reference's convention: each SVM of the alternation gets ``C / n`` with ``n`` its
+number of training examples (MI-SVM: negative instances plus one witness per positive bag;
+mi-SVM: all instances), so ``misvm[kernel=linear;C=1;scale_C=true]`` is the reference's setting.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class _InstanceSVM(_ScoreCalibrated):
         scale: bool = True,
         pca_components: int | None = None,
         calibration_folds: int | None = 3,
+        scale_C: bool = False,
         random_state: int | None = None,
     ):
         self.kernel = kernel
@@ -99,6 +103,7 @@ class _InstanceSVM(_ScoreCalibrated):
         self.scale = scale
         self.pca_components = pca_components
         self.calibration_folds = calibration_folds
+        self.scale_C = scale_C
         self.random_state = random_state
 
     # -- training ------------------------------------------------------------------------
@@ -116,12 +121,12 @@ class _InstanceSVM(_ScoreCalibrated):
                 f"calibration_folds must be None or >= 2, got {self.calibration_folds}"
             )
 
-    def _make_svm(self) -> SVC:
+    def _make_svm(self, n_examples: int) -> SVC:
         # libsvm for both kernels: exact hinge loss with a free (unpenalised) bias, as in
         # Andrews et al.; fast here because only instances, never an n x n matrix, are stored.
         return SVC(
             kernel=self.kernel,
-            C=self.C,
+            C=self.C / n_examples if self.scale_C else self.C,
             gamma=self.gamma,
             class_weight=self.class_weight,
             cache_size=500,
@@ -134,7 +139,8 @@ class _InstanceSVM(_ScoreCalibrated):
         return BagTransform(n_components=self.pca_components, scale=self.scale, random_state=0)
 
     def _train_svm(self, features: np.ndarray, targets: np.ndarray) -> SVC:
-        return self._make_svm().fit(features, targets)
+        """One SVM of the alternation; with ``scale_C``, C is divided by ``len(features)``."""
+        return self._make_svm(len(features)).fit(features, targets)
 
     def fit(self, bags, y, clinical=None):
         """Fit on a list of ``(n_i, d)`` bags and 0/1 bag labels; ``clinical`` is ignored."""
