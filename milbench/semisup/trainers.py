@@ -32,6 +32,14 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return batches
 
 
+def _validation_accuracy(model, items, labels) -> float | None:
+    """Accuracy of ``model`` on the source validation part (None when there is none)."""
+    if items is None:
+        return None
+    predicted = model.predict_positive(items) >= 0.5
+    return float((predicted == np.asarray(labels, bool)).mean())
+
+
 def _sgd_epochs(network: nn.Module, fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                 n: int, *, epochs: int, learning_rate: float, momentum: float, weight_decay: float,
                 batch_size: int, seed: int, evaluate: Callable[[], float | None]) -> list[float]:
@@ -102,10 +110,7 @@ class HeadTrainer:
         targets = torch.as_tensor(labels, dtype=torch.long)
 
         def evaluate() -> float | None:
-            if val_items is None:
-                return None
-            predicted = model.predict_positive(val_items) >= 0.5
-            return float((predicted == np.asarray(val_labels, bool)).mean())
+            return _validation_accuracy(model, val_items, val_labels)
 
         model.val_accuracy = _sgd_epochs(
             network, lambda batch: (inputs[batch], targets[batch]), len(items),
@@ -216,10 +221,7 @@ class FullTrainer:
                     targets[batch].to(self.device))
 
         def evaluate() -> float | None:
-            if val_paths is None:
-                return None
-            predicted = model.predict_positive(val_paths) >= 0.5
-            return float((predicted == np.asarray(val_labels, bool)).mean())
+            return _validation_accuracy(model, val_paths, val_labels)
 
         model.val_accuracy = _sgd_epochs(
             network, fetch, len(paths), epochs=self.epochs, learning_rate=self.learning_rate,
