@@ -14,6 +14,7 @@ from milbench.evaluation.splits import load_folds
 from milbench.models import create_model
 from milbench.models.reuse import fit_model, reusing_fits
 from milbench.pipeline import prepare_data, run_pipeline
+from milbench.submit import check_submission
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -68,6 +69,12 @@ def test_voting_over_the_best_member_by_cv_reuses_its_fits(tmp_path):
     assert ranking.loc[ranking["chosen"], "model"].tolist() == [best]
     assert table.loc["vote_best1", "note"] == f"members chosen by this CV: {best}"
     assert "scores optimistically" in (outcome.run_dir / "report.md").read_text()
+    # One valid leaderboard CSV per member and for the ensemble.
+    test_ids = pd.read_csv(outcome.run_dir / "models" / "vote_best1" / "test_predictions.csv",
+                           dtype={"patient_id": str})["patient_id"].tolist()
+    assert set(outcome.submissions) == {"clinical_xgb", "clinical_logreg", "vote_best1"}
+    for path in outcome.submissions.values():
+        assert check_submission(path, test_ids) == []
     # A one-member soft vote is its member: identical out-of-fold scores and test predictions.
     vote, member = (pd.read_csv(outcome.run_dir / "models" / m / "oof.csv") for m in ("vote_best1", best))
     np.testing.assert_allclose(vote["score"], member["score"])
