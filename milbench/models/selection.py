@@ -1,0 +1,131 @@
+"""Parameter selection by an inner cross-validation on the training bags only.
+
+``inner_cv`` wraps a registered bag model: for every candidate of ``grid`` it runs a stratified
+``inner_splits``-fold CV inside the bags given to ``fit``, keeps the candidate with the best mean
+``metric`` (ties: the first in grid order), and refits it on all those bags. Placed inside an
+outer cross-validation this is nested CV: the outer test folds never take part in the choice, so
+the outer figure is an honest estimate of "this model, tuned on the data at hand", unlike a
+setting picked by looking at the outer folds.
+
+``grid`` is a mapping of parameter name to a list of values (every combination is a candidate)
+or a list of such mappings, as scikit-learn's ``ParameterGrid`` reads it; ``params`` are fixed
+parameters applied to every candidate. ``cv_results_`` keeps each candidate's inner scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import ParameterGrid, StratifiedKFold
+from sklearn.utils.validation import check_is_fitted
+
+from milbench.evaluation.metrics import METRICS, binary_metrics
+from milbench.models.base import BagClassifier, check_bags, check_binary_labels
+from milbench.models.registry import create_model, register_model
+
+
+def _take_clinical(clinical, rows: np.ndarray):
+    if clinical is None:
+        return None
+    if isinstance(clinical, pd.DataFrame):
+        return clinical.iloc[rows].reset_index(drop=True)
+    return np.asarray(clinical)[rows]
+
+
+@register_model("inner_cv", tags=("selection", "clinical_optional"))
+class InnerCVSelection(BagClassifier):
+    """The wrapped model with the parameters an inner CV on the training bags chose."""
+
+    def __init__(
+        self,
+        model: str = "meanpool_svm",
+        params: dict | None = None,
+        grid: dict | list | None = None,
+        inner_splits: int = 3,
+        metric: str = "balanced_accuracy",
+        random_state: int | None = None,
+    ):
+        self.model = model
+        self.params = params
+        self.grid = grid
+        self.inner_splits = inner_splits
+        self.metric = metric
+        self.random_state = random_state
+
+    def _candidates(self) -> list[dict]:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if int(self.inner_splits) < 2:
+            raise ValueError(f"inner_splits must be at least 2, got {self.inner_splits}")
+        candidates = list(ParameterGrid(self.grid or {}))
+        for candidate in candidates:  # unknown names or bad values fail before any training
+            self._build(candidate)
+        return candidates
+
+    def _build(self, candidate: dict):
+        try:
+            model = create_model(self.model, **{**(self.params or {}), **candidate})
+        except TypeError as error:
+            raise ValueError(f"inner_cv: parameters {candidate} do not fit model {self.model!r}: "
+                             f"{error}") from error
+        if "random_state" in model.get_params():
+            model.set_params(random_state=self.random_state)
+        return model
+
+    def _inner_score(self, candidate: dict, bags, labels, clinical, folds) -> list[float]:
+        scores = []
+        for train, val in folds:
+            model = self._build(candidate).fit(
+                [bags[i] for i in train], labels[train], _take_clinical(clinical, train))
+            val_bags, val_clinical = [bags[i] for i in val], _take_clinical(clinical, val)
+            proba = model.predict_proba(val_bags, val_clinical)[:, 1]
+            metrics = binary_metrics(labels[val], model.predict(val_bags, val_clinical), proba)
+            scores.append(metrics[self.metric])
+        return scores
+
+    def fit(self, bags, y, clinical=None):
+        labels = check_binary_labels(y)
+        bags = check_bags(bags, allow_empty_features=True)
+        if len(bags) != len(labels):
+            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+        candidates = self._candidates()
+        rows = []
+        if len(candidates) > 1:
+            n_splits = min(int(self.inner_splits), int(np.bincount(labels).min()))
+            if n_splits < 2:
+                raise ValueError("inner CV needs at least 2 bags of each class")
+            splitter = StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state)
+            folds = list(splitter.split(np.zeros(len(labels)), labels))
+            for candidate in candidates:
+                scores = self._inner_score(candidate, bags, labels, clinical, folds)
+                rows.append({"params": candidate, "mean": float(np.nanmean(scores)),
+                             "std": float(np.nanstd(scores)), "scores": scores})
+            best = int(np.nanargmax([row["mean"] for row in rows]))  # first of equal means
+        else:
+            best = 0
+        self.cv_results_ = pd.DataFrame(rows, columns=["params", "mean", "std", "scores"])
+        self.best_params_ = candidates[best]
+        self.best_estimator_ = self._build(self.best_params_).fit(bags, labels, clinical)
+        if hasattr(self.best_estimator_, "n_features_in_"):
+            self.n_features_in_ = self.best_estimator_.n_features_in_
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, bags, clinical=None) -> np.ndarray:
+        check_is_fitted(self)
+        return self.best_estimator_.predict_proba(bags, clinical)
+
+    def predict(self, bags, clinical=None) -> np.ndarray:
+        check_is_fitted(self)
+        return self.best_estimator_.predict(bags, clinical)
+
+    # The chosen model's optional capabilities, present only where it has them (``hasattr``).
+    @property
+    def instance_scores(self):
+        check_is_fitted(self)
+        return self.best_estimator_.instance_scores
+
+    @property
+    def bag_features(self):
+        check_is_fitted(self)
+        return self.best_estimator_.bag_features

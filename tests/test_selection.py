@@ -1,0 +1,101 @@
+"""inner_cv: parameters chosen by an inner CV on the training bags, then refitted on all of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bag_fixtures import make_tiny_bags
+
+from milbench.bench.mil import parse_model_spec
+from milbench.models import create_model
+
+# gamma=1000 on standardised mean bags makes the RBF kernel the identity: the SVM memorises its
+# training bags and scores every new bag alike, so its inner balanced accuracy is about 0.5.
+GOOD, BAD = {"gamma": "scale"}, {"gamma": 1000.0}
+
+
+@pytest.fixture(scope="module")
+def data():
+    bags, labels, clinical, _ = make_tiny_bags(n_bags=40, seed=1)
+    return bags, labels, clinical
+
+
+def _selector(**params):
+    defaults = {"model": "meanpool_svm", "grid": {"gamma": [1000.0, "scale"]}, "random_state": 0}
+    return create_model("inner_cv", **{**defaults, **params})
+
+
+def test_picks_the_candidate_that_generalises_and_refits_it(data):
+    bags, labels, clinical = data
+    selector = _selector().fit(bags, labels, clinical)
+    # The good candidate is listed second, so picking the first would fail here.
+    assert selector.best_params_ == GOOD
+    results = selector.cv_results_.set_index(selector.cv_results_["params"].map(str))
+    assert results.loc[str(GOOD), "mean"] > 0.7
+    assert results.loc[str(BAD), "mean"] < 0.55
+    assert all(len(scores) == 3 for scores in selector.cv_results_["scores"])
+    direct = create_model("meanpool_svm", random_state=0, **GOOD).fit(bags, labels, clinical)
+    np.testing.assert_array_equal(selector.predict_proba(bags), direct.predict_proba(bags))
+    np.testing.assert_array_equal(selector.predict(bags), direct.predict(bags))
+
+
+def test_fixed_params_apply_to_every_candidate(data):
+    bags, labels, clinical = data
+    selector = _selector(params={"C": 0.5}).fit(bags, labels, clinical)
+    assert selector.best_estimator_.C == 0.5
+    assert {row["gamma"] for row in selector.cv_results_["params"]} == {1000.0, "scale"}
+
+
+def test_equal_means_keep_the_first_candidate(data):
+    bags, labels, clinical = data
+    selector = _selector(grid={"C": [2.0, 2]}).fit(bags, labels, clinical)
+    assert selector.cv_results_["mean"].nunique() == 1
+    assert selector.best_params_ == {"C": 2.0} and isinstance(selector.best_params_["C"], float)
+
+
+def test_uses_only_the_bags_it_is_given(data):
+    """Appending bags that fit never sees cannot change the choice: it is made inside fit."""
+    bags, labels, clinical = data
+    first = _selector().fit(bags[:30], labels[:30])
+    other = make_tiny_bags(n_bags=40, seed=9)[0]
+    again = _selector().fit(bags[:30], labels[:30])
+    np.testing.assert_array_equal(first.predict_proba(other), again.predict_proba(other))
+    assert [row["mean"] for row in first.cv_results_.to_dict("records")] == [
+        row["mean"] for row in again.cv_results_.to_dict("records")]
+
+
+def test_exposes_the_chosen_models_capabilities_only(data):
+    bags, labels, clinical = data
+    unfitted = _selector(model="misvm", grid={"C": [1.0, 10.0]})
+    assert not hasattr(unfitted, "instance_scores")
+    fitted = unfitted.fit(bags, labels)
+    scores = fitted.instance_scores(bags)
+    assert [len(s) for s in scores] == [len(b) for b in bags]
+    np.testing.assert_array_equal(np.concatenate(scores),
+                                  np.concatenate(fitted.best_estimator_.instance_scores(bags)))
+    assert not hasattr(_selector().fit(bags, labels), "instance_scores")  # meanpool_svm has none
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"grid": {"no_such_parameter": [1]}}, "no_such_parameter"),
+        ({"metric": "accuracy_typo"}, "metric must be one of"),
+        ({"inner_splits": 1}, "inner_splits"),
+        ({"model": "no_such_model"}, "unknown model"),
+    ],
+)
+def test_bad_settings_fail_before_training(data, params, message):
+    bags, labels, _ = data
+    with pytest.raises((ValueError, KeyError), match=message):
+        _selector(**params).fit(bags, labels)
+
+
+def test_benchmark_spec_round_trips_and_names_the_paper():
+    text = ("inner_cv[model=dmil;params={max_epochs: 50, validation_fraction: 0};"
+            "grid={norm: [layer, none]}]")
+    spec = parse_model_spec(text)
+    assert spec.label == text
+    assert parse_model_spec(spec.label) == spec
+    assert spec.paper_method == "Attention MIL (Ilse 2018)"
+    assert dict(spec.params)["grid"] == {"norm": ["layer", "none"]}
