@@ -78,7 +78,7 @@ class ModelSpec:
     def label(self) -> str:
         if not self.params:
             return self.name
-        return f"{self.name}[{';'.join(f'{k}={v}' for k, v in self.params)}]"
+        return f"{self.name}[{';'.join(f'{k}={_spec_value(v)}' for k, v in self.params)}]"
 
     def create(self):
         return create_model(self.name, **dict(self.params))
@@ -86,6 +86,10 @@ class ModelSpec:
     @property
     def paper_method(self) -> str | None:
         params = dict(self.params)
+        if self.name == "inner_cv":  # the wrapped model's paper, its fixed parameters deciding
+            inner = ModelSpec(params.get("model", "meanpool_svm"),
+                              tuple((params.get("params") or {}).items()))
+            return inner.paper_method
         if self.name == "misvm":
             return "MI-SVM (Andrews 2002)"
         if self.name == "mi_svm":
@@ -95,6 +99,13 @@ class ModelSpec:
         if self.name == "dmil" and params.get("aggregation") == "gated_attention":
             return "Gated attention MIL (Ilse 2018)"
         return None
+
+
+def _spec_value(value) -> str:
+    """A parameter value as spec text that reads back as the same value (YAML flow style)."""
+    if isinstance(value, (dict, list, tuple)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return str(value)
 
 
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*$")
@@ -206,19 +217,13 @@ def run_mil_benchmark(
 
 def _execute(tasks, progress: bool, n_jobs: int) -> Iterable[dict]:
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from milbench.progress import progress_bar
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: threads cost more than they give
     try:
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not progress,
-        ) as bar:
-            task_id = bar.add_task("MIL benchmark", total=len(tasks))
+        with progress_bar("MIL benchmark", len(tasks), enabled=progress, unit="fits") as advance:
             if n_jobs == 1:
                 results = (_run_fold(*task) for task in tasks)
             else:
@@ -228,7 +233,7 @@ def _execute(tasks, progress: bool, n_jobs: int) -> Iterable[dict]:
                     delayed(_run_fold_one_thread)(*task) for task in tasks
                 )
             for row in results:
-                bar.update(task_id, advance=1, description=f"{row['dataset']} {row['model']}")
+                advance(1)
                 yield row
     finally:
         torch.set_num_threads(threads)

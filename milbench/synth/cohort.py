@@ -351,37 +351,18 @@ def _run_tasks(
     function: Callable[[Any], int], tasks: Sequence[Any], total: int, workers: int,
     progress: bool, description: str,
 ) -> None:
-    bar = None
-    if progress:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+    from milbench.progress import progress_bar
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TimeRemainingColumn())
-        bar.start()
-        task_id = bar.add_task(description, total=total)
-    try:
+    with progress_bar(description, total, enabled=progress, unit="img") as advance:
         if workers == 1:
-            results: Iterator[int] = map(function, tasks)
-            for done in results:
-                if bar is not None:
-                    bar.advance(task_id, done)
+            for done in map(function, tasks):
+                advance(done)
         else:
             # spawn, not fork: the caller may hold threads (torch, rich) that fork would copy.
             context = multiprocessing.get_context("spawn")
             with context.Pool(workers, initializer=_init_worker) as pool:
                 for done in pool.imap_unordered(function, tasks):
-                    if bar is not None:
-                        bar.advance(task_id, done)
-    finally:
-        if bar is not None:
-            bar.stop()
+                    advance(done)
 
 
 # --------------------------------------------------------------------------- writers
