@@ -170,6 +170,31 @@ def test_invalid_parameters(tiny):
         AttentionDMIL(norm="group").fit(bags, labels)
     with pytest.raises(ValueError, match="torch_threads"):
         AttentionDMIL(torch_threads=0).fit(bags, labels)
+    with pytest.raises(ValueError, match="instance_dropout"):
+        AttentionDMIL(instance_dropout=1.0).fit(bags, labels)
+
+
+def test_instance_dropout_hides_real_instances_only_and_never_a_whole_bag():
+    _, mask = pad_bags([np.zeros((n, 2)) for n in (1, 2, 5, 40)])
+    mask = torch.from_numpy(mask)
+    generator = torch.Generator().manual_seed(0)
+    model = AttentionDMIL(instance_dropout=0.5)
+    draws = [model._drop_instances(mask, generator) for _ in range(200)]
+    for kept in draws:
+        assert not (kept & ~mask).any()  # padding stays hidden
+        assert kept.any(dim=1).all()  # every bag keeps at least one instance
+    share = torch.stack(draws)[:, 3].float().mean()  # the 40-instance bag
+    assert 0.45 < share < 0.55
+    assert AttentionDMIL()._drop_instances(mask, generator) is mask  # off by default
+
+
+def test_instance_dropout_trains_and_still_overfits(tiny):
+    bags, labels, _, _ = tiny
+    model = AttentionDMIL(random_state=0, instance_dropout=0.3, **{**OVERFIT, "max_epochs": 60})
+    model.fit(bags, labels)
+    np.testing.assert_array_equal(model.predict(bags), labels)
+    plain = AttentionDMIL(random_state=0, **OVERFIT).fit(bags, labels)
+    assert not np.allclose(model.decision_function(bags), plain.decision_function(bags))
 
 
 def test_pca_is_fitted_on_training_instances_and_sizes_the_network():

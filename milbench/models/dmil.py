@@ -19,9 +19,10 @@ maximum an instance holds; for ``mean_std``, the uniform weight 1/n), each bag's
 Training: class-weighted BCE (weights from the training prevalence), Adam, ReduceLROnPlateau
 (factor 0.8, patience 4) on the validation loss of an internal stratified split of the training
 bags (``validation_fraction``), early stopping that restores the best epoch; per-epoch loss and
-balanced accuracy (train and validation) are kept in ``history_``. Everything random runs under
-a forked torch RNG seeded from ``random_state``, so fits are reproducible on CPU and do not
-disturb the caller's global torch RNG.
+balanced accuracy (train and validation) are kept in ``history_``. ``instance_dropout`` hides
+each real instance of a training batch with that probability (a bag augmentation; never at
+prediction). Everything random runs under a forked torch RNG seeded from ``random_state``, so
+fits are reproducible on CPU and do not disturb the caller's global torch RNG.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class AttentionDMIL(BagClassifier):
         clinical_width: int = 128,
         dropout: float = 0.05,
         norm: str = "layer",
+        instance_dropout: float = 0.0,
         use_clinical: bool | str = "auto",
         scale: bool = True,
         pca_components: int | None = None,
@@ -203,6 +205,7 @@ class AttentionDMIL(BagClassifier):
         self.clinical_width = clinical_width
         self.dropout = dropout
         self.norm = norm
+        self.instance_dropout = instance_dropout
         self.use_clinical = use_clinical
         self.scale = scale
         self.pca_components = pca_components
@@ -234,6 +237,8 @@ class AttentionDMIL(BagClassifier):
             raise ValueError(f"torch_threads must be None or at least 1, got {self.torch_threads}")
         if int(self.max_epochs) < 1:
             raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
+        if not 0 <= self.instance_dropout < 1:
+            raise ValueError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(
                 f"validation_fraction must lie in [0, 1), got {self.validation_fraction}"
@@ -348,6 +353,16 @@ class AttentionDMIL(BagClassifier):
         loss = float(np.mean(class_weights[labels] * losses))
         return loss, float(balanced_accuracy_score(labels, (logits >= 0).astype(int)))
 
+    def _drop_instances(self, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training-time augmentation: each real instance is hidden with probability
+        ``instance_dropout``; a bag that would lose them all keeps them all."""
+        if not self.instance_dropout:
+            return mask
+        kept = mask & (torch.rand(mask.shape, generator=generator) >= self.instance_dropout)
+        emptied = ~kept.any(dim=1)
+        kept[emptied] = mask[emptied]
+        return kept
+
     def _train(self, bags, labels, clinical, train_rows, val_rows, seed) -> DMILNetwork:
         network = DMILNetwork(
             n_features=bags[0].shape[1],
@@ -387,7 +402,7 @@ class AttentionDMIL(BagClassifier):
             permutation = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
             for rows in self._batches(permutation):
                 x, mask, clinical_rows = self._tensors(bags, clinical, rows)
-                logits, _ = network(x, mask, clinical_rows)
+                logits, _ = network(x, self._drop_instances(mask, generator), clinical_rows)
                 losses = nn.functional.binary_cross_entropy_with_logits(
                     logits, targets[rows], reduction="none"
                 )
