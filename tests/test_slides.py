@@ -163,7 +163,7 @@ def test_bench_command_writes_tables(tmp_path, monkeypatch):
 
     real = bench.run_slides_benchmark
 
-    def quick(n_slides, seed, mode, progress=None):
+    def quick(n_slides, seed, mode, progress=False):
         return real(n_slides, seed, mode, progress=progress, cnn_epochs=2, vae_epochs=2)
 
     monkeypatch.setattr(bench, "run_slides_benchmark", quick)

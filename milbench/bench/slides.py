@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from milbench.io import atomic_write_text
+from milbench.progress import progress_bar
 from milbench.slides.clustering import SlideClusterer
 from milbench.slides.cnn import InstanceClassifier, train_cnn
 from milbench.slides.digits import (
@@ -80,7 +80,7 @@ def run_slides_benchmark(
     seed: int = 0,
     mode: str = "both",
     *,
-    progress: Progress | None = None,
+    progress: bool = False,
     cnn_epochs: int = 30,
     vae_epochs: int = 60,
 ) -> pd.DataFrame:
@@ -96,16 +96,15 @@ def run_slides_benchmark(
     kinds = ["stochastic", "distorted"] if mode == "both" else [mode]
     rng = np.random.default_rng(seed + 1)
     rows = []
-    task = progress.add_task("slides", total=n_slides * len(kinds)) if progress else None
-    for kind in kinds:
-        for number in range(n_slides):
-            if kind == "stochastic":
-                slide = stochastic_slide(rng, split.test_images, split.test_labels, sure)
-            else:
-                slide = distorted_slide(rng, split.test_images, split.test_labels)
-            rows.append(_evaluate_slide(pipeline, slide, kind, number))
-            if progress is not None:
-                progress.advance(task)
+    with progress_bar("slides", n_slides * len(kinds), enabled=progress, unit="slides") as advance:
+        for kind in kinds:
+            for number in range(n_slides):
+                if kind == "stochastic":
+                    slide = stochastic_slide(rng, split.test_images, split.test_labels, sure)
+                else:
+                    slide = distorted_slide(rng, split.test_images, split.test_labels)
+                rows.append(_evaluate_slide(pipeline, slide, kind, number))
+                advance(1)
     return pd.DataFrame(rows)
 
 
@@ -170,8 +169,7 @@ def bench_slides_command(n_slides: int, seed: int, out: Path | None, mode: str) 
     ``out`` (atomically). Returns the summary table.
     """
     console = Console()
-    with Progress(console=console, transient=True) as progress:
-        per_slide = run_slides_benchmark(n_slides, seed, mode, progress=progress)
+    per_slide = run_slides_benchmark(n_slides, seed, mode, progress=True)
     summary = summarize(per_slide)
     table = Table(title=f"Slide classification on load_digits ({mode}, seed {seed})")
     for column in (
