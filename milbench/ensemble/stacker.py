@@ -12,26 +12,22 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from lightgbm import LGBMClassifier
-from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 from xgboost import XGBClassifier
 
 from milbench.ensemble.members import check_members, fit_member, member_label, member_outputs
-from milbench.models.base import BagClassifier, check_binary_labels, check_clinical
+from milbench.models.base import (
+    BagClassifier,
+    check_binary_labels,
+    check_clinical,
+    inner_folds,
+    take_bags,
+    take_clinical,
+)
 from milbench.models.clinical import clinical_design_matrix
 from milbench.models.registry import register_model
 
 CLINICAL_FEATURES = ("age", "log_lymph_count", "male")
-
-
-def _rows(sequence, positions):
-    return [sequence[i] for i in positions]
-
-
-def _clinical_rows(clinical, positions):
-    if clinical is None:
-        return None
-    return clinical.iloc[positions] if isinstance(clinical, pd.DataFrame) else np.asarray(clinical)[positions]
 
 
 @register_model("stacker", tags=("ensemble", "clinical"))
@@ -92,20 +88,17 @@ class ClinicalStacker(BagClassifier):
         members = check_members(self.members)
         if len(bags) != len(labels):
             raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
-        n_inner = min(self.inner_splits, int(np.bincount(labels).min()))
-        if n_inner < 2:
-            raise ValueError("the stacker needs at least 2 bags of each class for its inner folds")
         seed = None if self.random_state is None else int(self.random_state)
-        inner = StratifiedKFold(n_splits=n_inner, shuffle=True, random_state=seed or 0)
-        out_of_fold: list[list[pd.DataFrame | None]] = [[None] * n_inner for _ in members]
+        folds = inner_folds(labels, self.inner_splits, seed or 0, "the stacker")
+        out_of_fold: list[list[pd.DataFrame | None]] = [[None] * len(folds) for _ in members]
         validation_positions = []
-        for fold, (train, val) in enumerate(inner.split(np.zeros(len(labels)), labels)):
+        for fold, (train, val) in enumerate(folds):
             validation_positions.append(val)
             for m, member in enumerate(members):
-                model = fit_member(member, seed, _rows(bags, train), labels[train],
-                                   _clinical_rows(clinical, train))
+                model = fit_member(member, seed, take_bags(bags, train), labels[train],
+                                   take_clinical(clinical, train))
                 out_of_fold[m][fold] = member_outputs(
-                    member_label(member), model, _rows(bags, val), _clinical_rows(clinical, val))
+                    member_label(member), model, take_bags(bags, val), take_clinical(clinical, val))
         order = np.argsort(np.concatenate(validation_positions))
         outputs = [pd.concat(parts, ignore_index=True).iloc[order] for parts in out_of_fold]
         design = self._design(outputs, clinical, len(labels))

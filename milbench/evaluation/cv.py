@@ -15,6 +15,7 @@ from sklearn.base import clone
 
 from milbench.evaluation.metrics import aggregate, binary_metrics
 from milbench.evaluation.splits import Fold
+from milbench.models.base import take_bags, take_clinical
 from milbench.models.reuse import fit_model
 from milbench.progress import progress_bar
 
@@ -34,10 +35,6 @@ class CVResult:
 
 def fold_seed(seed: int, repeat: int, fold: int) -> int:
     return seed * 1_000_003 + repeat * 1_000 + fold
-
-
-def _take(sequence, positions):
-    return [sequence[i] for i in positions]
 
 
 def cross_validate(
@@ -62,13 +59,13 @@ def cross_validate(
             estimator = clone(model)
             if "random_state" in estimator.get_params():
                 estimator.set_params(random_state=fold_seed(seed, fold.repeat, fold.fold))
-            train_clinical = None if clinical is None else clinical.iloc[train]
-            val_clinical = None if clinical is None else clinical.iloc[val]
+            train_clinical = take_clinical(clinical, train)
+            val_clinical = take_clinical(clinical, val)
             started = time.perf_counter()
-            estimator = fit_model(estimator, _take(bags, train), labels[train], train_clinical)
+            estimator = fit_model(estimator, take_bags(bags, train), labels[train], train_clinical)
             fit_seconds.append(time.perf_counter() - started)
-            scores = estimator.predict_proba(_take(bags, val), val_clinical)[:, 1]
-            predictions = estimator.predict(_take(bags, val), val_clinical)
+            scores = estimator.predict_proba(take_bags(bags, val), val_clinical)[:, 1]
+            predictions = estimator.predict(take_bags(bags, val), val_clinical)
             for i, score, predicted in zip(val, scores, predictions, strict=True):
                 rows.append((fold.repeat, fold.fold, ids[i], int(labels[i]), float(score), int(predicted)))
             advance()

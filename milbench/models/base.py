@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 CLINICAL_COLUMNS: tuple[str, ...] = ("age", "lymph_count", "male")
@@ -70,6 +71,30 @@ def check_binary_labels(y) -> np.ndarray:
     if len(np.unique(labels)) < 2:
         raise ValueError("training labels contain a single class; need both 0 and 1")
     return labels.astype(int)
+
+
+def take_bags(bags: Sequence[np.ndarray], positions) -> list[np.ndarray]:
+    """The bags at ``positions`` (a fold's patients), in that order."""
+    return [bags[i] for i in positions]
+
+
+def take_clinical(clinical, positions):
+    """The clinical rows at ``positions`` (a table or an array; ``None`` stays ``None``)."""
+    if clinical is None:
+        return None
+    if isinstance(clinical, pd.DataFrame):
+        return clinical.iloc[positions]
+    return np.asarray(clinical)[positions]
+
+
+def inner_folds(labels: np.ndarray, n_splits: int, random_state, owner: str):
+    """Stratified inner folds over training bags (at most one per bag of the rarer class), for
+    models that fit parts of their own training data; ``owner`` names the model in the error."""
+    n_splits = min(int(n_splits), int(np.bincount(labels, minlength=2).min()))
+    if n_splits < 2:
+        raise ValueError(f"{owner} needs at least 2 bags of each class for its inner folds")
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
+    return list(splitter.split(np.zeros(len(labels)), labels))
 
 
 class BagClassifier(ClassifierMixin, BaseEstimator):

@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import ParameterGrid, StratifiedKFold
+from sklearn.model_selection import ParameterGrid
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.evaluation.metrics import METRICS, binary_metrics
-from milbench.models.base import BagClassifier, check_bags, check_binary_labels
+from milbench.models.base import (
+    BagClassifier,
+    check_bags,
+    check_binary_labels,
+    inner_folds,
+    take_bags,
+    take_clinical,
+)
 from milbench.models.registry import create_model, register_model
-
-
-def _take_clinical(clinical, rows: np.ndarray):
-    if clinical is None:
-        return None
-    if isinstance(clinical, pd.DataFrame):
-        return clinical.iloc[rows].reset_index(drop=True)
-    return np.asarray(clinical)[rows]
 
 
 @register_model("inner_cv", tags=("selection", "clinical_optional"))
@@ -76,8 +75,8 @@ class InnerCVSelection(BagClassifier):
         scores = []
         for train, val in folds:
             model = self._build(candidate).fit(
-                [bags[i] for i in train], labels[train], _take_clinical(clinical, train))
-            val_bags, val_clinical = [bags[i] for i in val], _take_clinical(clinical, val)
+                take_bags(bags, train), labels[train], take_clinical(clinical, train))
+            val_bags, val_clinical = take_bags(bags, val), take_clinical(clinical, val)
             proba = model.predict_proba(val_bags, val_clinical)[:, 1]
             metrics = binary_metrics(labels[val], model.predict(val_bags, val_clinical), proba)
             scores.append(metrics[self.metric])
@@ -91,11 +90,7 @@ class InnerCVSelection(BagClassifier):
         candidates = self._candidates()
         rows = []
         if len(candidates) > 1:
-            n_splits = min(int(self.inner_splits), int(np.bincount(labels).min()))
-            if n_splits < 2:
-                raise ValueError("inner CV needs at least 2 bags of each class")
-            splitter = StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state)
-            folds = list(splitter.split(np.zeros(len(labels)), labels))
+            folds = inner_folds(labels, self.inner_splits, self.random_state, "inner_cv")
             for candidate in candidates:
                 scores = self._inner_score(candidate, bags, labels, clinical, folds)
                 rows.append({"params": candidate, "mean": float(np.nanmean(scores)),
