@@ -2,10 +2,16 @@
 
 An ablation config names a base run config and, per variant, the overrides that make it (the same
 ``key=value`` syntax as ``--set``). Each (variant, repeat) cell is evaluated independently — on a
-stratified train/validation split or a stratified K-fold CV seeded by the repeat — in parallel
-worker processes, and its result is written as soon as it finishes, so an interrupted grid resumes
-without redoing finished cells. The table gives mean ± std (max) over repeats per metric with the
-best variant of each column marked; learning curves (models with a ``history_``) are averaged.
+stratified K-fold CV (the default) or a stratified train/validation split (the seed's protocol),
+seeded by the repeat only, so every variant sees the same folds — in parallel worker processes,
+and its result is written as soon as it finishes, so an interrupted grid resumes without redoing
+finished cells.
+
+The table gives mean ± std (max) over repeats per metric, and each variant's paired difference
+from the reference variant (the first, unless ``reference`` names one) over the same folds and
+repeats, with a 95 % interval from the corrected resampled t-test (``comparisons.csv``). A value
+is bold only where the best variant's paired interval against every other variant excludes zero.
+Learning curves (models with a ``history_``) are averaged.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from milbench import tracking
 from milbench.config import ConfigError, RunConfig, load_config, resolved_dict
+from milbench.evaluation.compare import corrected_resampled_ttest
 from milbench.evaluation.cv import cross_validate, fold_seed
 from milbench.evaluation.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, train_val_split
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 
 class Protocol(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["split", "cv"] = "split"
+    kind: Literal["split", "cv"] = "cv"
     val_fraction: float = Field(0.2, gt=0, lt=1)
     n_splits: int = Field(5, ge=2)
 
@@ -50,6 +57,19 @@ class AblationConfig(BaseModel):
     protocol: Protocol = Protocol()
     n_jobs: int = Field(2, ge=1)
     variants: dict[str, list[str]] = Field(min_length=1)
+    reference: str | None = Field(None, description="variant the others are compared with; "
+                                  "null: the first")
+
+    @model_validator(mode="after")
+    def _known_reference(self) -> AblationConfig:
+        if self.reference is not None and self.reference not in self.variants:
+            raise ValueError(f"reference {self.reference!r} is not one of the variants "
+                             f"{list(self.variants)}")
+        return self
+
+    @property
+    def reference_variant(self) -> str:
+        return self.reference or next(iter(self.variants))
 
 
 def load_ablation(path: str | Path, overrides: list[str] = ()) -> tuple[AblationConfig, dict[str, RunConfig]]:
@@ -114,15 +134,21 @@ def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any
         predicted = model.predict(val_bags, data.train_clinical.iloc[val])
         metrics = binary_metrics(data.labels[val], predicted, scores)
         history = getattr(model, "history_", None)
+        fold_metrics = [{"fold": 0, **metrics}]
+        ratio = len(val) / len(train)
     else:
         keys = stratification(config, data.train, min_size=protocol.n_splits)
         folds = kfold_splits(data.train.ids, keys, protocol.n_splits, 1, seed)
         result = cross_validate(build_model(entry), data.train_bags, data.labels, data.train.ids,
                                 folds, data.train_clinical, seed=seed, progress=False)
         metrics = result.per_repeat.drop(columns=["repeat"]).iloc[0].to_dict()
+        fold_metrics = [{"fold": int(fold), **binary_metrics(g["label"], g["predicted"], g["score"])}
+                        for fold, g in result.oof.groupby("fold", sort=True)]
+        ratio = 1.0 / (protocol.n_splits - 1)
     return {"repeat": repeat, "seconds": time.perf_counter() - started,
             "metrics": {k: float(v) for k, v in metrics.items()},
-            "history": history}
+            "fold_metrics": [{k: float(v) for k, v in row.items()} for row in fold_metrics],
+            "test_train_ratio": ratio, "history": history}
 
 
 def _cell_file(variant: str, repeat: int) -> str:
@@ -177,8 +203,10 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
                         advance()
     results = [json.loads((run.path / _cell_file(v, r)).read_text()) for v, r in cells]
     table = ablation_table(results, list(variants))
+    comparisons = paired_differences(results, list(variants))
     run.write_csv("ablation.csv", table, index=True)
-    run.write_text("ablation.md", format_ablation_markdown(table, ablation))
+    run.write_csv("comparisons.csv", comparisons)
+    run.write_text("ablation.md", format_ablation_markdown(table, ablation, comparisons))
     curves = learning_curves(results)
     if curves:
         run.save_figure("plots/learning_curves.png", plot_learning_curves(curves))
@@ -199,21 +227,60 @@ def ablation_table(results: list[dict], variants: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows).T.rename_axis("variant")
 
 
-def best_variants(table: pd.DataFrame) -> dict[str, str]:
-    """For each metric, the variant with the highest mean."""
-    return {m: str(table[f"{m}:mean"].astype(float).idxmax()) for m in METRICS
-            if table[f"{m}:mean"].notna().any()}
+def paired_differences(results: list[dict], variants: list[str]) -> pd.DataFrame:
+    """Every ordered pair of variants and every metric: the per-fold difference (a minus b) over
+    the folds and repeats both ran, under the corrected resampled t-test."""
+    per_fold = pd.DataFrame([
+        {"variant": r["variant"], "repeat": r["repeat"], **row}
+        for r in results for row in r["fold_metrics"]
+    ]).set_index(["variant", "repeat", "fold"]).sort_index()
+    ratio = float(np.mean([r["test_train_ratio"] for r in results]))
+    rows = []
+    for a in variants:
+        for b in variants:
+            if a == b:
+                continue
+            for metric in METRICS:
+                difference = per_fold.loc[a, metric] - per_fold.loc[b, metric]
+                if difference.notna().sum() < 2:
+                    continue  # one repeat of a split: no interval to give
+                test = corrected_resampled_ttest(difference, ratio)
+                rows.append({"variant": a, "reference": b, "metric": metric,
+                             **{k: test[k] for k in ("mean_difference", "ci_low", "ci_high",
+                                                     "p_value", "n")}})
+    return pd.DataFrame(rows, columns=["variant", "reference", "metric", "mean_difference",
+                                       "ci_low", "ci_high", "p_value", "n"])
 
 
-def format_ablation_markdown(table: pd.DataFrame, ablation: AblationConfig) -> str:
-    best = best_variants(table)
-    header = ["variant", *METRICS]
+def best_variants(table: pd.DataFrame, comparisons: pd.DataFrame) -> dict[str, str]:
+    """For each metric, the variant with the highest mean, where its paired interval against
+    every other variant lies above zero (otherwise no variant is marked best)."""
+    best = {}
+    for metric in METRICS:
+        if not table[f"{metric}:mean"].notna().any():
+            continue
+        leader = str(table[f"{metric}:mean"].astype(float).idxmax())
+        against = comparisons[(comparisons["variant"] == leader) & (comparisons["metric"] == metric)]
+        if len(against) == len(table) - 1 and len(against) and (against["ci_low"] > 0).all():
+            best[metric] = leader
+    return best
+
+
+def format_ablation_markdown(table: pd.DataFrame, ablation: AblationConfig,
+                             comparisons: pd.DataFrame) -> str:
+    best = best_variants(table, comparisons)
+    reference = ablation.reference_variant
+    difference_header = f"Δ balanced_accuracy vs {reference} [95 % CI]"
+    header = ["variant", *METRICS, difference_header]
     protocol = ablation.protocol
     described = (f"stratified train/validation split, {protocol.val_fraction:.0%} validation"
                  if protocol.kind == "split" else f"stratified {protocol.n_splits}-fold CV")
     lines = [f"# Ablation `{ablation.name}`", "",
-             f"{ablation.repeats} repeats of a {described}, reseeded per repeat. "
-             "Cells: mean ± std (max) over repeats; best mean per column in bold.", "",
+             f"{ablation.repeats} repeats of a {described}, reseeded per repeat; every variant "
+             "sees the same folds. Cells: mean ± std (max) over repeats. The last column is the "
+             f"paired difference from `{reference}` over the same folds and repeats (corrected "
+             "resampled t-test). A value is bold only where the best variant's paired interval "
+             "against every other variant excludes zero.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in table.index:
         cells = []
@@ -223,7 +290,14 @@ def format_ablation_markdown(table: pd.DataFrame, ablation: AblationConfig) -> s
                                     "max": [table.loc[variant, f"{metric}:max"]]}, index=[metric])
             text = format_mean_std_max(summary, metric)
             cells.append(f"**{text}**" if best.get(metric) == variant else text)
+        row = comparisons[(comparisons["variant"] == variant) & (comparisons["reference"] == reference)
+                          & (comparisons["metric"] == "balanced_accuracy")]
+        cells.append("reference" if variant == reference else "–" if row.empty else
+                     "{:+.3f} [{:+.3f}, {:+.3f}]".format(*row.iloc[0][["mean_difference", "ci_low",
+                                                                        "ci_high"]]))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if not best:
+        lines += ["", "No variant is best by an interval that excludes zero on any metric."]
     return "\n".join(lines) + "\n"
 
 

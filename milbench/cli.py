@@ -75,9 +75,24 @@ def run(
         outcome = run_pipeline(load_config(config, overrides), progress=progress)
     except USER_ERRORS as error:
         _fail(error)
-    shown = outcome.table.drop(columns=["balanced_accuracy_mean"]).rename(columns=SHORT_NAMES)
+    # The terminal shows the headline columns; metrics.csv and report.md hold every metric.
+    shown = outcome.table.drop(columns=["balanced_accuracy_mean", "f1", "precision", "recall"])
+    if "hidden_test_ci_low" in shown:
+        shown["hidden_test_balanced_accuracy"] = [
+            f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(
+                shown.pop("hidden_test_balanced_accuracy"), shown.pop("hidden_test_ci_low"),
+                shown.pop("hidden_test_ci_high"), strict=True)]
+    shown = shown.rename(columns=SHORT_NAMES)
     _print_table(shown, "Cross-validation: mean ± std (max) over repeats"
                  + ("; test_*: hidden synthetic truth" if "test_bal_acc" in shown else ""))
+    if not outcome.comparisons.empty:
+        compared = outcome.comparisons[["model", "comparison", "reference"]].copy()
+        compared["bal_acc difference [95% CI]"] = [
+            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(
+                outcome.comparisons["mean_difference"], outcome.comparisons["ci_low"],
+                outcome.comparisons["ci_high"], strict=True)]
+        compared["verdict"] = outcome.comparisons["verdict"]
+        _print_table(compared, "Paired differences over the same folds (corrected resampled t-test)")
     for name, path in outcome.submissions.items():
         console.print(f"submission [bold]{name}[/]: {path}")
     console.print(f"run directory: {outcome.run_dir}")
@@ -108,7 +123,8 @@ def ablate(
 
 @app.command()
 def synth(
-    preset: Annotated[str, typer.Argument(help="tiny, small, challenge, or allidb2")],
+    preset: Annotated[str, typer.Argument(
+        help="tiny, small, challenge, realistic, realistic_small, or allidb2")],
     out: Annotated[Path, typer.Option(help="Folder to create (must not exist or be empty).")],
     seed: int = 0,
     witness_rate: Annotated[float | None, typer.Option(help="Atypical share in tumoral bags.")] = None,
@@ -116,21 +132,33 @@ def synth(
     clinical_informativeness: Annotated[
         float | None, typer.Option(help="0 = clinical data useless.")
     ] = None,
+    knob: Annotated[list[str] | None, typer.Option(
+        help="Any generator knob as key=value (YAML value), e.g. label_noise=0.1, n_sites=3, "
+             "site_mix_test=[1,1,1]; see milbench.synth.KNOBS.")] = None,
     workers: int = 2,
 ):
-    """Generate a synthetic cohort in the exact challenge layout (or an ALL-IDB2-layout set)."""
+    """Generate a synthetic cohort in the exact challenge layout (or an ALL-IDB2-layout set);
+    its truth/difficulty.json says how hard it is."""
+    import yaml
+
     from milbench.synth import generate_allidb2, generate_cohort
 
     started = time.perf_counter()
     try:
+        knobs = {}
+        for assignment in knob or []:
+            key, separator, raw = assignment.partition("=")
+            if not separator or not key.strip():
+                raise ValueError(f"--knob {assignment!r} must look like key=value")
+            knobs[key.strip()] = yaml.safe_load(raw)
         if preset == "allidb2":
             path = generate_allidb2(out, seed=seed, workers=workers, progress=True)
         else:
             path = generate_cohort(out, preset=preset, seed=seed, witness_rate=witness_rate,
                                    signal_strength=signal_strength,
                                    clinical_informativeness=clinical_informativeness,
-                                   workers=workers, progress=True)
-    except USER_ERRORS as error:
+                                   knobs=knobs, workers=workers, progress=True)
+    except (*USER_ERRORS, yaml.YAMLError) as error:
         _fail(error)
     console.print(f"wrote {path} in {time.perf_counter() - started:.1f} s")
 
@@ -368,3 +396,36 @@ def bench_semisup(
         bench_semisup_command(config, out, max_folds=max_folds)
     except USER_ERRORS as error:
         _fail(error)
+
+
+@bench_app.command("cohort")
+def bench_cohort(
+    root: Annotated[Path, typer.Argument(help="Challenge folder (real or generated).")],
+    out: Annotated[Path | None, typer.Option(help="Also write the figures to this JSON file.")] = None,
+    repeats: Annotated[int, typer.Option(help="Repeats of the clinical-only 5-fold CV.")] = 5,
+):
+    """A cohort's difficulty: clinical-only CV balanced accuracy; on a synthetic cohort also the
+    oracle bag and instance figures, witness fractions, flipped labels and the site mix."""
+    from milbench.io import atomic_write_json
+    from milbench.synth.difficulty import cohort_difficulty
+
+    try:
+        figures = cohort_difficulty(root, n_repeats=repeats)
+    except USER_ERRORS as error:
+        _fail(error)
+    table = Table(title=f"Difficulty of {root}")
+    table.add_column("figure")
+    table.add_column("value")
+
+    def add(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            table.add_row(prefix, f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    add("", figures)
+    console.print(table)
+    if out is not None:
+        atomic_write_json(out, figures)
+        console.print(f"wrote {out}")

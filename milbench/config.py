@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The configs/ folder of a source checkout (editable install), for names given without a path.
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -26,8 +26,17 @@ class _Strict(BaseModel):
 
 
 class SyntheticData(_Strict):
-    preset: Literal["tiny", "small", "challenge"] = "small"
+    preset: Literal["tiny", "small", "challenge", "realistic", "realistic_small"] = "realistic"
     seed: int = 0
+    knobs: dict[str, Any] = Field(
+        {}, description="overrides of the preset's generator knobs (milbench.synth.KNOBS)")
+
+    @model_validator(mode="after")
+    def _known_knobs(self) -> SyntheticData:
+        from milbench.synth.cohort import resolve_knobs
+
+        resolve_knobs(self.preset, self.knobs)  # raises naming the knob
+        return self
 
 
 class DataConfig(_Strict):
@@ -61,6 +70,9 @@ class EvaluationConfig(_Strict):
     stratify: list[Literal["gender", "age", "lymph_count"]] = ["gender", "age", "lymph_count"]
     age_threshold: float | None = None
     count_threshold: float | None = None
+    baseline: str | None = Field(
+        None, description="label of the model every other is compared with (comparisons.csv); "
+        "null: the first clinical-only model")
 
 
 class ModelEntry(_Strict):
@@ -114,6 +126,14 @@ class RunConfig(_Strict):
         if duplicates:
             raise ValueError(f"model names/labels must be unique, repeated: {duplicates}")
         return models
+
+    @model_validator(mode="after")
+    def _known_baseline(self) -> RunConfig:
+        names = [m.display_name for m in self.models]
+        if self.evaluation.baseline is not None and self.evaluation.baseline not in names:
+            raise ValueError(f"evaluation.baseline {self.evaluation.baseline!r} is not one of the "
+                             f"models {names}")
+        return self
 
 
 def apply_override(config: dict[str, Any], assignment: str) -> None:

@@ -5,6 +5,8 @@ refit on all training patients → test predictions and leaderboard CSVs → met
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,7 +18,14 @@ import pandas as pd
 from milbench import report, tracking
 from milbench.config import ConfigError, DataConfig, ModelEntry, RunConfig, resolved_dict
 from milbench.data import Cohort, load_challenge
-from milbench.ensemble.members import check_selection, is_selection, member_label, select_best
+from milbench.ensemble.members import (
+    check_members,
+    check_selection,
+    is_selection,
+    member_label,
+    select_best,
+)
+from milbench.evaluation.compare import bootstrap_interval, paired_comparison
 from milbench.evaluation.cv import CVResult, cross_validate
 from milbench.evaluation.metrics import METRICS, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, save_folds, stratification_keys
@@ -35,6 +44,7 @@ class RunOutcome:
     table: pd.DataFrame  # one row per model: metric summaries
     submissions: dict[str, Path]
     timings: pd.DataFrame  # stage, seconds
+    comparisons: pd.DataFrame  # paired differences (COMPARISON_COLUMNS)
 
 
 class StageTimer:
@@ -56,7 +66,14 @@ class StageTimer:
 
 
 def synthetic_cohort_path(data: DataConfig, workdir: str | Path) -> Path:
-    return Path(workdir) / "data" / f"synthetic-{data.synthetic.preset}-seed{data.synthetic.seed}"
+    """Where the configured synthetic cohort is cached: named by preset and seed, plus a hash of
+    the knobs when any is overridden (every knob is part of the key)."""
+    synthetic = data.synthetic
+    name = f"synthetic-{synthetic.preset}-seed{synthetic.seed}"
+    if synthetic.knobs:
+        digest = hashlib.sha256(json.dumps(synthetic.knobs, sort_keys=True).encode()).hexdigest()
+        name += f"-{digest[:10]}"
+    return Path(workdir) / "data" / name
 
 
 def resolve_data_root(data: DataConfig, workdir: str | Path, progress: bool = True) -> Path:
@@ -64,20 +81,25 @@ def resolve_data_root(data: DataConfig, workdir: str | Path, progress: bool = Tr
     under the work directory and reused when its manifest matches)."""
     if data.root is not None:
         return Path(data.root)
-    from milbench.synth import generate_cohort, read_manifest
+    from milbench.synth import GENERATOR_VERSION, generate_cohort, read_manifest
 
+    synthetic = data.synthetic
     path = synthetic_cohort_path(data, workdir)
     if path.exists():
-        manifest = read_manifest(path)
-        if manifest is None or manifest.get("preset") != data.synthetic.preset or manifest.get(
-            "seed"
-        ) != data.synthetic.seed:
-            raise ConfigError(f"{path} exists but is not the synthetic cohort the config asks for")
+        manifest = read_manifest(path) or {}
+        wanted = {"preset": synthetic.preset, "seed": synthetic.seed,
+                  "knobs": json.loads(json.dumps(synthetic.knobs)),
+                  "generator_version": GENERATOR_VERSION}
+        found = {key: manifest.get(key) for key in wanted}
+        if found != wanted:
+            differing = sorted(k for k in wanted if found[k] != wanted[k])
+            raise ConfigError(f"{path} exists but is not the synthetic cohort the config asks for "
+                              f"(differs in {differing}); remove it to regenerate")
         log.info("reusing synthetic cohort %s", path)
         return path
-    log.info("generating synthetic %s cohort in %s", data.synthetic.preset, path)
-    generate_cohort(path, preset=data.synthetic.preset, seed=data.synthetic.seed, workers=2,
-                    progress=progress)
+    log.info("generating synthetic %s cohort in %s", synthetic.preset, path)
+    generate_cohort(path, preset=synthetic.preset, seed=synthetic.seed, knobs=synthetic.knobs,
+                    workers=2, progress=progress)
     return path
 
 
@@ -263,7 +285,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
     save_folds(folds, run.file("splits/folds.csv"))
 
     test_truth = hidden_test_labels(data.root, data.test.ids)
-    rows, results, submissions, finals = [], {}, {}, {}
+    rows, results, submissions, finals, resolved_entries = [], {}, {}, {}, {}
     # Ensembles share their members' fits on the same patients (see milbench.models.reuse).
     with reusing_fits():
         for position, entry in enumerate(config.models):
@@ -274,6 +296,7 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
                 run.write_csv(f"models/{name}/member_ranking.csv", ranking)
                 note = "members chosen by this CV: " + ", ".join(
                     member_label(m) for m in entry.params["members"])
+            resolved_entries[name] = entry
             with timer.stage(f"CV {name}"):
                 results[name] = cross_validate(
                     build_model(entry), data.train_bags, data.labels, data.train.ids, folds,
@@ -292,6 +315,8 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
         views = write_instance_views(run, data, finals)  # montages; instance AUC on synthetic truth
         table = views.add_to(pd.DataFrame(rows))
         run.write_csv("metrics.csv", table)
+        comparisons = compare_models(config, resolved_entries, results)
+        run.write_csv("comparisons.csv", comparisons)
         run.write_json("metrics.json", {
             name: {"per_repeat": r.per_repeat.to_dict(orient="records"),
                    "summary": r.summary.to_dict(orient="index")}
@@ -299,11 +324,58 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
         })
         run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
         report.write_plots(run, data.cohort, results)
-        run.write_text("report.md", report.render(config, data, table, submissions, timer.table(), views))
+        run.write_text("report.md", report.render(config, data, table, submissions, timer.table(), views,
+                                                  comparisons))
     run.write_csv("timings.csv", timer.table())
     tracking.log_run(config, run.path)  # reads the finished run directory; nothing when disabled
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions,
-                      timings=timer.table())
+                      timings=timer.table(), comparisons=comparisons)
+
+
+COMPARISON_COLUMNS = ["model", "reference", "comparison", "metric", "model_mean", "reference_mean",
+                      "mean_difference", "ci_low", "ci_high", "p_value", "n", "verdict"]
+
+
+def baseline_label(config: RunConfig) -> str | None:
+    """The clinical baseline the run compares every model with: ``evaluation.baseline``, or else
+    the first model that reads only the clinical attributes."""
+    if config.evaluation.baseline is not None:
+        return config.evaluation.baseline
+    clinical_only = frozenset({"clinical"})
+    return next((e.display_name for e in config.models if model_tags(e.name) == clinical_only), None)
+
+
+def compare_models(config: RunConfig, entries: dict[str, ModelEntry],
+                   results: dict[str, CVResult], metric: str = "balanced_accuracy") -> pd.DataFrame:
+    """Paired differences over the run's folds (corrected resampled t-test, 95 % interval):
+    every model against the clinical baseline, every ensemble against its best member (the
+    member with the highest mean CV metric among those the run also evaluated on their own)."""
+    rows = []
+
+    def add(model: str, reference: str, comparison: str) -> None:
+        test = paired_comparison(results[model].oof, results[reference].oof, metric)
+        verdict = ("better" if test["ci_low"] > 0 else "worse" if test["ci_high"] < 0
+                   else "no difference shown")
+        rows.append({"model": model, "reference": reference, "comparison": comparison,
+                     "metric": metric, "model_mean": test[f"{metric}_a"],
+                     "reference_mean": test[f"{metric}_b"],
+                     **{k: test[k] for k in ("mean_difference", "ci_low", "ci_high", "p_value", "n")},
+                     "verdict": verdict})
+
+    baseline = baseline_label(config)
+    if baseline is not None and baseline in results:
+        for name in results:
+            if name != baseline:
+                add(name, baseline, "vs clinical baseline")
+    for name, entry in entries.items():
+        members = entry.params.get("members")
+        if "ensemble" not in model_tags(entry.name) or not isinstance(members, list | tuple):
+            continue
+        evaluated = [member_label(m) for m in check_members(members) if member_label(m) in results]
+        if evaluated:
+            best = max(evaluated, key=lambda m: results[m].summary.loc[metric, "mean"])
+            add(name, best, "vs best member")
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
 def _summary_row(name: str, result: CVResult, note: str) -> dict:
@@ -332,7 +404,9 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelEntr
     extra = {}
     if test_truth is not None:
         hidden = binary_metrics(test_truth, predicted, scores)
+        interval = bootstrap_interval(test_truth, predicted, seed=config.seed)
         extra = {"hidden_test_balanced_accuracy": hidden["balanced_accuracy"],
+                 "hidden_test_ci_low": interval["ci_low"], "hidden_test_ci_high": interval["ci_high"],
                  "hidden_test_roc_auc": hidden["roc_auc"]}
     if not config.submission.enabled:
         return extra, None, final

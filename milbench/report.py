@@ -35,7 +35,8 @@ def _dash(value) -> str:
 
 
 def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
-           submissions: dict[str, Path], timings: pd.DataFrame, views: InstanceViews | None = None) -> str:
+           submissions: dict[str, Path], timings: pd.DataFrame, views: InstanceViews | None = None,
+           comparisons: pd.DataFrame | None = None) -> str:
     root, cohort, train, test = data.root, data.cohort, data.train, data.test
     features = data.features.get("config", {})
     if not data.features:
@@ -45,6 +46,13 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
                      + (" — trained without labels on all images, test images included"
                         if data.features.get("uses_test_images") else ""))
     hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
+    table = table.copy()
+    if "hidden_test_ci_low" in table:
+        # The test figure with its bootstrap interval, in one readable cell.
+        table["hidden_test_balanced_accuracy"] = [
+            f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(
+                table["hidden_test_balanced_accuracy"], table["hidden_test_ci_low"],
+                table["hidden_test_ci_high"], strict=True)]
     selected = table["note"].astype(bool).any()
     instance = ["instance_auc"] if "instance_auc" in table else []
     shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *instance,
@@ -61,13 +69,15 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
         f"repeats on {', '.join(config.evaluation.stratify) or 'the label'}; seed {config.seed}. "
         "Cells: mean ± std (max) over repeats."
         + (" `hidden_test_*`: the synthetic cohort's hidden test labels, read only after the "
-           "models predicted (no real challenge folder has them)." if hidden else ""),
+           "models predicted (no real challenge folder has them); balanced accuracy with its "
+           "bootstrap 95 % interval over test patients." if hidden else ""),
         "",
         shown.to_markdown(index=False),
         *(["", "An ensemble whose members were chosen by this CV (best k) scores optimistically "
            "here: the same folds picked and scored it. `seconds_per_fit` of an ensemble excludes "
            "member fits it shared with the members' own CV."] if selected else []),
         "",
+        *_comparison_section(comparisons),
         "Wall time per stage (seconds):",
         "",
         timings.to_markdown(index=False, floatfmt=".1f"),
@@ -88,6 +98,27 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
         *([f"- {name}: `{path}`" for name, path in submissions.items()] or ["none"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_section(comparisons: pd.DataFrame | None) -> list[str]:
+    if comparisons is None or comparisons.empty:
+        return []
+    shown = comparisons.copy()
+    shown["difference [95 % CI]"] = [
+        f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        for d, lo, hi in zip(shown["mean_difference"], shown["ci_low"], shown["ci_high"], strict=True)]
+    shown["p"] = shown["p_value"].map(lambda p: f"{p:.3f}")
+    return [
+        "## Paired comparisons",
+        "",
+        "Balanced accuracy of each model minus its reference over the same folds and repeats "
+        "(per-fold differences; corrected resampled t-test, Nadeau & Bengio 2003). A model is "
+        "better or worse only when the interval excludes zero (`comparisons.csv`).",
+        "",
+        shown[["model", "comparison", "reference", "difference [95 % CI]", "p", "verdict"]]
+        .to_markdown(index=False),
+        "",
+    ]
 
 
 def _instance_section(views: InstanceViews | None) -> list[str]:

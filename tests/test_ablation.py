@@ -40,9 +40,23 @@ def test_table_matches_cell_results(grid):
     assert table.loc["logreg", "balanced_accuracy:mean"] == pytest.approx(values.mean())
     assert table.loc["logreg", "balanced_accuracy:std"] == pytest.approx(values.std(ddof=1))
     assert table.loc["logreg", "balanced_accuracy:max"] == pytest.approx(values.max())
+    # Paired differences over the same splits: xgb minus logreg, repeat by repeat.
+    xgb = {c["repeat"]: c["metrics"]["balanced_accuracy"]
+           for c in (json.loads(p.read_text()) for p in cells if p.parent.name == "xgb")}
+    differences = [xgb[c["repeat"]] - c["metrics"]["balanced_accuracy"] for c in logreg]
+    comparisons = pd.read_csv(run_dir / "comparisons.csv")
+    row = comparisons[(comparisons["variant"] == "xgb") & (comparisons["reference"] == "logreg")
+                      & (comparisons["metric"] == "balanced_accuracy")].iloc[0]
+    assert row["mean_difference"] == pytest.approx(sum(differences) / 3)
+    assert row["n"] == 3 and row["ci_low"] <= row["mean_difference"] <= row["ci_high"]
     markdown = (run_dir / "ablation.md").read_text()
+    assert "| logreg |" in markdown and "reference |" in markdown
+    # Bold only where the best variant's interval against the other excludes zero.
     best = table["balanced_accuracy:mean"].astype(float).idxmax()
-    assert f"| {best} | **" in markdown
+    other = "xgb" if best == "logreg" else "logreg"
+    against = comparisons[(comparisons["variant"] == best) & (comparisons["reference"] == other)
+                          & (comparisons["metric"] == "balanced_accuracy")].iloc[0]
+    assert (f"| {best} | **" in markdown) == (against["ci_low"] > 0)
     # Every repeat used a different validation split, and the same cell is reproducible.
     again = ablation.run_cell(ablation.load_ablation(path, overrides)[1]["logreg"].model_dump_json(),
                               0, ablation.Protocol(kind="split", val_fraction=0.3).model_dump_json())
@@ -99,3 +113,42 @@ def test_shipped_ablation_configs_resolve():
     for path in (CONFIGS / "ablation").glob("*.yaml"):
         spec, variants = ablation.load_ablation(path)
         assert variants and spec.repeats >= 1
+
+
+def test_best_variant_needs_an_interval_that_excludes_zero():
+    table = pd.DataFrame({f"{m}:mean": [0.8, 0.7, 0.6] for m in ablation.METRICS},
+                         index=["a", "b", "c"])
+
+    def comparisons(low_vs_b: float) -> pd.DataFrame:
+        rows = [{"variant": "a", "reference": ref, "metric": m, "mean_difference": 0.1,
+                 "ci_low": low, "ci_high": 0.2, "p_value": 0.01, "n": 10}
+                for m in ablation.METRICS for ref, low in (("b", low_vs_b), ("c", 0.05))]
+        return pd.DataFrame(rows)
+
+    assert ablation.best_variants(table, comparisons(0.01))["balanced_accuracy"] == "a"
+    assert ablation.best_variants(table, comparisons(-0.01)) == {}
+
+
+def test_cv_protocol_is_the_default_and_records_folds(grid, tmp_path):
+    path, overrides = grid
+    raw = yaml.safe_load(path.read_text())
+    raw.pop("protocol")
+    raw["repeats"] = 2
+    path.write_text(yaml.safe_dump(raw))
+    config, _ = ablation.load_ablation(path, overrides)
+    assert config.protocol.kind == "cv" and config.protocol.n_splits == 5
+    run_dir, _ = ablation.run_ablation(path, overrides, progress=False)
+    cell = json.loads((run_dir / "cells" / "logreg" / "repeat-000.json").read_text())
+    assert [row["fold"] for row in cell["fold_metrics"]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert cell["test_train_ratio"] == pytest.approx(0.25)
+    comparisons = pd.read_csv(run_dir / "comparisons.csv")
+    assert set(comparisons["n"]) == {10}  # 5 folds x 2 repeats, paired
+
+
+def test_unknown_reference_variant_is_refused(grid):
+    path, overrides = grid
+    raw = yaml.safe_load(path.read_text())
+    raw["reference"] = "lgoreg"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="lgoreg"):
+        ablation.load_ablation(path, overrides)

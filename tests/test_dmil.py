@@ -204,3 +204,47 @@ def test_pca_is_fitted_on_training_instances_and_sizes_the_network():
     assert model.transform_.scaler_.n_samples_seen_ == sum(len(b) for b in bags)
     assert model.predict_proba(bags, clinical).shape == (len(bags), 2)
     assert AttentionDMIL(scale=False, max_epochs=2).fit(bags, labels).transform_ is None
+
+
+def test_gated_fusion_is_a_convex_mix_of_two_heads(tiny):
+    """The fused logit is g * image + (1 - g) * clinical with g in (0, 1) per patient; the gate
+    starts leaning on the clinical head; padding changes nothing."""
+    torch.manual_seed(0)
+    network = DMILNetwork(n_features=5, n_clinical=3, fusion="gated").eval()
+    rng = np.random.default_rng(1)
+    bags = [rng.normal(size=(n, 5)) for n in (2, 6, 3)]
+    x, mask = (torch.from_numpy(a) for a in pad_bags(bags))
+    clinical = torch.from_numpy(rng.normal(size=(3, 3)).astype(np.float32))
+    noisy = x.clone()
+    noisy[~mask] = 1e3
+    with torch.no_grad():
+        fused, _ = network(x, mask, clinical)
+        image, clinical_logit, gate = network.last_fusion
+        noisy_fused, _ = network(noisy, mask, clinical)
+    torch.testing.assert_close(fused, gate * image + (1 - gate) * clinical_logit)
+    torch.testing.assert_close(noisy_fused, fused)
+    torch.testing.assert_close(gate, torch.full((3,), float(torch.sigmoid(torch.tensor(-2.0)))))
+
+
+def test_gated_fusion_trains_overfits_and_reports_gates(tiny):
+    bags, labels, clinical, _ = tiny
+    # Clinical attributes that carry no label here; the bags do.
+    noise = np.random.default_rng(9)
+    clinical = clinical.assign(age=noise.normal(65, 10, len(bags)),
+                               lymph_count=np.exp(noise.normal(2.5, 0.3, len(bags))))
+    model = AttentionDMIL(fusion="gated", random_state=0, **{**OVERFIT, "max_epochs": 60})
+    model.fit(bags, labels, clinical)
+    np.testing.assert_array_equal(model.predict(bags, clinical), labels)
+    gates = model.fusion_gates(bags, clinical)
+    assert gates.shape == (len(bags),) and ((gates > 0) & (gates < 1)).all()
+    # Only the images can explain the labels: the image head gains weight from its initial 0.12.
+    assert gates.mean() > 0.2
+    assert model.network_.last_fusion is None  # nothing of a forward pass stays on the model
+    again = AttentionDMIL(fusion="gated", random_state=0, **{**OVERFIT, "max_epochs": 60})
+    np.testing.assert_array_equal(again.fit(bags, labels, clinical).predict_proba(bags, clinical),
+                                  model.predict_proba(bags, clinical))
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        AttentionDMIL(fusion="sum").fit(bags, labels, clinical)
+    concat = AttentionDMIL(random_state=0, max_epochs=2).fit(bags, labels, clinical)
+    with pytest.raises(ValueError, match="fusion='gated'"):
+        concat.fusion_gates(bags, clinical)

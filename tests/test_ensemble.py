@@ -74,7 +74,7 @@ def test_stacker_meta_features_are_out_of_fold(test_models):
     assert set(stacker.meta_features(bags, clinical)["memorizer:proba"]) == {0.0, 1.0}
 
 
-@pytest.mark.parametrize("meta", ["xgboost", "lightgbm"])
+@pytest.mark.parametrize("meta", ["xgboost", "lightgbm", "logistic", "auto"])
 def test_stacker_learns_and_is_deterministic(meta):
     bags, y, clinical = data(60, seed=1)
     test_bags, test_y, test_clinical = data(60, seed=2)
@@ -84,8 +84,37 @@ def test_stacker_learns_and_is_deterministic(meta):
     proba = first.predict_proba(test_bags, test_clinical)
     assert np.array_equal(proba, second.predict_proba(test_bags, test_clinical))
     assert (first.predict(test_bags, test_clinical) == test_y).mean() > 0.8
-    with pytest.raises(ValueError, match="meta must be 'xgboost' or 'lightgbm'"):
+    with pytest.raises(ValueError, match="meta must be one of"):
         create_model("stacker", meta="svm").fit(bags, y, clinical)
+
+
+def test_stacker_auto_meta_keeps_clinical_only_when_members_add_nothing(test_models):
+    bags, y, clinical = data(60, seed=1)
+    # A member that knows nothing out of fold: the clinical-only logistic regression is chosen
+    # (it ties or beats the others, and ties go to the simplest) and reads only clinical columns.
+    stacker = create_model("stacker", members=["memorizer"], meta="auto", random_state=0)
+    stacker.fit(bags, y, clinical)
+    assert set(stacker.meta_scores_) == {"clinical_logistic", "logistic", "xgboost"}
+    best = max(stacker.meta_scores_.values())
+    assert stacker.meta_scores_[stacker.meta_choice_] == best
+    assert stacker.meta_choice_ == "clinical_logistic"
+    assert stacker.meta_columns_ == ["clinical:age", "clinical:log_lymph_count", "clinical:male"]
+    with pytest.raises(ValueError, match="use_clinical"):
+        create_model("stacker", members=["memorizer"], meta="auto", use_clinical=False).fit(
+            bags, y, clinical)
+
+
+def test_stacker_auto_meta_uses_an_informative_member():
+    bags, y, clinical = data(60, seed=1)
+    # Clinical columns of pure noise; the bag model sees the label in the instances.
+    noise = np.random.default_rng(5)
+    clinical = pd.DataFrame({"age": noise.normal(60, 8, 60),
+                             "lymph_count": np.exp(noise.normal(1.3, 0.4, 60)),
+                             "male": noise.integers(0, 2, 60).astype(float)})
+    stacker = create_model("stacker", members=["meanpool_svm"], meta="auto", random_state=0)
+    stacker.fit(bags, y, clinical)
+    assert stacker.meta_choice_ in ("logistic", "xgboost")
+    assert stacker.meta_scores_[stacker.meta_choice_] > stacker.meta_scores_["clinical_logistic"] + 0.2
 
 
 def test_voting_soft_hard_and_tie_rule(test_models):

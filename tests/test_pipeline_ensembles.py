@@ -137,3 +137,36 @@ def test_bench_pipeline_times_every_stage_and_writes_its_table(tmp_path, monkeyp
     assert (tmp_path / "work" / "data" / "synthetic-tiny-seed0").is_dir()  # the cohort stays reusable
     assert (out / "pipeline_bench.png").stat().st_size > 1000
     assert pd.read_csv(out / "pipeline_bench.csv")["share"].sum() == pytest.approx(1.0)
+
+
+def test_run_writes_paired_comparisons_and_hidden_test_intervals(tmp_path):
+    config = tiny_config(
+        tmp_path, "[{name: clinical_logreg}, {name: clinical_xgb, params: {n_estimators: 10}}, "
+        "{name: voting, label: vote, params: {members: [clinical_logreg, clinical_xgb]}}]",
+        "submission.enabled=false")
+    outcome = run_pipeline(config, progress=False)
+    comparisons = pd.read_csv(outcome.run_dir / "comparisons.csv")
+    assert list(comparisons["model"]) == ["clinical_xgb", "vote", "vote"]
+    assert list(comparisons["comparison"]) == ["vs clinical baseline", "vs clinical baseline",
+                                               "vs best member"]
+    assert set(comparisons.loc[comparisons["comparison"] == "vs clinical baseline", "reference"]) == {
+        "clinical_logreg"}
+    # The difference is the mean per-fold difference of the two models' out-of-fold tables.
+    oof = {name: pd.read_csv(outcome.run_dir / "models" / name / "oof.csv")
+           for name in ("clinical_logreg", "clinical_xgb")}
+    from milbench.evaluation.compare import fold_metric
+
+    expected = (fold_metric(oof["clinical_xgb"]) - fold_metric(oof["clinical_logreg"])).mean()
+    assert comparisons.loc[0, "mean_difference"] == pytest.approx(expected)
+    assert comparisons.loc[0, "n"] == 4  # 2 folds x 2 repeats
+    assert (comparisons["ci_low"] <= comparisons["mean_difference"]).all()
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv")
+    assert (metrics["hidden_test_ci_low"] <= metrics["hidden_test_balanced_accuracy"]).all()
+    assert (metrics["hidden_test_balanced_accuracy"] <= metrics["hidden_test_ci_high"]).all()
+    report = (outcome.run_dir / "report.md").read_text()
+    assert "## Paired comparisons" in report and "vs best member" in report
+
+
+def test_unknown_baseline_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="clinical_lgoreg"):
+        tiny_config(tmp_path, "[{name: clinical_logreg}]", "evaluation.baseline=clinical_lgoreg")

@@ -107,7 +107,9 @@ def test_truth_consistent_with_labels(tiny: Path) -> None:
     assert set(truth.test_labels.values()) == {0, 1}
     labels = {**dict(zip(train["ID"], train["LABEL"], strict=True)), **truth.test_labels}
     instances = truth.instances
-    assert list(instances.columns) == ["patient_id", "image", "split", "atypical", "variant"]
+    assert list(instances.columns) == ["patient_id", "image", "split", "atypical", "variant", "atypia"]
+    # Easy presets: an atypical cell's atypia is its patient's signal strength, others' 0.
+    assert np.allclose(instances["atypia"], 0.7 * instances["atypical"])
     assert set(instances["variant"]) <= {"typical", "atypical", "reactive"}
     assert (instances["atypical"] == (instances["variant"] == "atypical").astype(int)).all()
     rate = instances.groupby("patient_id")["atypical"].mean()
@@ -153,8 +155,9 @@ def test_manifest(tiny: Path, tmp_path: Path) -> None:
     manifest = read_manifest(tiny)
     assert manifest is not None
     assert manifest["preset"] == "tiny" and manifest["seed"] == 0
-    assert manifest["knobs"] == {"witness_rate": 0.5, "signal_strength": 0.7,
-                                 "clinical_informativeness": 0.5}
+    assert manifest["knobs"] == {}  # the overrides given; preset_spec holds every resolved knob
+    assert manifest["preset_spec"]["witness_rate"] == 0.5
+    assert manifest["preset_spec"]["signal_strength"] == 0.7
     truth = load_truth(tiny)
     assert manifest["counts"]["train"]["images"] == int((truth.instances["split"] == "train").sum())
     assert read_manifest(tmp_path) is None
@@ -246,7 +249,7 @@ def test_atypical_cells_are_larger_and_irregular() -> None:
 def test_challenge_plan_matches_real_statistics() -> None:
     preset = PRESETS["challenge"]
     seeds = np.random.SeedSequence(0).spawn(1)
-    patients = cohort_module._plan_cohort(preset, seeds[0], 0.5, 0.5)
+    patients, _ = cohort_module._plan_cohort(preset, seeds[0], 0.5, 0.5)
     train = [p for p in patients if p.split == "train"]
     test = [p for p in patients if p.split == "test"]
     assert len(train) == 163 and sum(p.label for p in train) == 113 and len(test) == 42

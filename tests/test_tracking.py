@@ -114,7 +114,7 @@ def test_ablation_logs_one_child_per_variant(tmp_path):
     assert record["tracking_uri"] == store.resolve().as_uri() and record["experiment"] == "tiny-grid"
     with tracking.client(record["tracking_uri"]) as client:
         parent = client.get_run(record["run_id"])
-        assert parent.data.params["repeats"] == "2" and parent.data.params["protocol.kind"] == "split"
+        assert parent.data.params["repeats"] == "2" and parent.data.params["protocol.kind"] == "cv"
         assert {"ablation.md", "ablation.csv", "config.yaml"} <= artifacts(client, parent.info.run_id)
         children = children_of(client, parent)
         assert set(children) == {"logreg", "xgb"}

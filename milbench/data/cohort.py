@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from milbench.models.base import CLINICAL_COLUMNS
+from milbench.core.clinical import CLINICAL_COLUMNS
 
 SPLITS = ("train", "test")
 

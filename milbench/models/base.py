@@ -15,7 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
-CLINICAL_COLUMNS: tuple[str, ...] = ("age", "lymph_count", "male")
+from milbench.core.clinical import CLINICAL_COLUMNS
 
 
 def check_bags(bags: Sequence[np.ndarray], *, allow_empty_features: bool = False) -> list[np.ndarray]:

@@ -12,14 +12,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 from xgboost import XGBClassifier
 
+from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_binary_labels, check_clinical
 from milbench.models.registry import register_model
-
-
-def clinical_design_matrix(clinical: np.ndarray) -> np.ndarray:
-    """Age, log lymphocyte count (counts span two decades), male indicator."""
-    age, count, male = clinical[:, 0], clinical[:, 1], clinical[:, 2]
-    return np.column_stack([age, np.log(np.clip(count, 1e-3, None)), male])
 
 
 class _ClinicalClassifier(BagClassifier):

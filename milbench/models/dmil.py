@@ -9,6 +9,16 @@ clinical attributes (age, log lymphocyte count, male) → clinical MLP; both con
 * ``max``: element-wise max over instances;
 * ``mean_std``: instance mean concatenated with instance standard deviation.
 
+Clinical fusion, by name (``fusion``):
+
+* ``concat``: the bag and clinical vectors are concatenated before one linear head (the seed's);
+* ``gated``: late fusion. An image head and a clinical head each give a logit; a gate computed
+  from both vectors weighs them per patient, logit = g · image + (1 − g) · clinical. Each head
+  also learns from the label on its own (``expert_loss_weight``), and the gate starts leaning
+  on the clinical head (initial g ≈ 0.12), so the images must earn their weight: when they
+  carry little, the model stays close to a clinical-only classifier instead of drowning it.
+  ``gate_`` weights per patient come from ``fusion_gates``.
+
 Bags train in real batches: each batch is padded to its largest bag with a mask
 (:mod:`milbench.models.collate`). Only real instances go through the instance MLP and every
 aggregation ignores padded rows, so padding never changes an output.
@@ -39,14 +49,17 @@ from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils import check_random_state
 from torch import nn
 
+from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
-from milbench.models.clinical import clinical_design_matrix
 from milbench.models.collate import pad_bags
 from milbench.models.registry import register_model
 from preprocessing.transforms import BagTransform
 
 AGGREGATIONS = ("attention", "gated_attention", "max", "mean_std")
 NORMS = ("layer", "batch", "none")
+FUSIONS = ("concat", "gated")
+# Gate bias at initialisation: sigmoid(-2) ≈ 0.12 of the weight on the image head.
+INITIAL_GATE_BIAS = -2.0
 
 
 def make_mlp(
@@ -65,8 +78,29 @@ def make_mlp(
     return (nn.Sequential(*blocks) if blocks else nn.Identity()), in_dim
 
 
+class GatedFusion(nn.Module):
+    """Late fusion of an image vector and a clinical vector: per patient, a gate in (0, 1)
+    weighs the image head's logit against the clinical head's."""
+
+    def __init__(self, image_dim: int, clinical_dim: int):
+        super().__init__()
+        self.image_head = nn.Linear(image_dim, 1)
+        self.clinical_head = nn.Linear(clinical_dim, 1)
+        self.gate = nn.Linear(image_dim + clinical_dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, INITIAL_GATE_BIAS)
+
+    def forward(self, image: torch.Tensor, clinical: torch.Tensor):
+        """(fused logit, image logit, clinical logit, gate), each of shape (batch,)."""
+        image_logit = self.image_head(image).squeeze(-1)
+        clinical_logit = self.clinical_head(clinical).squeeze(-1)
+        gate = torch.sigmoid(self.gate(torch.cat([image, clinical], dim=1))).squeeze(-1)
+        return gate * image_logit + (1 - gate) * clinical_logit, image_logit, clinical_logit, gate
+
+
 class DMILNetwork(nn.Module):
-    """The torch module: ``forward(x, mask, clinical)`` → (bag logits, instance weights)."""
+    """The torch module: ``forward(x, mask, clinical)`` → (bag logits, instance weights); with
+    gated fusion ``last_fusion`` keeps the heads' logits and the gate of the latest call."""
 
     def __init__(
         self,
@@ -82,9 +116,12 @@ class DMILNetwork(nn.Module):
         clinical_width: int = 128,
         dropout: float = 0.05,
         norm: str = "layer",
+        fusion: str = "concat",
     ):
         super().__init__()
         self.aggregation = aggregation
+        self.fusion = None
+        self.last_fusion: tuple[torch.Tensor, ...] | None = None
         self.embed, self.embedding_dim = make_mlp(
             n_features, embedding_layers, embedding_width, dropout, norm
         )
@@ -100,6 +137,9 @@ class DMILNetwork(nn.Module):
             self.clinical_mlp, clinical_dim = make_mlp(
                 n_clinical, clinical_layers, clinical_width, dropout, norm
             )
+            if fusion == "gated":
+                self.fusion = GatedFusion(head_dim, clinical_dim)
+                return
             head_dim += clinical_dim
         self.head = nn.Linear(head_dim, 1)
 
@@ -113,6 +153,9 @@ class DMILNetwork(nn.Module):
         hidden[mask] = embedded
         pooled, weights = self._aggregate(hidden, mask)
         features = self.bag_mlp(pooled)
+        if self.fusion is not None:
+            fused, *self.last_fusion = self.fusion(features, self.clinical_mlp(clinical))
+            return fused, weights
         if self.clinical_mlp is not None:
             features = torch.cat([features, self.clinical_mlp(clinical)], dim=1)
         return self.head(features).squeeze(-1), weights
@@ -181,6 +224,8 @@ class AttentionDMIL(BagClassifier):
         norm: str = "layer",
         instance_dropout: float = 0.0,
         use_clinical: bool | str = "auto",
+        fusion: str = "concat",
+        expert_loss_weight: float = 0.5,
         scale: bool = True,
         pca_components: int | None = None,
         learning_rate: float = 1e-3,
@@ -207,6 +252,8 @@ class AttentionDMIL(BagClassifier):
         self.norm = norm
         self.instance_dropout = instance_dropout
         self.use_clinical = use_clinical
+        self.fusion = fusion
+        self.expert_loss_weight = expert_loss_weight
         self.scale = scale
         self.pca_components = pca_components
         self.learning_rate = learning_rate
@@ -227,6 +274,10 @@ class AttentionDMIL(BagClassifier):
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if not self.expert_loss_weight >= 0:
+            raise ValueError(f"expert_loss_weight must be >= 0, got {self.expert_loss_weight}")
         if self.use_clinical not in ("auto", True, False):
             raise ValueError(
                 f"use_clinical must be 'auto', True or False, got {self.use_clinical!r}"
@@ -377,6 +428,7 @@ class AttentionDMIL(BagClassifier):
             clinical_width=self.clinical_width,
             dropout=self.dropout,
             norm=self.norm,
+            fusion=self.fusion,
         )
         optimizer = torch.optim.Adam(
             network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
@@ -406,6 +458,12 @@ class AttentionDMIL(BagClassifier):
                 losses = nn.functional.binary_cross_entropy_with_logits(
                     logits, targets[rows], reduction="none"
                 )
+                if network.last_fusion is not None and self.expert_loss_weight:
+                    # Each head also learns the label alone, so neither starves behind the gate.
+                    for expert_logits in network.last_fusion[:2]:
+                        losses = losses + self.expert_loss_weight * (
+                            nn.functional.binary_cross_entropy_with_logits(
+                                expert_logits, targets[rows], reduction="none"))
                 loss = (sample_weights[rows] * losses).mean()
                 optimizer.zero_grad()
                 loss.backward()
@@ -432,6 +490,7 @@ class AttentionDMIL(BagClassifier):
                     break
         if best_state is not None:
             network.load_state_dict(best_state)
+        network.last_fusion = None  # nothing of training is kept on the fitted network
         self.best_epoch_ = best_epoch if best_state is not None else len(self.history_)
         self.n_epochs_ = len(self.history_)
         network.eval()
@@ -449,6 +508,21 @@ class AttentionDMIL(BagClassifier):
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
         positive = expit(self.decision_function(bags, clinical))  # no overflow for big logits
         return np.column_stack([1.0 - positive, positive])
+
+    def fusion_gates(self, bags, clinical=None) -> np.ndarray:
+        """Per bag, the weight of the image head in the fused logit (gated fusion only)."""
+        bags = self._check_predict_bags(bags)
+        if self.network_.fusion is None:
+            raise ValueError("fusion_gates needs fusion='gated' and a clinical table at fit")
+        scaled, clinical_inputs = self._scale_bags(bags), self._clinical_inputs(clinical, len(bags))
+        gates = []
+        self.network_.eval()
+        with torch.no_grad(), torch_threads(self.torch_threads):
+            for rows in self._batches(np.arange(len(bags))):
+                self.network_(*self._tensors(scaled, clinical_inputs, rows))
+                gates.append(self.network_.last_fusion[2].double().numpy())
+        self.network_.last_fusion = None
+        return np.concatenate(gates)
 
     def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:
         """Attention weights of each bag's instances (they sum to 1 per bag)."""

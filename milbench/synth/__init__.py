@@ -6,6 +6,8 @@ images hold atypical lymphocytes, segmentation masks) to check methods against.
 """
 
 from milbench.synth.cohort import (
+    GENERATOR_VERSION,
+    KNOBS,
     PRESETS,
     BagSizes,
     SyntheticTruth,
@@ -14,9 +16,12 @@ from milbench.synth.cohort import (
     generate_cohort,
     load_truth,
     read_manifest,
+    resolve_knobs,
 )
 
 __all__ = [
+    "GENERATOR_VERSION",
+    "KNOBS",
     "PRESETS",
     "BagSizes",
     "SynthPreset",
@@ -25,4 +30,5 @@ __all__ = [
     "generate_cohort",
     "load_truth",
     "read_manifest",
+    "resolve_knobs",
 ]

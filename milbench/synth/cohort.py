@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,15 +32,27 @@ import pandas as pd
 
 from milbench import __version__
 from milbench.io import atomic_write_json, atomic_write_text
-from milbench.synth.render import encode_jpeg, encode_png, encode_tiff, render_cell, sample_stain
+from milbench.synth.render import (
+    TRAITS,
+    Stain,
+    encode_jpeg,
+    encode_png,
+    encode_tiff,
+    perturb_stain,
+    render_cell,
+    sample_site_stain,
+    sample_stain,
+)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 MANIFEST_NAME = "synth.json"
 # Ages are drawn first and turned into birth dates relative to this day; loaders computing age
 # from DOB should use the same reference to recover them.
 AGE_REFERENCE_DATE = date(2020, 1, 1)
 CLINICAL_COLUMNS = ["ID", "LABEL", "GENDER", "DOB", "LYMPH_COUNT"]
-INSTANCE_COLUMNS = ["patient_id", "image", "split", "atypical", "variant"]
+INSTANCE_COLUMNS = ["patient_id", "image", "split", "atypical", "variant", "atypia"]
+PATIENT_TRUTH_COLUMNS = ["patient_id", "split", "label", "observed_label", "label_flipped", "site",
+                         "signal_strength", "witness_fraction", "n_images"]
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,31 @@ class SynthPreset:
     # Range of the per-patient fraction of reactive-variant cells, by label.
     reactive_variant_rate_reactive: tuple[float, float] = (0.15, 0.4)
     reactive_variant_rate_tumoral: tuple[float, float] = (0.0, 0.08)
+    # Realistic difficulty; the defaults leave the easy presets exactly as they were.
+    # Per tumoral patient, the atypical share is Beta(mean c, (1 - mean) c) with mean
+    # witness_rate (skewed: many patients with few witnesses); None: a normal clipped to [0.1, 0.95].
+    witness_concentration: float | None = None
+    signal_spread: float = 0.0  # standard deviation of each patient's signal strength
+    cell_spread: float = 0.0  # standard deviation of each cell's strength per trait (TRAITS)
+    typical_atypia_rate: float = 0.0  # share of typical cells with one atypical trait
+    n_sites: int = 0  # acquisition sites; 0: an independent stain per patient
+    site_tumoral_odds: tuple[float, ...] = ()  # per site: odds factor of tumoral patients
+    site_mix_train: tuple[float, ...] = ()  # per site: weight among training patients
+    site_mix_test: tuple[float, ...] = ()  # per site: weight among test patients
+    label_noise: float = 0.0  # share of training labels flipped (half each way) against the truth
+    # Reactive patients' counts stay at or below this (the real data: every count above 8 is
+    # tumoral); None: the informativeness knob alone shapes the counts.
+    reactive_count_cap: float | None = None
 
     @property
     def n_patients(self) -> int:
         train = self.n_train_tumoral + self.n_train_reactive
         return train + self.n_test_tumoral + self.n_test_reactive
+
+    @property
+    def per_cell_traits(self) -> bool:
+        """Whether cells draw their own strength per trait (the realistic renderer)."""
+        return self.signal_spread > 0 or self.cell_spread > 0 or self.typical_atypia_rate > 0
 
 
 PRESETS: dict[str, SynthPreset] = {
@@ -99,7 +131,29 @@ PRESETS: dict[str, SynthPreset] = {
         n_test_reactive=13, train_bags=BagSizes(85.0, 52.5, 0.5, 16, 198),
         test_bags=BagSizes(70.0, 48.0, 0.6, 26, 180), masks=False,
     ),
+    # The real challenge's size with its real difficulty: few witnesses in many tumoral
+    # patients, weak and variable morphology, look-alike cells in both classes, four sites with
+    # their own acquisition and prevalence, a shifted test site mix, noisy labels, and clinical
+    # attributes that alone give about 0.70-0.78 balanced accuracy.
+    "realistic": SynthPreset(
+        name="realistic", n_train_tumoral=113, n_train_reactive=50, n_test_tumoral=29,
+        n_test_reactive=13, train_bags=BagSizes(78.0, 50.0, 0.55, 16, 198),
+        test_bags=BagSizes(66.0, 48.0, 0.6, 26, 180), masks=False,
+        witness_rate=0.25, witness_concentration=3.0, signal_strength=0.4, signal_spread=0.25,
+        cell_spread=0.2, typical_atypia_rate=0.03, clinical_informativeness=0.6,
+        reactive_atypical_rate=0.10, reactive_variant_rate_reactive=(0.05, 0.3),
+        reactive_variant_rate_tumoral=(0.0, 0.2), n_sites=4,
+        site_tumoral_odds=(2.0, 1.0, 0.7, 0.4), site_mix_train=(0.35, 0.3, 0.2, 0.15),
+        site_mix_test=(0.15, 0.2, 0.3, 0.35), label_noise=0.04, reactive_count_cap=8.0,
+    ),
 }
+# The realistic cohort at demo size (64 patients, ~900 images): the README's main job.
+PRESETS["realistic_small"] = replace(
+    PRESETS["realistic"], name="realistic_small", n_train_tumoral=34, n_train_reactive=14,
+    n_test_tumoral=11, n_test_reactive=5, train_bags=BagSizes(16.0, 11.0, 0.4, 6, 36),
+    test_bags=BagSizes(16.0, 11.0, 0.4, 6, 36))
+# Every field but the name can be overridden per cohort (``knobs``).
+KNOBS = tuple(f.name for f in fields(SynthPreset) if f.name != "name")
 
 
 @dataclass(frozen=True)
@@ -115,11 +169,25 @@ class SyntheticTruth:
 class _Patient:
     patient_id: str
     split: str  # "train" or "test"
-    label: int
+    label: int  # the truth
     gender: str
     dob: str
     lymph_count: float
     variants: tuple[str, ...]
+    observed_label: int  # what the training CSV says (label noise flips a few)
+    site: int = -1  # acquisition site; -1 without sites
+    signal_strength: float = 0.0
+    traits: np.ndarray | None = None  # (n_images, len(TRAITS)) strengths, realistic renderer only
+
+    @property
+    def witness_fraction(self) -> float:
+        return sum(v == "atypical" for v in self.variants) / len(self.variants)
+
+    def atypia(self) -> np.ndarray:
+        """Each cell's true atypia: the mean of its trait strengths (0 for reactive cells)."""
+        if self.traits is not None:
+            return self.traits.mean(axis=1)
+        return np.array([self.signal_strength if v == "atypical" else 0.0 for v in self.variants])
 
 
 # --------------------------------------------------------------------------- validation
@@ -146,6 +214,78 @@ def _resolve_preset(preset: str | SynthPreset) -> SynthPreset:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[preset]
+
+
+def _check_range(name: str, value: Any) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{name} must be a [low, high] pair in [0, 1], got {value!r}")
+    low, high = (_check_unit(name, v) for v in value)
+    if low > high:
+        raise ValueError(f"{name} must have low <= high, got {value!r}")
+    return low, high
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_bag_sizes(name: str, value: Any) -> BagSizes:
+    if isinstance(value, BagSizes):
+        value = asdict(value)
+    if not isinstance(value, dict) or set(value) != {f.name for f in fields(BagSizes)}:
+        raise ValueError(f"{name} must be a mapping with keys {[f.name for f in fields(BagSizes)]}, "
+                         f"got {value!r}")
+    low, high = _check_count(f"{name}.low", value["low"], 1), _check_count(f"{name}.high", value["high"], 1)
+    if low > high:
+        raise ValueError(f"{name}: low must not exceed high, got {low} > {high}")
+    return BagSizes(_check_positive(f"{name}.tumoral_median", value["tumoral_median"]),
+                    _check_positive(f"{name}.reactive_median", value["reactive_median"]),
+                    _check_unit(f"{name}.sigma", value["sigma"]), low, high)
+
+
+def resolve_knobs(preset: str | SynthPreset, knobs: dict[str, Any] | None = None) -> SynthPreset:
+    """The preset with ``knobs`` (any field but ``name``) replaced, every value checked; an
+    unknown knob or a bad value is an error that names it."""
+    spec = _resolve_preset(preset)
+    knobs = dict(knobs or {})
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise ValueError(f"unknown synthetic knob(s) {unknown}; valid knobs: {list(KNOBS)}")
+    spec = replace(spec, **knobs)
+    checked: dict[str, Any] = {}
+    for name in ("n_train_tumoral", "n_train_reactive", "n_test_tumoral", "n_test_reactive"):
+        checked[name] = _check_count(name, getattr(spec, name), 0)
+    for name in ("n_train_tumoral", "n_train_reactive"):
+        if checked[name] < 2:
+            raise ValueError(f"{name} must be at least 2, got {checked[name]}")
+    for name in ("train_bags", "test_bags"):
+        checked[name] = _check_bag_sizes(name, getattr(spec, name))
+    for name in ("witness_rate", "signal_strength", "clinical_informativeness",
+                 "reactive_atypical_rate", "signal_spread", "cell_spread", "typical_atypia_rate",
+                 "label_noise"):
+        checked[name] = _check_unit(name, getattr(spec, name))
+    for name in ("reactive_variant_rate_reactive", "reactive_variant_rate_tumoral"):
+        checked[name] = _check_range(name, getattr(spec, name))
+    if not isinstance(spec.masks, bool):
+        raise ValueError(f"masks must be true or false, got {spec.masks!r}")
+    if spec.witness_concentration is not None:
+        checked["witness_concentration"] = _check_positive("witness_concentration",
+                                                           spec.witness_concentration)
+        if not 0 < checked["witness_rate"] < 1:
+            raise ValueError("witness_rate must lie strictly inside (0, 1) with witness_concentration")
+    if spec.reactive_count_cap is not None:
+        checked["reactive_count_cap"] = _check_positive("reactive_count_cap", spec.reactive_count_cap)
+    checked["n_sites"] = _check_count("n_sites", spec.n_sites, 0)
+    for name in ("site_tumoral_odds", "site_mix_train", "site_mix_test"):
+        value = getattr(spec, name)
+        if not isinstance(value, (list, tuple)) or len(value) != checked["n_sites"]:
+            raise ValueError(f"{name} must hold one number per site ({checked['n_sites']}), got {value!r}")
+        checked[name] = tuple(_check_positive(f"{name}[{i}]", v) for i, v in enumerate(value))
+    return replace(spec, **checked)
 
 
 # --------------------------------------------------------------------------- output directory
@@ -196,7 +336,8 @@ def _bag_sizes(rng: np.random.Generator, labels: np.ndarray, sizes: BagSizes) ->
 
 
 def _clinical(
-    rng: np.random.Generator, labels: np.ndarray, informativeness: float
+    rng: np.random.Generator, labels: np.ndarray, informativeness: float,
+    reactive_count_cap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ages (years) and lymphocyte counts (G/L) whose link to the label grows with the knob.
 
@@ -206,14 +347,24 @@ def _clinical(
     it (cubically, so that at the default 0.5 a count above 8 already points strongly to
     tumoral, as in the real data, while many tumoral patients still have low counts). Tumoral
     patients also get older.
+
+    With ``reactive_count_cap`` (the realistic cohorts), reactive patients never leave the low
+    component and stay at or below the cap, and fewer tumoral patients reach the high one
+    (0.25 + 0.4 x informativeness), so a high count is proof but a low one says little.
     """
     n = labels.size
     tumoral = labels == 1
-    p_high = np.where(tumoral, 0.5 + 0.4 * informativeness, 0.5 * (1 - informativeness) ** 3)
+    if reactive_count_cap is None:
+        p_high = np.where(tumoral, 0.5 + 0.4 * informativeness, 0.5 * (1 - informativeness) ** 3)
+    else:
+        p_high = np.where(tumoral, 0.25 + 0.4 * informativeness, 0.0)
     high = rng.uniform(size=n) < p_high
     low_counts = 4.6 * np.exp(0.3 * rng.standard_normal(n))
     high_counts = 8.0 + 20.0 * np.exp(1.0 * rng.standard_normal(n))
     counts = np.where(high, high_counts, low_counts)
+    if reactive_count_cap is not None:
+        over = ~tumoral & (counts > reactive_count_cap)
+        counts[over] = reactive_count_cap * rng.uniform(0.85, 1.0, int(over.sum()))
     counts = np.round(np.clip(counts, 2.28, 295.0), 2)
     age_mean = np.where(tumoral, 64 + 10 * informativeness, 64 - 8 * informativeness)
     ages = np.clip(age_mean + 13.0 * rng.standard_normal(n), 18, 99)
@@ -253,7 +404,13 @@ def _instance_variants(
     rng: np.random.Generator, label: int, n_images: int, preset: SynthPreset, witness_rate: float
 ) -> tuple[str, ...]:
     variants = np.full(n_images, "typical", dtype=object)
-    if label == 1:
+    if label == 1 and preset.witness_concentration is not None:
+        concentration = preset.witness_concentration
+        fraction = rng.beta(witness_rate * concentration, (1 - witness_rate) * concentration)
+        # Binomial: a tumoral bag may hold no witness at all, as real ones do.
+        n_atypical = int(rng.binomial(n_images, fraction))
+        confounder_rate = rng.uniform(*preset.reactive_variant_rate_tumoral)
+    elif label == 1:
         fraction = float(np.clip(rng.normal(witness_rate, 0.15), 0.1, 0.95))
         n_atypical = max(1, int(round(fraction * n_images)))
         confounder_rate = rng.uniform(*preset.reactive_variant_rate_tumoral)
@@ -268,10 +425,62 @@ def _instance_variants(
     return tuple(str(v) for v in variants)
 
 
+def _cell_traits(rng: np.random.Generator, variants: tuple[str, ...], signal: float,
+                 preset: SynthPreset) -> np.ndarray:
+    """Per cell and trait, a strength in [0, 1]: atypical cells scatter around their patient's
+    signal, typical ones around 0, and a few typical ones carry one strong atypical trait (a
+    nucleolus or a notched nucleus). Reactive cells are drawn separately (zeros here)."""
+    n = len(variants)
+    atypical = np.array([v == "atypical" for v in variants])
+    typical = np.array([v == "typical" for v in variants])
+    # Each atypical cell is atypical to its own degree (some barely), then each trait moves
+    # around that degree on its own.
+    centre = np.where(atypical, np.clip(signal + preset.cell_spread * rng.standard_normal(n), 0, 1),
+                      0.0)[:, None]
+    traits = np.clip(centre + preset.cell_spread * rng.standard_normal((n, len(TRAITS))), 0.0, 1.0)
+    mimic = typical & (rng.uniform(size=n) < preset.typical_atypia_rate)
+    which = rng.choice([TRAITS.index("outline"), TRAITS.index("nucleoli")], size=n)
+    strong = rng.uniform(0.6, 1.0, n)
+    traits[mimic, which[mimic]] = strong[mimic]
+    traits[~(atypical | typical)] = 0.0
+    return traits
+
+
+def _assign_sites(rng: np.random.Generator, labels: np.ndarray, splits: list[str],
+                  preset: SynthPreset) -> np.ndarray:
+    """Each patient's site given its label and split: the split's site mix, tilted towards the
+    sites with more tumoral patients for tumoral ones (so prevalence differs by site)."""
+    odds = np.asarray(preset.site_tumoral_odds)
+    sites = np.empty(labels.size, dtype=int)
+    for i, (label, split) in enumerate(zip(labels, splits, strict=True)):
+        weights = np.asarray(preset.site_mix_train if split == "train" else preset.site_mix_test)
+        weights = weights * (odds if label == 1 else 1.0)
+        sites[i] = rng.choice(preset.n_sites, p=weights / weights.sum())
+    return sites
+
+
+def _flip_labels(rng: np.random.Generator, labels: np.ndarray, counts: np.ndarray, n_train: int,
+                 preset: SynthPreset) -> np.ndarray:
+    """Observed training labels: as many tumoral as reactive ones flipped (class counts stay as
+    the preset says); with a count cap only patients under it, so a high count stays tumoral."""
+    observed = labels.copy()
+    per_class = int(round(preset.label_noise * n_train / 2))
+    if per_class == 0:
+        return observed
+    eligible = np.arange(n_train)
+    if preset.reactive_count_cap is not None:
+        eligible = eligible[counts[:n_train] <= preset.reactive_count_cap]
+    for label in (0, 1):
+        candidates = eligible[labels[eligible] == label]
+        chosen = rng.choice(candidates, size=min(per_class, candidates.size), replace=False)
+        observed[chosen] = 1 - label
+    return observed
+
+
 def _plan_cohort(
     preset: SynthPreset, seed_seq: np.random.SeedSequence, witness_rate: float,
     clinical_informativeness: float,
-) -> list[_Patient]:
+) -> tuple[list[_Patient], list[Stain]]:
     rng = np.random.default_rng(seed_seq)
     n = preset.n_patients
     id_pool = max(300, 3 * n)
@@ -288,17 +497,31 @@ def _plan_cohort(
         _bag_sizes(rng, train_labels, preset.train_bags),
         _bag_sizes(rng, test_labels, preset.test_bags),
     ])
-    ages, counts = _clinical(rng, labels, clinical_informativeness)
+    ages, counts = _clinical(rng, labels, clinical_informativeness, preset.reactive_count_cap)
     dobs = _dates_of_birth(rng, ages)
     genders = _genders(rng, n)
-    return [
+    variants = [_instance_variants(rng, int(labels[i]), int(sizes[i]), preset, witness_rate)
+                for i in range(n)]
+    # Everything below draws only when its knob is on, so the easy presets keep their bytes.
+    observed = _flip_labels(rng, labels, counts, train_labels.size, preset)
+    site_stains = [sample_site_stain(rng) for _ in range(preset.n_sites)]
+    sites = _assign_sites(rng, labels, splits, preset) if preset.n_sites else np.full(n, -1)
+    signals = np.full(n, preset.signal_strength)
+    if preset.signal_spread > 0:
+        signals = np.clip(preset.signal_strength + preset.signal_spread * rng.standard_normal(n),
+                          0.0, 1.0)
+    traits = [_cell_traits(rng, variants[i], float(signals[i]), preset)
+              if preset.per_cell_traits else None for i in range(n)]
+    patients = [
         _Patient(
             patient_id=ids[i], split=splits[i], label=int(labels[i]), gender=genders[i],
-            dob=dobs[i], lymph_count=float(counts[i]),
-            variants=_instance_variants(rng, int(labels[i]), int(sizes[i]), preset, witness_rate),
+            dob=dobs[i], lymph_count=float(counts[i]), variants=variants[i],
+            observed_label=int(observed[i]), site=int(sites[i]), signal_strength=float(signals[i]),
+            traits=traits[i],
         )
         for i in range(n)
     ]
+    return patients, site_stains
 
 
 # --------------------------------------------------------------------------- rendering workers
@@ -308,19 +531,20 @@ def _image_name(index: int) -> str:
     return f"{index:06d}.jpg"
 
 
-def _render_patient(task: tuple[str, str, tuple[str, ...], float, np.random.SeedSequence, bool]
-                    ) -> int:
+def _render_patient(task: tuple[str, str, tuple[str, ...], float, np.random.SeedSequence, bool,
+                                Stain | None, np.ndarray | None]) -> int:
     """Render one patient's bag into ``<staging>/<split>set/<id>/``; returns the image count."""
-    staging, relative, variants, signal_strength, seed_seq, masks = task
+    staging, relative, variants, signal_strength, seed_seq, masks, site_stain, traits = task
     rng = np.random.default_rng(seed_seq)
-    stain = sample_stain(rng)
+    stain = sample_stain(rng) if site_stain is None else perturb_stain(rng, site_stain)
     folder = Path(staging) / relative
     folder.mkdir(parents=True)
     mask_folder = Path(staging) / "truth" / "masks" / Path(relative).name
     if masks:
         mask_folder.mkdir(parents=True)
     for index, variant in enumerate(variants):
-        cell = render_cell(rng, stain, variant, signal_strength)
+        cell_traits = None if traits is None or variant == "reactive" else traits[index]
+        cell = render_cell(rng, stain, variant, signal_strength, traits=cell_traits)
         # Plain writes are enough here: the whole staging tree only becomes visible by rename.
         (folder / _image_name(index)).write_bytes(encode_jpeg(cell.image, stain.jpeg_quality))
         if masks:
@@ -375,7 +599,7 @@ def _csv(frame: pd.DataFrame, index: bool = False) -> str:
 def _clinical_frame(patients: Sequence[_Patient], hide_labels: bool) -> pd.DataFrame:
     return pd.DataFrame({
         "ID": [p.patient_id for p in patients],
-        "LABEL": [-1 if hide_labels else p.label for p in patients],
+        "LABEL": [-1 if hide_labels else p.observed_label for p in patients],
         "GENDER": [p.gender for p in patients],
         "DOB": [p.dob for p in patients],
         "LYMPH_COUNT": [p.lymph_count for p in patients],
@@ -399,13 +623,21 @@ def _write_tables(root: Path, patients: Sequence[_Patient]) -> pd.DataFrame:
     atomic_write_text(truth / "test_labels.csv", _csv(labels))
     instances = pd.DataFrame(
         [
-            (p.patient_id, _image_name(i), p.split, int(v == "atypical"), v)
+            (p.patient_id, _image_name(i), p.split, int(v == "atypical"), v, round(float(a), 6))
             for p in patients
-            for i, v in enumerate(p.variants)
+            for i, (v, a) in enumerate(zip(p.variants, p.atypia(), strict=True))
         ],
         columns=INSTANCE_COLUMNS,
     )
     atomic_write_text(truth / "instances.csv", _csv(instances))
+    truth_patients = pd.DataFrame(
+        [(p.patient_id, p.split, p.label, p.observed_label if p.split == "train" else -1,
+          int(p.split == "train" and p.observed_label != p.label), p.site,
+          round(p.signal_strength, 6), round(p.witness_fraction, 6), len(p.variants))
+         for p in patients],
+        columns=PATIENT_TRUTH_COLUMNS,
+    )
+    atomic_write_text(truth / "patients.csv", _csv(truth_patients))
     return instances
 
 
@@ -417,43 +649,37 @@ def generate_cohort(
     witness_rate: float | None = None,
     signal_strength: float | None = None,
     clinical_informativeness: float | None = None,
+    knobs: dict[str, Any] | None = None,
     workers: int = 1,
     progress: bool = False,
 ) -> Path:
     """Write a synthetic cohort in the lymphocytosis-challenge layout under ``out_dir``.
 
-    Knobs left as ``None`` take the preset's defaults: ``witness_rate`` is the mean fraction of
-    atypical cells in tumoral patients, ``signal_strength`` how different atypical cells look
-    (0 = indistinguishable), ``clinical_informativeness`` how much age and lymphocyte count
-    say about the label (0 = nothing). Raises ``FileExistsError`` if ``out_dir`` is non-empty.
-    ``workers > 1`` renders in spawned processes (same bytes as one worker); a calling script
-    then needs the usual ``if __name__ == "__main__":`` guard.
+    ``knobs`` override any field of the preset (``KNOBS``; see ``SynthPreset``); the three named
+    ones are shortcuts: ``witness_rate`` is the mean fraction of atypical cells in tumoral
+    patients, ``signal_strength`` how different atypical cells look (0 = indistinguishable),
+    ``clinical_informativeness`` how much age and lymphocyte count say about the label
+    (0 = nothing). Raises ``FileExistsError`` if ``out_dir`` is non-empty. ``workers > 1``
+    renders in spawned processes (same bytes as one worker); a calling script then needs the
+    usual ``if __name__ == "__main__":`` guard. ``truth/difficulty.json`` records how hard the
+    cohort is (see :mod:`milbench.synth.difficulty`).
     """
-    spec = _resolve_preset(preset)
+    named = {"witness_rate": witness_rate, "signal_strength": signal_strength,
+             "clinical_informativeness": clinical_informativeness}
+    overrides = {**(knobs or {}), **{k: v for k, v in named.items() if v is not None}}
+    spec = resolve_knobs(preset, overrides)
     seed = _check_count("seed", seed, 0)
     workers = _check_count("workers", workers, 1)
-    knobs = {
-        "witness_rate": _check_unit(
-            "witness_rate", spec.witness_rate if witness_rate is None else witness_rate),
-        "signal_strength": _check_unit(
-            "signal_strength",
-            spec.signal_strength if signal_strength is None else signal_strength,
-        ),
-        "clinical_informativeness": _check_unit(
-            "clinical_informativeness",
-            spec.clinical_informativeness if clinical_informativeness is None
-            else clinical_informativeness),
-    }
     out_dir = Path(out_dir)
     children = np.random.SeedSequence(seed).spawn(1 + spec.n_patients)
-    patients = _plan_cohort(spec, children[0], knobs["witness_rate"],
-                            knobs["clinical_informativeness"])
+    patients, site_stains = _plan_cohort(spec, children[0], spec.witness_rate,
+                                         spec.clinical_informativeness)
 
     with _staged_directory(out_dir) as staging:
         instances = _write_tables(staging, patients)
         tasks = [
-            (str(staging), f"{p.split}set/{p.patient_id}", p.variants, knobs["signal_strength"],
-             child, spec.masks)
+            (str(staging), f"{p.split}set/{p.patient_id}", p.variants, p.signal_strength,
+             child, spec.masks, site_stains[p.site] if p.site >= 0 else None, p.traits)
             for p, child in zip(patients, children[1:], strict=True)
         ]
         # Largest bags first so the pool's last tasks are short ones.
@@ -476,15 +702,23 @@ def generate_cohort(
             "preset": spec.name,
             "preset_spec": asdict(spec),
             "seed": seed,
-            "knobs": knobs,
+            "knobs": _json_ready(overrides),
             "generator_version": GENERATOR_VERSION,
             "milbench_version": __version__,
             "age_reference_date": AGE_REFERENCE_DATE.isoformat(),
             "masks": spec.masks,
             "counts": counts,
         }
+        from milbench.synth.difficulty import cohort_difficulty
+
+        atomic_write_json(staging / "truth" / "difficulty.json", cohort_difficulty(staging))
         atomic_write_json(staging / MANIFEST_NAME, manifest)
     return out_dir
+
+
+def _json_ready(knobs: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(
+        {k: asdict(v) if isinstance(v, BagSizes) else v for k, v in knobs.items()}, default=list))
 
 
 def generate_allidb2(

@@ -13,6 +13,11 @@ Cell morphology comes in three variants:
   difference from typical (0, same distribution as typical) to fully atypical (1);
 - ``reactive``: large cell with abundant, deeper-blue cytoplasm and a regular nucleus, the
   confounder found in reactive lymphocytoses.
+
+Realistic cohorts give every cell its own strength per morphological trait (``TRAITS``): an
+atypical cell need not be atypical in every respect, and a typical one may carry a nucleolus or a
+notch. Acquisition sites each have their own stain, blur, JPEG quality and cell scale
+(``sample_site_stain``); a patient's slide varies a little around its site (``perturb_stain``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 VARIANTS = ("typical", "atypical", "reactive")
+# Morphological traits that move from typical (0) to atypical (1), each with its own strength.
+TRAITS = ("size", "nucleus_ratio", "outline", "chromatin", "density", "nucleoli")
 
 # Absorbance (optical density) per RGB channel of each stained component, before the per-patient
 # stain jitter. Chosen so that on the pale background the nucleus renders dark purple and is the
@@ -87,6 +94,41 @@ def sample_stain(rng: np.random.Generator) -> Stain:
     )
 
 
+def sample_site_stain(rng: np.random.Generator) -> Stain:
+    """An acquisition site's conditions: a wider stain shift than between patients of one site,
+    and the site's own blur, JPEG quality and magnification (cell scale)."""
+    base = sample_stain(rng)
+    return Stain(
+        background=base.background,
+        nucleus_od=(base.nucleus_od * rng.uniform(0.85, 1.15, 3)).astype(np.float32),
+        cytoplasm_od=(base.cytoplasm_od * rng.uniform(0.8, 1.2, 3)).astype(np.float32),
+        rbc_od=(base.rbc_od * rng.uniform(0.85, 1.15, 3)).astype(np.float32),
+        brightness=base.brightness,
+        blur_sigma=float(rng.uniform(0.5, 1.5)),
+        noise_sigma=float(rng.uniform(0.006, 0.02)),
+        jpeg_quality=int(rng.integers(60, 95)),
+        cell_scale=float(rng.uniform(0.88, 1.12)),
+        rbc_density=base.rbc_density,
+    )
+
+
+def perturb_stain(rng: np.random.Generator, site: Stain) -> Stain:
+    """One patient's slide at a site: small changes of density, light and focus."""
+    density = float(rng.uniform(0.94, 1.06))
+    return Stain(
+        background=site.background,
+        nucleus_od=(site.nucleus_od * density * rng.uniform(0.97, 1.03, 3)).astype(np.float32),
+        cytoplasm_od=(site.cytoplasm_od * density * rng.uniform(0.95, 1.05, 3)).astype(np.float32),
+        rbc_od=(site.rbc_od * density * rng.uniform(0.97, 1.03, 3)).astype(np.float32),
+        brightness=float(site.brightness * rng.uniform(0.98, 1.02)),
+        blur_sigma=float(site.blur_sigma * rng.uniform(0.9, 1.1)),
+        noise_sigma=site.noise_sigma,
+        jpeg_quality=site.jpeg_quality,
+        cell_scale=float(site.cell_scale * rng.uniform(0.98, 1.02)),
+        rbc_density=float(site.rbc_density * rng.uniform(0.9, 1.1)),
+    )
+
+
 @dataclass(frozen=True)
 class _Morphology:
     cell_radius: float
@@ -106,7 +148,8 @@ def _lerp(a: float, b: float, t: float) -> float:
 
 
 def _sample_morphology(
-    rng: np.random.Generator, variant: str, signal_strength: float, scale: float
+    rng: np.random.Generator, variant: str, signal_strength: float, scale: float,
+    traits: np.ndarray | None = None,
 ) -> _Morphology:
     # The same random draws feed every variant, so an atypical cell at signal_strength 0 has
     # exactly the distribution of a typical one.
@@ -125,18 +168,21 @@ def _sample_morphology(
             cytoplasm_density=1.9 + 0.2 * z[3],
             nucleoli=0,
         )
-    s = signal_strength if variant == "atypical" else 0.0
+    if traits is None:
+        s = signal_strength if variant == "atypical" else 0.0
+        traits = np.full(len(TRAITS), s)
+    size, ratio, outline, chromatin, density, nucleoli = (float(t) for t in traits)
     return _Morphology(
-        cell_radius=scale * (_lerp(33.0, 45.0, s) + _lerp(2.5, 4.0, s) * z[0]),
-        nucleus_ratio=float(np.clip(_lerp(0.87, 0.78, s) + 0.025 * z[1], 0.72, 0.93)),
-        nucleus_harmonics=_lerp(0.025, 0.11, s),
-        notch_depth=_lerp(0.0, 0.22 + 0.2 * u[0], s) if u[1] < 0.6 else 0.0,
+        cell_radius=scale * (_lerp(33.0, 45.0, size) + _lerp(2.5, 4.0, size) * z[0]),
+        nucleus_ratio=float(np.clip(_lerp(0.87, 0.78, ratio) + 0.025 * z[1], 0.72, 0.93)),
+        nucleus_harmonics=_lerp(0.025, 0.11, outline),
+        notch_depth=_lerp(0.0, 0.22 + 0.2 * u[0], outline) if u[1] < 0.6 else 0.0,
         cell_harmonics=0.025,
-        chromatin_coarse=s,
-        chromatin_amplitude=_lerp(0.10, 0.34, s),
-        nucleus_density=_lerp(1.0, 0.88, s) + 0.06 * z[2],
-        cytoplasm_density=_lerp(1.0, 1.3, s) + 0.1 * z[3],
-        nucleoli=int(u[2] < 0.9 * s) + int(u[3] < 0.45 * s),
+        chromatin_coarse=chromatin,
+        chromatin_amplitude=_lerp(0.10, 0.34, chromatin),
+        nucleus_density=_lerp(1.0, 0.88, density) + 0.06 * z[2],
+        cytoplasm_density=_lerp(1.0, 1.3, density) + 0.1 * z[3],
+        nucleoli=int(u[2] < 0.9 * nucleoli) + int(u[3] < 0.45 * nucleoli),
     )
 
 
@@ -253,16 +299,21 @@ def render_cell(
     size: int = 224,
     magnification: float = 1.0,
     jitter: float = 15.0,
+    traits: np.ndarray | None = None,
 ) -> RenderedCell:
     """Render one smear image with a single lymphocyte of ``variant`` near the centre.
 
     ``magnification`` scales every object (ALL-IDB crops are imaged closer than the challenge's);
-    ``jitter`` bounds the offset of the lymphocyte from the image centre, in pixels.
+    ``jitter`` bounds the offset of the lymphocyte from the image centre, in pixels. ``traits``
+    (one strength in [0, 1] per name in ``TRAITS``) replaces ``signal_strength`` for a typical
+    or atypical cell: each trait then moves on its own.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if traits is not None and np.shape(traits) != (len(TRAITS),):
+        raise ValueError(f"traits must hold {len(TRAITS)} strengths {TRAITS}, got {np.shape(traits)}")
     scale = stain.cell_scale * magnification
-    morph = _sample_morphology(rng, variant, signal_strength, scale)
+    morph = _sample_morphology(rng, variant, signal_strength, scale, traits)
     offset = rng.uniform(-jitter, jitter, 2) if jitter > 0 else np.zeros(2)
     cx, cy = size / 2 + offset[0], size / 2 + offset[1]
 

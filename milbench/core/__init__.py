@@ -1,0 +1,1 @@
+"""Leaf conventions shared by every layer; imports nothing of milbench (and never torch)."""
