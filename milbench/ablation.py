@@ -36,6 +36,7 @@ from milbench.evaluation.compare import corrected_resampled_ttest
 from milbench.evaluation.cv import cross_validate, fold_seed
 from milbench.evaluation.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, train_val_split
+from milbench.models.base import with_seed
 from milbench.progress import progress_bar
 from milbench.runs import Run
 
@@ -96,7 +97,7 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> tuple[Ablation
 @lru_cache(maxsize=4)
 def _prepared(config_json: str):
     # One data preparation per distinct data/features config in each worker process.
-    from milbench.pipeline import prepare_data
+    from milbench.preparation import prepare_data
 
     return prepare_data(RunConfig.model_validate_json(config_json), progress=False)
 
@@ -108,7 +109,7 @@ def _data_key(config: RunConfig) -> str:
 
 def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any]:
     """Evaluate one (variant, repeat) cell; runs in a worker process."""
-    from milbench.pipeline import attach_source_features, build_model, stratification
+    from milbench.preparation import attach_source_features, stratification
 
     config = RunConfig.model_validate_json(config_json)
     protocol = Protocol.model_validate_json(protocol_json)
@@ -124,9 +125,7 @@ def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any
         position = {pid: i for i, pid in enumerate(data.train.ids)}
         train = [position[p] for p in split.train_ids]
         val = [position[p] for p in split.val_ids]
-        model = build_model(entry)
-        if "random_state" in model.get_params():
-            model.set_params(random_state=fold_seed(config.seed, repeat, 0))
+        model = with_seed(entry.build(), fold_seed(config.seed, repeat, 0))
         model.fit([data.train_bags[i] for i in train], data.labels[train],
                   data.train_clinical.iloc[train])
         val_bags = [data.train_bags[i] for i in val]
@@ -139,7 +138,7 @@ def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any
     else:
         keys = stratification(config, data.train, min_size=protocol.n_splits)
         folds = kfold_splits(data.train.ids, keys, protocol.n_splits, 1, seed)
-        result = cross_validate(build_model(entry), data.train_bags, data.labels, data.train.ids,
+        result = cross_validate(entry.build(), data.train_bags, data.labels, data.train.ids,
                                 folds, data.train_clinical, seed=seed, progress=False)
         metrics = result.per_repeat.drop(columns=["repeat"]).iloc[0].to_dict()
         fold_metrics = [{"fold": int(fold), **binary_metrics(g["label"], g["predicted"], g["score"])}

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from milbench.models.spec import ModelSpec
+
 # The configs/ folder of a source checkout (editable install), for names given without a path.
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -75,16 +77,6 @@ class EvaluationConfig(_Strict):
         "null: the first clinical-only model")
 
 
-class ModelEntry(_Strict):
-    name: str
-    params: dict[str, Any] = {}
-    label: str | None = Field(None, description="display name; defaults to the model name")
-
-    @property
-    def display_name(self) -> str:
-        return self.label or self.name
-
-
 class SubmissionConfig(_Strict):
     enabled: bool = True
     dir: str = "submissions"
@@ -114,13 +106,13 @@ class RunConfig(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     source: SourceConfig | None = None
     evaluation: EvaluationConfig = EvaluationConfig()
-    models: list[ModelEntry] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1)
     submission: SubmissionConfig = SubmissionConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("models")
     @classmethod
-    def _unique_labels(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+    def _unique_labels(cls, models: list[ModelSpec]) -> list[ModelSpec]:
         names = [m.display_name for m in models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

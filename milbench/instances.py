@@ -26,7 +26,7 @@ from milbench.data import Cohort
 from milbench.runs import Run
 
 if TYPE_CHECKING:  # pipeline imports this module
-    from milbench.pipeline import PreparedData
+    from milbench.preparation import PreparedData
 
 log = logging.getLogger(__name__)
 

@@ -99,3 +99,24 @@ def _logged_progress(description: str, total: int, completed: int,
     finally:  # also on an interruption: the log then says how far it got
         log.info(progress_line(description, done, total, time.monotonic() - started, unit,
                                completed))
+
+
+class StageTimer:
+    """Wall time of each named stage of a run, in order."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, float]] = []
+
+    @contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages.append((name, time.perf_counter() - started))
+
+    def table(self):
+        """A ``stage, seconds`` DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.stages, columns=["stage", "seconds"])

@@ -16,7 +16,7 @@ from milbench.runs import Run
 
 if TYPE_CHECKING:  # pipeline imports this module
     from milbench.instances import InstanceViews
-    from milbench.pipeline import PreparedData
+    from milbench.preparation import PreparedData
 
 
 def write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None:

@@ -34,7 +34,9 @@ def test_overrides_parse_yaml_values_and_index_lists():
         (["models=[]"], r"models: List should have at least 1 item"),
         (["models.5.name=x"], r"'5' is not an index of a 2-item list"),
         (["seed"], r"must look like key.sub=value"),
-        (["models=[{name: a}, {name: a}]"], r"repeated: \['a'\]"),
+        (["models=[{name: clinical_logreg}, {name: clinical_logreg}]"],
+         r"repeated: \['clinical_logreg'\]"),
+        (["models=[{name: dmill}]"], r"models.0: Value error, unknown model 'dmill'; registered models"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):

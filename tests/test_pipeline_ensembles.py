@@ -13,7 +13,8 @@ from milbench.evaluation.cv import cross_validate
 from milbench.evaluation.splits import load_folds
 from milbench.models import create_model
 from milbench.models.reuse import fit_model, reusing_fits
-from milbench.pipeline import prepare_data, run_pipeline
+from milbench.pipeline import run_pipeline
+from milbench.preparation import prepare_data
 from milbench.submit import check_submission
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -98,7 +99,8 @@ def test_voting_over_the_best_member_by_cv_reuses_its_fits(tmp_path):
 
 
 @pytest.mark.parametrize(("models", "message"), [
-    ("[{name: clinical_logreg, params: {members: {best: 1}}}]", "only ensembles take members"),
+    ("[{name: clinical_logreg, params: {members: {best: 1}}}]",
+     "model 'clinical_logreg': unknown parameter 'members'"),
     ("[{name: voting, params: {members: {best: 2}}}, {name: clinical_logreg}]",
      "chosen among the models listed before it"),
     ("[{name: clinical_logreg}, {name: voting, params: {members: {best: 0}}}]",

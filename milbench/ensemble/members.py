@@ -1,7 +1,8 @@
 """Member handling shared by the stacker and the voting ensemble.
 
-Members are given as ``{"name": registered model name, "params": {...}, "label": optional}``
-so that ensembles stay plain-data constructor arguments (clone and configs work unchanged).
+Members are given as model names or ``{"name": ..., "params": {...}, "label": optional}``
+mappings (``ModelSpec`` in plain data), so that ensembles stay plain-data constructor arguments
+(clone and configs work unchanged).
 """
 
 from __future__ import annotations
@@ -11,43 +12,37 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from milbench.models.registry import create_model
+from milbench.models.base import with_seed
 from milbench.models.reuse import fit_model
+from milbench.models.spec import ModelSpec
 
 
-def member_label(member: dict[str, Any]) -> str:
-    return member.get("label") or member["name"]
+def member_label(member: str | dict[str, Any] | ModelSpec) -> str:
+    return ModelSpec.coerce(member).display_name
 
 
-def check_members(members) -> list[dict[str, Any]]:
+def check_members(members) -> list[ModelSpec]:
     if not members:
         raise ValueError("an ensemble needs at least one member")
     checked = []
     for index, member in enumerate(members):
-        if isinstance(member, str):
-            member = {"name": member}
-        if not isinstance(member, dict) or "name" not in member:
-            raise ValueError(f"member {index} must be a model name or a mapping with 'name'")
-        unknown = set(member) - {"name", "params", "label"}
-        if unknown:
-            raise ValueError(f"member {index} has unknown keys {sorted(unknown)}")
-        checked.append(member)
-    labels = [member_label(m) for m in checked]
+        try:
+            checked.append(ModelSpec.coerce(member))
+        except ValueError as error:
+            raise ValueError(f"member {index}: {error}") from None
+    labels = [m.display_name for m in checked]
     if len(set(labels)) != len(labels):
         raise ValueError(f"member labels must be unique, got {labels}")
     return checked
 
 
-def build_member(member: dict[str, Any], random_state: int | None):
-    model = create_model(member["name"], **member.get("params", {}))
-    if random_state is not None and "random_state" in model.get_params():
-        model.set_params(random_state=random_state)
-    return model
-
-
-def fit_member(member: dict[str, Any], random_state: int | None, bags, y, clinical):
-    """A member fitted on ``bags`` (shared with an identical earlier fit inside a pipeline run)."""
-    return fit_model(build_member(member, random_state), bags, y, clinical)
+def fit_member(member: ModelSpec, random_state: int | None, bags, y, clinical):
+    """A member fitted on ``bags`` (shared with an identical earlier fit inside a pipeline run);
+    ``random_state`` None leaves the member's own."""
+    model = member.build()
+    if random_state is not None:
+        model = with_seed(model, random_state)
+    return fit_model(model, bags, y, clinical)
 
 
 def member_outputs(label: str, model, bags, clinical) -> pd.DataFrame:

@@ -36,7 +36,6 @@ from milbench.models.base import (
     take_bags,
     take_clinical,
 )
-from milbench.models.registry import register_model
 
 CLINICAL_FEATURES = ("age", "log_lymph_count", "male")
 META_KINDS = ("xgboost", "lightgbm", "logistic", "auto")
@@ -45,7 +44,6 @@ AUTO_CANDIDATES = (("clinical_logistic", "logistic", True), ("logistic", "logist
                    ("xgboost", "xgboost", False))
 
 
-@register_model("stacker", tags=("ensemble", "clinical"))
 class ClinicalStacker(BagClassifier):
     """Meta-classifier over member outputs (probability and bag features) and, with
     ``use_clinical``, age, log lymphocyte count and gender. ``meta``: xgboost or lightgbm

@@ -14,10 +14,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from milbench.ensemble.members import check_members, fit_member
 from milbench.models.base import BagClassifier, check_binary_labels
-from milbench.models.registry import register_model
 
 
-@register_model("voting", tags=("ensemble", "clinical"))
 class VotingEnsemble(BagClassifier):
     def __init__(self, members=("clinical_logreg",), voting: str = "soft", weights=None,
                  random_state=None):

@@ -15,7 +15,7 @@ from sklearn.base import clone
 
 from milbench.evaluation.metrics import aggregate, binary_metrics
 from milbench.evaluation.splits import Fold
-from milbench.models.base import take_bags, take_clinical
+from milbench.models.base import take_bags, take_clinical, with_seed
 from milbench.models.reuse import fit_model
 from milbench.progress import progress_bar
 
@@ -56,9 +56,7 @@ def cross_validate(
         for fold in folds:
             train = [position[pid] for pid in fold.train_ids]
             val = [position[pid] for pid in fold.val_ids]
-            estimator = clone(model)
-            if "random_state" in estimator.get_params():
-                estimator.set_params(random_state=fold_seed(seed, fold.repeat, fold.fold))
+            estimator = with_seed(clone(model), fold_seed(seed, fold.repeat, fold.fold))
             train_clinical = take_clinical(clinical, train)
             val_clinical = take_clinical(clinical, val)
             started = time.perf_counter()

@@ -87,6 +87,13 @@ def take_clinical(clinical, positions):
     return np.asarray(clinical)[positions]
 
 
+def with_seed(model, seed):
+    """``model`` with ``random_state=seed`` where it takes one (returned for chaining)."""
+    if "random_state" in model.get_params():
+        model.set_params(random_state=seed)
+    return model
+
+
 def inner_folds(labels: np.ndarray, n_splits: int, random_state, owner: str):
     """Stratified inner folds over training bags (at most one per bag of the rarer class), for
     models that fit parts of their own training data; ``owner`` names the model in the error."""

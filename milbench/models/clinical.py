@@ -14,7 +14,6 @@ from xgboost import XGBClassifier
 
 from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_binary_labels, check_clinical
-from milbench.models.registry import register_model
 
 
 class _ClinicalClassifier(BagClassifier):
@@ -36,7 +35,6 @@ class _ClinicalClassifier(BagClassifier):
         return self.estimator_.predict_proba(features)
 
 
-@register_model("clinical_logreg", tags=("clinical",))
 class ClinicalLogistic(_ClinicalClassifier):
     """Standardised logistic regression with balanced class weights."""
 
@@ -52,7 +50,6 @@ class ClinicalLogistic(_ClinicalClassifier):
         )
 
 
-@register_model("clinical_xgb", tags=("clinical",))
 class ClinicalXGBoost(_ClinicalClassifier):
     """Gradient-boosted trees; ``scale_pos_weight`` balances the classes from training prevalence."""
 

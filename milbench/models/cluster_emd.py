@@ -39,7 +39,6 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels
-from milbench.models.registry import register_model
 from milbench.slides.clustering import SlideClusterer
 from milbench.slides.emd import ASSIGNMENT_METHODS, emd
 from milbench.slides.vae import VAEModel, fit_vae
@@ -74,7 +73,6 @@ class _BagAnalysis:
     instance_labels: np.ndarray  # final class per instance, in the bag's original order
 
 
-@register_model("cluster_emd", tags=("instances",))
 class ClusterEMDClassifier(BagClassifier):
     """DBSCAN + EMD slide classifier over instance feature vectors (see module docstring).
 

@@ -52,7 +52,6 @@ from torch import nn
 from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
 from milbench.models.collate import pad_bags
-from milbench.models.registry import register_model
 from preprocessing.transforms import BagTransform
 
 AGGREGATIONS = ("attention", "gated_attention", "max", "mean_std")
@@ -202,7 +201,6 @@ def torch_threads(count: int | None):
         torch.set_num_threads(before)
 
 
-@register_model("dmil", tags=("instances", "clinical_optional"))
 class AttentionDMIL(BagClassifier):
     """Attention D-MIL with an optional clinical MLP (see the module docstring).
 

@@ -45,7 +45,6 @@ from sklearn.svm import SVC
 
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels
 from milbench.models.collate import split_by_bag, stack_instances
-from milbench.models.registry import register_model
 from preprocessing.transforms import BagTransform
 
 log = logging.getLogger(__name__)
@@ -231,7 +230,6 @@ def _bag_decisions(svm: SVC, features: np.ndarray, members: list[np.ndarray]) ->
     return split_by_bag(svm.decision_function(features[rows]), [len(m) for m in members])
 
 
-@register_model("misvm", tags=("instances",))
 class MISVM(_InstanceSVM):
     """MI-SVM: one witness instance per positive bag, all instances of negative bags."""
 
@@ -257,7 +255,6 @@ class MISVM(_InstanceSVM):
         return svm, int(self.max_iters), False
 
 
-@register_model("mi_svm", tags=("instances",))
 class MiSVM(_InstanceSVM):
     """mi-SVM: instance labels inside positive bags are re-estimated every round."""
 
@@ -281,7 +278,6 @@ class MiSVM(_InstanceSVM):
         return svm, int(self.max_iters), False
 
 
-@register_model("meanpool_svm", tags=("instances",))
 class MeanPoolSVM(_ScoreCalibrated):
     """Baseline: each bag is its mean instance (optionally ‖ std), scaled, then an SVC."""
 

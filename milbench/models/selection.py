@@ -27,11 +27,11 @@ from milbench.models.base import (
     inner_folds,
     take_bags,
     take_clinical,
+    with_seed,
 )
-from milbench.models.registry import create_model, register_model
+from milbench.models.spec import ModelSpec
 
 
-@register_model("inner_cv", tags=("selection", "clinical_optional"))
 class InnerCVSelection(BagClassifier):
     """The wrapped model with the parameters an inner CV on the training bags chose."""
 
@@ -63,13 +63,11 @@ class InnerCVSelection(BagClassifier):
 
     def _build(self, candidate: dict):
         try:
-            model = create_model(self.model, **{**(self.params or {}), **candidate})
-        except TypeError as error:
+            spec = ModelSpec(name=self.model, params={**(self.params or {}), **candidate})
+        except ValueError as error:
             raise ValueError(f"inner_cv: parameters {candidate} do not fit model {self.model!r}: "
                              f"{error}") from error
-        if "random_state" in model.get_params():
-            model.set_params(random_state=self.random_state)
-        return model
+        return with_seed(spec.build(), self.random_state)
 
     def _inner_score(self, candidate: dict, bags, labels, clinical, folds) -> list[float]:
         scores = []

@@ -27,7 +27,6 @@ import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
-from milbench.models.registry import register_model
 from milbench.semisup.counts import count_matrix, predicted_counts
 from milbench.semisup.loop import run_pseudo_labelling
 from milbench.semisup.schedule import make_schedule
@@ -53,7 +52,6 @@ def check_path_bags(bags) -> list[np.ndarray]:
     return checked
 
 
-@register_model("semisup", tags=("instances", "clinical"))
 class SemiSupervisedCNN(BagClassifier):
     """Pseudo-labelling instance classifier with a count-matrix patient classifier.
 

@@ -1,0 +1,123 @@
+"""``ModelSpec``: the one way to name a model with parameters (a run's models, ensemble members,
+``inner_cv``'s wrapped model, ablation variants).
+
+A spec is checked when it is made: the name must be registered and every parameter must be one
+of the model's constructor parameters. Built-in constructors are read from their source with
+``ast``, so a misspelled parameter fails in milliseconds, naming the model, the key and the valid
+keys, without importing torch or any model. Ensemble members and ``inner_cv``'s model, params and
+grid are checked the same way, recursively.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import inspect
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from milbench.models.registry import Tag, create_model, import_path, model_class, model_tags
+
+
+class ModelSpec(BaseModel):
+    """A registered model name, its constructor parameters and an optional display label."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    params: dict[str, Any] = {}
+    label: str | None = Field(None, description="display name; defaults to the model name")
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.name
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        check_params(self.name, self.params)
+        return self
+
+    @classmethod
+    def coerce(cls, value: Any) -> ModelSpec:
+        """A spec from a spec, a bare model name or a mapping ``{name, params, label}``."""
+        if isinstance(value, ModelSpec):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        if not isinstance(value, dict) or "name" not in value:
+            raise ValueError(f"a model must be a name or a mapping with 'name', got {value!r}")
+        unknown = set(value) - set(cls.model_fields)
+        if unknown:
+            raise ValueError(f"model {value.get('name')!r} has unknown keys {sorted(unknown)}; "
+                             f"use {sorted(cls.model_fields)}")
+        return cls(**value)
+
+    def build(self):
+        """A new, unfitted model of this spec."""
+        return create_model(self.name, **self.params)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, as ensembles keep their members (clone and configs round-trip it)."""
+        return {"name": self.name, "params": dict(self.params),
+                **({"label": self.label} if self.label else {})}
+
+
+def _init_arguments(tree: ast.Module, class_name: str) -> list[str] | None:
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    node = classes.get(class_name)
+    while node is not None:
+        for item in node.body:
+            if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                arguments = [a.arg for a in (*item.args.posonlyargs, *item.args.args,
+                                             *item.args.kwonlyargs)]
+                return arguments[1:] if arguments[:1] == ["self"] else arguments
+        # Inherited constructor: follow the first base defined in the same module.
+        bases = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
+        node = classes[bases[0]] if bases else None
+    return None
+
+
+@cache
+def constructor_parameters(name: str) -> tuple[str, ...]:
+    """The constructor parameters of model ``name``, read from source where possible."""
+    path = import_path(name)
+    if path is not None:
+        module, _, class_name = path.partition(":")
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            with open(spec.origin, encoding="utf-8") as handle:
+                arguments = _init_arguments(ast.parse(handle.read()), class_name)
+            if arguments is not None:
+                return tuple(arguments)
+    signature = inspect.signature(model_class(name).__init__)
+    return tuple(p for p in signature.parameters if p != "self")
+
+
+def check_params(name: str, params: dict[str, Any]) -> None:
+    """Raise naming model, key and valid keys when ``params`` does not fit model ``name``;
+    members of ensembles and the model of ``inner_cv`` are checked too."""
+    try:
+        model_tags(name)
+    except KeyError as error:  # a config error, naming the registered models
+        raise ValueError(error.args[0]) from None
+    valid = constructor_parameters(name)
+    for key in params:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"model {name!r}: unknown parameter {key!r}{hint}; valid parameters: "
+                             f"{', '.join(valid)}")
+    tags = model_tags(name)
+    members = params.get("members")
+    if Tag.ENSEMBLE.value in tags and isinstance(members, list | tuple):
+        labels = [ModelSpec.coerce(member).display_name for member in members]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model {name!r}: member labels must be unique, got {labels}")
+    if Tag.SELECTION.value in tags and "model" in params:
+        fixed = params.get("params") or {}
+        check_params(params["model"], fixed)
+        grid = params.get("grid") or {}
+        for candidate in grid if isinstance(grid, list) else [grid]:
+            check_params(params["model"], {key: None for key in candidate})

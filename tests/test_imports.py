@@ -1,0 +1,149 @@
+"""The house's import rules: no cycles among module-level imports, every module imports on its
+own in a fresh interpreter, and the data layer and the model registry load no torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("milbench", "preprocessing")
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    return modules
+
+
+def module_level_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules imported when ``name`` is imported: module-level statements (a
+    ``TYPE_CHECKING`` block excepted), each with the packages above it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for statement in ast.walk(node) if isinstance(node, ast.If | ast.Try) else [node]:
+            if isinstance(statement, ast.Import):
+                targets.update(alias.name for alias in statement.names)
+            elif isinstance(statement, ast.ImportFrom):
+                base = statement.module or ""
+                if statement.level:
+                    anchor = package.split(".")[: len(package.split(".")) - statement.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                for alias in statement.names:
+                    candidate = f"{base}.{alias.name}"
+                    targets.add(candidate if candidate in modules else base)
+    found = set()
+    for target in targets:
+        parts = target.split(".")
+        for end in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b first
+            if ".".join(parts[:end]) in modules:
+                found.add(".".join(parts[:end]))
+    found.discard(name)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            # A package's __init__ importing its own submodule is not a cycle of the graph.
+            if node.startswith(target + "."):
+                continue
+            if state.get(target) == 1:
+                return [*stack[stack.index(target):], target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycles():
+    modules = project_modules()
+    graph = {name: module_level_imports(name, path, modules) for name, path in modules.items()}
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+# Runs in a fresh interpreter: third-party libraries are loaded once, then every project module
+# is imported in its own forked child, which starts with no project module loaded (the same as a
+# fresh interpreter for the question asked here, at a fraction of the cost).
+IMPORT_EACH = """
+import importlib, os, sys, traceback
+for library in ("numpy", "pandas", "scipy", "sklearn", "torch", "torchvision", "xgboost",
+                "lightgbm", "cv2", "PIL", "matplotlib", "ot", "rich", "typer", "pydantic", "yaml"):
+    try:
+        importlib.import_module(library)
+    except ImportError:
+        pass
+assert not [m for m in sys.modules if m.split(".")[0] in ("milbench", "preprocessing")]
+failed = []
+for module in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(module)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        failed.append(module)
+print("FAILED", " ".join(failed))
+"""
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    modules = sorted(m for m in project_modules() if not m.endswith(".__main__"))
+    result = subprocess.run([sys.executable, "-c", IMPORT_EACH, *modules], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip() == "FAILED", result.stdout + result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("module", ["milbench.data", "milbench.models", "milbench.config",
+                                    "milbench.core.clinical", "milbench.synth"])
+def test_light_modules_load_no_torch_and_no_model(module):
+    code = (f"import sys, {module}; "
+            "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith('milbench.models.') "
+            "and m not in ('milbench.models.registry', 'milbench.models.spec')); print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_preprocessing_never_loads_a_model():
+    modules = [m for m in project_modules() if m.startswith("preprocessing")]
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(sorted(m for m in sys.modules if m.startswith('milbench.models')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
