@@ -66,13 +66,17 @@ def run(
 ):
     """Train and evaluate the models a config names; write a run directory and submissions."""
     from milbench.config import load_config
-    from milbench.pipeline import run_pipeline
 
     overrides = list(set_ or [])
     if data is not None:
         overrides.append(f"data.root={data}")
     try:
-        outcome = run_pipeline(load_config(config, overrides), progress=progress)
+        # The config (model parameters included) is checked before the pipeline and its heavy
+        # libraries load: a typo fails in about a second.
+        resolved = load_config(config, overrides)
+        from milbench.pipeline import run_pipeline
+
+        outcome = run_pipeline(resolved, progress=progress)
     except USER_ERRORS as error:
         _fail(error)
     # The terminal shows the headline columns; metrics.csv and report.md hold every metric.

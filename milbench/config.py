@@ -35,7 +35,7 @@ class SyntheticData(_Strict):
 
     @model_validator(mode="after")
     def _known_knobs(self) -> SyntheticData:
-        from milbench.synth.cohort import resolve_knobs
+        from milbench.synth.presets import resolve_knobs
 
         resolve_knobs(self.preset, self.knobs)  # raises naming the knob
         return self

@@ -166,3 +166,19 @@ def test_run_prepares_the_source_set_for_models_that_bootstrap_from_one(tmp_path
     no_source.write_text(config.read_text().replace("source:\n  n_per_class: 8\n", ""))
     result = invoke("run", no_source, "--no-progress")
     assert result.exit_code == 2 and "add a `source:` section" in result.output
+
+
+def test_a_model_parameter_typo_fails_before_any_work(tmp_path):
+    """Checked when the config loads, before the pipeline (and torch) load or data is read."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from milbench.cli import app; "
+            f"result = CliRunner().invoke(app, ['run', {str(CONFIGS / 'pipeline.yaml')!r}, '--set', "
+            f"'models.4.params.Cc=5', '--set', 'workdir={tmp_path / 'work'}']); "
+            "print(result.exit_code, 'torch' in sys.modules); print(result.output)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    first, _, output = result.stdout.partition("\n")
+    assert first == "2 False", result.stdout + result.stderr
+    assert "model 'dmil': unknown parameter 'Cc'" in output and "pca_components" in output
+    assert not (tmp_path / "work").exists()
