@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from lightgbm import LGBMClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
-from xgboost import XGBClassifier
 
 from milbench.core.clinical import clinical_design_matrix
 from milbench.ensemble.members import check_members, fit_member, member_label, member_outputs
@@ -36,6 +34,7 @@ from milbench.models.base import (
     take_bags,
     take_clinical,
 )
+from milbench.models.boosting import BOOSTERS, boosted_trees, positive_weight
 
 CLINICAL_FEATURES = ("age", "log_lymph_count", "male")
 META_KINDS = ("xgboost", "lightgbm", "logistic", "auto")
@@ -75,25 +74,14 @@ class ClinicalStacker(BagClassifier):
         self.random_state = random_state
 
     def _meta_estimator(self, y: np.ndarray, kind: str):
-        positives = max(int(y.sum()), 1)
-        balance = (len(y) - positives) / positives
-        seed = 0 if self.random_state is None else int(self.random_state) % 2**31
         if kind == "logistic":
             return make_pipeline(StandardScaler(), LogisticRegression(
                 C=self.C, class_weight="balanced", max_iter=1000))
-        if kind == "xgboost":
-            return XGBClassifier(
-                n_estimators=self.n_estimators, learning_rate=self.learning_rate,
-                max_depth=self.max_depth, scale_pos_weight=balance, random_state=seed, n_jobs=1,
-                tree_method="hist", eval_metric="logloss",
-            )
-        if kind == "lightgbm":
-            return LGBMClassifier(
-                n_estimators=self.n_estimators, learning_rate=self.learning_rate,
-                max_depth=self.max_depth, num_leaves=2**self.max_depth, scale_pos_weight=balance,
-                min_child_samples=3, random_state=seed, n_jobs=1, deterministic=True, verbose=-1,
-            )
-        raise ValueError(f"meta must be one of {META_KINDS}, got {kind!r}")
+        if kind not in BOOSTERS:
+            raise ValueError(f"meta must be one of {META_KINDS}, got {kind!r}")
+        return boosted_trees(kind, n_estimators=self.n_estimators, learning_rate=self.learning_rate,
+                             max_depth=self.max_depth, scale_pos_weight=positive_weight(y),
+                             random_state=self.random_state)
 
     def _design(self, outputs: list[pd.DataFrame], clinical, n_bags: int) -> pd.DataFrame:
         design = pd.concat([o.reset_index(drop=True) for o in outputs], axis=1)

@@ -10,10 +10,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
-from xgboost import XGBClassifier
 
 from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_binary_labels, check_clinical
+from milbench.models.boosting import boosted_trees, positive_weight
 
 
 class _ClinicalClassifier(BagClassifier):
@@ -68,15 +68,8 @@ class ClinicalXGBoost(_ClinicalClassifier):
         self.random_state = random_state
 
     def _make_estimator(self, y):
-        positives = max(int(y.sum()), 1)
-        weight = (len(y) - positives) / positives if self.balance_classes else 1.0
-        return XGBClassifier(
-            n_estimators=self.n_estimators,
-            learning_rate=self.learning_rate,
+        return boosted_trees(
+            "xgboost", n_estimators=self.n_estimators, learning_rate=self.learning_rate,
             max_depth=self.max_depth,
-            scale_pos_weight=weight,
-            random_state=0 if self.random_state is None else self.random_state,
-            n_jobs=1,  # one thread keeps results bit-identical across machines
-            tree_method="hist",
-            eval_metric="logloss",
-        )
+            scale_pos_weight=positive_weight(y) if self.balance_classes else 1.0,
+            random_state=self.random_state)

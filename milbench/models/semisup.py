@@ -27,12 +27,12 @@ import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
+from milbench.models.boosting import BOOSTERS, boosted_trees, positive_weight
 from milbench.semisup.counts import count_matrix, predicted_counts
 from milbench.semisup.loop import run_pseudo_labelling
 from milbench.semisup.schedule import make_schedule
 
 MODES = ("head", "full")
-METAS = ("xgboost", "lightgbm")
 
 
 def check_path_bags(bags) -> list[np.ndarray]:
@@ -121,8 +121,8 @@ class SemiSupervisedCNN(BagClassifier):
     def _validate_params(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.meta not in METAS:
-            raise ValueError(f"meta must be one of {METAS}, got {self.meta!r}")
+        if self.meta not in BOOSTERS:
+            raise ValueError(f"meta must be one of {BOOSTERS}, got {self.meta!r}")
         if self.mode == "head" and self.source_features is None:
             raise ValueError("head mode needs source_features: the .npz written by "
                              "milbench.semisup.prepare_source_features")
@@ -174,22 +174,11 @@ class SemiSupervisedCNN(BagClassifier):
         return trainer, np.array([str(p) for p in source.paths]), source.labels
 
     def _make_meta(self, labels: np.ndarray):
-        positives = max(int(labels.sum()), 1)
-        weight = (len(labels) - positives) / positives if self.balance_classes else 1.0
-        if self.meta == "xgboost":
-            from xgboost import XGBClassifier
-
-            return XGBClassifier(n_estimators=self.meta_n_estimators,
-                                 max_depth=self.meta_max_depth,
-                                 learning_rate=self.meta_learning_rate, scale_pos_weight=weight,
-                                 random_state=self._seed(), n_jobs=1, tree_method="hist",
-                                 eval_metric="logloss")
-        from lightgbm import LGBMClassifier
-
-        return LGBMClassifier(n_estimators=self.meta_n_estimators, max_depth=self.meta_max_depth,
-                              learning_rate=self.meta_learning_rate, scale_pos_weight=weight,
-                              min_child_samples=2, random_state=self._seed(), n_jobs=1,
-                              deterministic=True, force_row_wise=True, verbose=-1)
+        return boosted_trees(
+            self.meta, n_estimators=self.meta_n_estimators, learning_rate=self.meta_learning_rate,
+            max_depth=self.meta_max_depth,
+            scale_pos_weight=positive_weight(labels) if self.balance_classes else 1.0,
+            random_state=self._seed())
 
     # ------------------------------------------------------------------ contract
 
