@@ -11,7 +11,6 @@ models predicted.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +38,6 @@ AUC_COLUMNS = ["model", "instance_auc", "within_bag_auc", "n_patients", "n_image
 
 def has_instance_scores(model) -> bool:
     return callable(getattr(model, "instance_scores", None))
-
-
-def instance_scores(model, bags: list[np.ndarray], clinical: pd.DataFrame | None = None) -> list[np.ndarray]:
-    """``model.instance_scores`` with the clinical table for models that take one (dmil)."""
-    method = model.instance_scores
-    if "clinical" in inspect.signature(method).parameters:
-        return method(bags, clinical)
-    return method(bags)
 
 
 def score_table(cohort: Cohort, scores: list[np.ndarray]) -> pd.DataFrame:
@@ -167,7 +158,7 @@ def _montage(name: str, model, data: PreparedData, test_table: pd.DataFrame, tru
     positions = [data.train.ids.index(pid) for pid in train_ids]
     train_bags = [data.train_bags[i] for i in positions]
     train_clinical = data.train_clinical.iloc[positions]
-    train_table = score_table(shown_train, instance_scores(model, train_bags, train_clinical))
+    train_table = score_table(shown_train, model.instance_scores(train_bags, train_clinical))
     if truth is not None:
         train_table = join_truth(train_table, truth)
     score_of.update(zip(train_ids, model.predict_proba(train_bags, train_clinical)[:, 1], strict=True))
@@ -203,7 +194,7 @@ def write_instance_views(run: Run, data: PreparedData, finals: dict, top_k: int 
 
             hidden = load_truth(data.root)
             truth, test_labels = hidden.instances, hidden.test_labels
-        test_table = score_table(data.test, instance_scores(model, data.test_bags, data.test_clinical))
+        test_table = score_table(data.test, model.instance_scores(data.test_bags, data.test_clinical))
         if truth is not None:
             test_table = join_truth(test_table, truth)
             rows.append(_auc_row(name, test_table))

@@ -11,13 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from milbench import pipeline, plots
+from milbench import pipeline, plots, preparation
 from milbench.config import RunConfig
 from milbench.data import Cohort
 from milbench.data.cohort import Patient
 from milbench.instances import (
     instance_auc,
-    instance_scores,
     join_truth,
     montage_patients,
     score_table,
@@ -84,20 +83,6 @@ def test_auc_is_nan_with_one_class(cohort_and_truth):
     assert math.isnan(instance_auc(table)) and math.isnan(within_bag_auc(table))
 
 
-def test_clinical_reaches_only_models_that_take_it():
-    class WithClinical:
-        def instance_scores(self, bags, clinical=None):
-            return [np.full(len(b), clinical) for b in bags]
-
-    class WithoutClinical:
-        def instance_scores(self, bags):
-            return [np.ones(len(b)) for b in bags]
-
-    bags = [np.zeros((2, 1))]
-    assert instance_scores(WithClinical(), bags, 7.0)[0].tolist() == [7.0, 7.0]
-    assert instance_scores(WithoutClinical(), bags, 7.0)[0].tolist() == [1.0, 1.0]
-
-
 def test_montage_patients_are_deterministic_and_spread():
     assert spread(3, 12) == [0, 1, 2] and spread(10, 3) == [0, 4, 9]
     ids = [f"T{i}" for i in range(20)]
@@ -154,7 +139,7 @@ def tiny_run(tmp_path_factory):
         "submission": {"enabled": False},
     })
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "feature_store", lambda cohort, config, progress=True: TruthFeatures(root))
+        patch.setattr(preparation, "feature_store", lambda cohort, config, progress=True: TruthFeatures(root))
         outcome = pipeline.run_pipeline(config, progress=False)
     return outcome
 

@@ -8,22 +8,34 @@ import pickle
 import tempfile
 from pathlib import Path
 
+import joblib
 import numpy as np
+import pandas as pd
 import pytest
 from bag_fixtures import WITNESS_SHIFT, make_tiny_bags
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import balanced_accuracy_score
 
-from milbench.models import create_model, list_models
+from milbench.models import create_model, list_models, model_tags
 
 # Small settings for models that would otherwise be slow on the test fixture; every other
 # model runs with its defaults. Keys are parameter names, applied only where a model has them.
 FAST_PARAMS = {"max_epochs": 40, "patience": 40}
 
 
-def _make(name: str, **extra):
-    model = create_model(name)
+# Every registered model with its defaults, plus ensembles over instance-reading members (the
+# registry's defaults are clinical members only).
+CASES: dict[str, tuple[str, dict]] = {name: (name, {}) for name in list_models()}
+CASES["voting_over_instances"] = ("voting", {"members": [
+    "meanpool_svm", {"name": "dmil", "params": FAST_PARAMS}, "clinical_logreg"]})
+CASES["stacker_over_instances"] = ("stacker", {"members": ["meanpool_svm", "misvm"],
+                                               "inner_splits": 2})
+
+
+def _make(case: str, **extra):
+    name, case_params = CASES[case]
+    model = create_model(name, **case_params)
     resources = {"source_features": str(SOURCE_FEATURES)}
     params = {k: v for k, v in {**FAST_PARAMS, **resources, **extra}.items() if k in model.get_params()}
     return model.set_params(**params)
@@ -50,7 +62,7 @@ def tiny():
     return make_tiny_bags()
 
 
-@pytest.fixture(scope="module", params=list_models())
+@pytest.fixture(scope="module", params=list(CASES))
 def fitted(request, tiny):
     bags, labels, clinical, _ = tiny
     model = _make(request.param, random_state=0)
@@ -83,7 +95,7 @@ def test_fit_returns_self_and_learns_fixture(fitted, tiny):
     assert balanced_accuracy_score(labels, predictions) >= 0.75, name
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list(CASES))
 def test_clone_and_params_round_trip(name):
     model = _make(name, random_state=3)
     params = model.get_params()
@@ -94,7 +106,7 @@ def test_clone_and_params_round_trip(name):
     assert cloned.get_params()["random_state"] == 3
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list(CASES))
 def test_not_fitted_error(name, tiny):
     bags, _, clinical, _ = tiny
     model = _make(name)
@@ -107,7 +119,7 @@ def test_not_fitted_error(name, tiny):
             model.instance_scores(bags)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list(CASES))
 def test_same_seed_same_output(name, tiny):
     bags, labels, clinical, _ = tiny
     first = _make(name, random_state=7).fit(bags, labels, clinical)
@@ -207,3 +219,57 @@ def test_clear_errors(fitted, tiny):
             model.predict_proba([bag[:, :-1] for bag in bags], clinical)
         with pytest.raises(ValueError, match="no instances"):
             clone(model).fit([*bags[:-1], np.empty((0, bags[0].shape[1]))], labels, clinical)
+
+
+def _snapshot(model) -> str:
+    return joblib.hash(model)
+
+
+def test_fit_does_not_change_its_inputs(fitted, tiny):
+    name, model, _ = fitted
+    bags, labels, clinical, _ = tiny
+    copies = ([bag.copy() for bag in bags], labels.copy(), clinical.copy())
+    clone(model).fit(bags, labels, clinical)
+    for before, after in zip(copies[0], bags, strict=True):
+        np.testing.assert_array_equal(before, after)
+    np.testing.assert_array_equal(copies[1], labels)
+    pd.testing.assert_frame_equal(copies[2], clinical)
+
+
+def test_predict_does_not_change_the_estimator(fitted, tiny):
+    _, model, _ = fitted
+    bags, _, clinical, _ = tiny
+    before = _snapshot(model)
+    model.predict_proba(bags, clinical)
+    model.predict(bags, clinical)
+    if hasattr(model, "instance_scores"):
+        model.instance_scores(bags, clinical)
+    assert _snapshot(model) == before
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fit_twice_gives_the_same_model_and_keeps_parameters(name, tiny):
+    bags, labels, clinical, _ = tiny
+    model = _make(name, random_state=5)
+    params = {k: joblib.hash(v) for k, v in model.get_params().items()}
+    first = _proba(model.fit(bags, labels, clinical), bags, clinical)
+    assert {k: joblib.hash(v) for k, v in model.get_params().items()} == params  # nothing overwritten
+    second = _proba(model.fit(bags, labels, clinical), bags, clinical)
+    np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_clinical_none_follows_the_tags(name, tiny):
+    """``clinical`` required: fitting without it fails naming it. Optional: the model fits and
+    predicts without it. Not read: the table changes nothing."""
+    bags, labels, clinical, _ = tiny
+    tags = model_tags(CASES[name][0])
+    model = _make(name, random_state=0)
+    if "clinical" in tags:
+        with pytest.raises(ValueError, match="clinical"):
+            model.fit(bags, labels, None)
+        return
+    without = _proba(model.fit(bags, labels, None), bags, None)
+    if "clinical_optional" not in tags:
+        with_table = _proba(_make(name, random_state=0).fit(bags, labels, clinical), bags, clinical)
+        np.testing.assert_array_equal(without, with_table)

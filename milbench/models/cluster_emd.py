@@ -238,7 +238,7 @@ class ClusterEMDClassifier(BagClassifier):
         features = self.bag_features(bags).loc[:, list(MODEL_FEATURES)].to_numpy(dtype=float)
         return self.estimator_.predict_proba(features)
 
-    def instance_scores(self, bags) -> list[np.ndarray]:
+    def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:
         """Per instance: 1.0 if it ends in a tumoral cluster (or, as noise or after the
         disagreement fallback, the instance classifier calls it tumoral), else 0.0."""
         bags = self._check_predict_bags(bags)

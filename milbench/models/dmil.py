@@ -98,8 +98,8 @@ class GatedFusion(nn.Module):
 
 
 class DMILNetwork(nn.Module):
-    """The torch module: ``forward(x, mask, clinical)`` → (bag logits, instance weights); with
-    gated fusion ``last_fusion`` keeps the heads' logits and the gate of the latest call."""
+    """The torch module: ``forward(x, mask, clinical)`` → (bag logits, instance weights);
+    ``forward_with_experts`` adds, with gated fusion, the heads' logits and the gate."""
 
     def __init__(
         self,
@@ -120,7 +120,6 @@ class DMILNetwork(nn.Module):
         super().__init__()
         self.aggregation = aggregation
         self.fusion = None
-        self.last_fusion: tuple[torch.Tensor, ...] | None = None
         self.embed, self.embedding_dim = make_mlp(
             n_features, embedding_layers, embedding_width, dropout, norm
         )
@@ -145,6 +144,13 @@ class DMILNetwork(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, clinical: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, weights, _ = self.forward_with_experts(x, mask, clinical)
+        return logits, weights
+
+    def forward_with_experts(self, x: torch.Tensor, mask: torch.Tensor,
+                             clinical: torch.Tensor | None = None):
+        """(bag logits, instance weights, experts): experts is (image logits, clinical logits,
+        gate) with gated fusion, else None."""
         # Only real instances are embedded (batch norm statistics never see padding), then
         # scattered back into the padded layout.
         embedded = self.embed(x[mask])
@@ -153,11 +159,11 @@ class DMILNetwork(nn.Module):
         pooled, weights = self._aggregate(hidden, mask)
         features = self.bag_mlp(pooled)
         if self.fusion is not None:
-            fused, *self.last_fusion = self.fusion(features, self.clinical_mlp(clinical))
-            return fused, weights
+            fused, *experts = self.fusion(features, self.clinical_mlp(clinical))
+            return fused, weights, tuple(experts)
         if self.clinical_mlp is not None:
             features = torch.cat([features, self.clinical_mlp(clinical)], dim=1)
-        return self.head(features).squeeze(-1), weights
+        return self.head(features).squeeze(-1), weights, None
 
     def _aggregate(self, hidden: torch.Tensor, mask: torch.Tensor):
         counts = mask.sum(dim=1, keepdim=True).to(hidden.dtype)
@@ -452,13 +458,14 @@ class AttentionDMIL(BagClassifier):
             permutation = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
             for rows in self._batches(permutation):
                 x, mask, clinical_rows = self._tensors(bags, clinical, rows)
-                logits, _ = network(x, self._drop_instances(mask, generator), clinical_rows)
+                logits, _, experts = network.forward_with_experts(
+                    x, self._drop_instances(mask, generator), clinical_rows)
                 losses = nn.functional.binary_cross_entropy_with_logits(
                     logits, targets[rows], reduction="none"
                 )
-                if network.last_fusion is not None and self.expert_loss_weight:
+                if experts is not None and self.expert_loss_weight:
                     # Each head also learns the label alone, so neither starves behind the gate.
-                    for expert_logits in network.last_fusion[:2]:
+                    for expert_logits in experts[:2]:
                         losses = losses + self.expert_loss_weight * (
                             nn.functional.binary_cross_entropy_with_logits(
                                 expert_logits, targets[rows], reduction="none"))
@@ -488,7 +495,6 @@ class AttentionDMIL(BagClassifier):
                     break
         if best_state is not None:
             network.load_state_dict(best_state)
-        network.last_fusion = None  # nothing of training is kept on the fitted network
         self.best_epoch_ = best_epoch if best_state is not None else len(self.history_)
         self.n_epochs_ = len(self.history_)
         network.eval()
@@ -517,9 +523,9 @@ class AttentionDMIL(BagClassifier):
         self.network_.eval()
         with torch.no_grad(), torch_threads(self.torch_threads):
             for rows in self._batches(np.arange(len(bags))):
-                self.network_(*self._tensors(scaled, clinical_inputs, rows))
-                gates.append(self.network_.last_fusion[2].double().numpy())
-        self.network_.last_fusion = None
+                _, _, experts = self.network_.forward_with_experts(
+                    *self._tensors(scaled, clinical_inputs, rows))
+                gates.append(experts[2].double().numpy())
         return np.concatenate(gates)
 
     def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:

@@ -210,11 +210,11 @@ class _InstanceSVM(_ScoreCalibrated):
         decisions = self.svm_.decision_function(instances)
         return split_by_bag(decisions, [len(bag) for bag in bags])
 
-    def instance_scores(self, bags) -> list[np.ndarray]:
+    def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:
         """SVM decision value of every instance (the witness has the bag's largest)."""
         return self._instance_decisions(bags)
 
-    def decision_function(self, bags) -> np.ndarray:
+    def decision_function(self, bags, clinical=None) -> np.ndarray:
         """Bag score: the largest instance decision value."""
         return np.array([scores.max() for scores in self._instance_decisions(bags)])
 
@@ -327,7 +327,7 @@ class MeanPoolSVM(_ScoreCalibrated):
         self.threshold_ = 0.5
         return self
 
-    def decision_function(self, bags) -> np.ndarray:
+    def decision_function(self, bags, clinical=None) -> np.ndarray:
         """SVM decision value of each mean-pooled bag."""
         bags = self._check_predict_bags(bags)
         return self.svm_.decision_function(self.scaler_.transform(self._pool(bags)))

@@ -241,7 +241,7 @@ class SemiSupervisedCNN(BagClassifier):
             scores = self.instance_model_.predict_positive(items)
         return np.split(scores, sizes)
 
-    def instance_scores(self, bags) -> list[np.ndarray]:
+    def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:
         """Per-instance probability of being a tumoral cell under the final instance model."""
         check_is_fitted(self)
         return self._instance_probabilities(self._check_instances(bags))
