@@ -32,9 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from milbench import tracking
 from milbench.config import ConfigError, RunConfig, load_config, resolved_dict
+from milbench.core.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.compare import corrected_resampled_ttest
 from milbench.evaluation.cv import cross_validate, fold_seed
-from milbench.evaluation.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, train_val_split
 from milbench.models.base import with_seed
 from milbench.progress import progress_bar

@@ -13,6 +13,7 @@ import pandas as pd
 
 from milbench import report, tracking
 from milbench.config import ConfigError, RunConfig, resolved_dict
+from milbench.core.metrics import METRICS, binary_metrics, format_mean_std_max
 from milbench.ensemble.members import (
     check_members,
     check_selection,
@@ -22,7 +23,6 @@ from milbench.ensemble.members import (
 )
 from milbench.evaluation.compare import bootstrap_interval, paired_comparison
 from milbench.evaluation.cv import CVResult, cross_validate
-from milbench.evaluation.metrics import METRICS, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits, save_folds
 from milbench.instances import write_instance_views
 from milbench.models import model_tags

@@ -9,9 +9,9 @@ import pandas as pd
 
 from milbench import plots
 from milbench.config import RunConfig
+from milbench.core.metrics import METRICS
 from milbench.data import Cohort
 from milbench.evaluation.cv import CVResult
-from milbench.evaluation.metrics import METRICS
 from milbench.runs import Run
 
 if TYPE_CHECKING:  # pipeline imports this module

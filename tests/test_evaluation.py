@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from milbench.core.metrics import aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.cv import cross_validate
-from milbench.evaluation.metrics import aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import (
     kfold_splits,
     load_folds,

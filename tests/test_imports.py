@@ -24,10 +24,11 @@ def project_modules() -> dict[str, Path]:
     return modules
 
 
-def module_level_imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+def module_level_imports(name: str, path: Path, modules: dict[str, Path],
+                         tree: ast.Module | None = None) -> set[str]:
     """Project modules imported when ``name`` is imported: module-level statements (a
     ``TYPE_CHECKING`` block excepted), each with the packages above it."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = tree or ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
     for node in tree.body:
@@ -147,3 +148,48 @@ def test_preprocessing_never_loads_a_model():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# The rooms of ARCHITECTURE.md, lowest first: a module may import its own room and rooms below.
+LAYERS = [
+    ("core", ("milbench", "milbench.core", "milbench.io", "milbench.progress", "milbench.plots")),
+    ("data", ("milbench.data", "milbench.synth")),
+    ("preprocessing", ("preprocessing",)),
+    ("models", ("milbench.models", "milbench.slides", "milbench.semisup")),
+    ("evaluation", ("milbench.evaluation",)),
+    ("ensemble", ("milbench.ensemble",)),
+    ("configuration and records", ("milbench.config", "milbench.runs", "milbench.submit")),
+    ("run support", ("milbench.preparation", "milbench.instances", "milbench.report",
+                     "milbench.tracking")),
+    ("orchestration", ("milbench.pipeline", "milbench.ablation", "milbench.bench")),
+    ("wiring", ("milbench.cli", "milbench.__main__")),
+]
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (
+                    best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    assert best is not None, f"{module} belongs to no room of LAYERS"
+    return best[0]
+
+
+def all_imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """Project modules imported anywhere in the file (function-level imports too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    body = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+    return module_level_imports(name, path, modules, ast.Module(body=body, type_ignores=[]))
+
+
+def test_imports_run_one_way_down_the_rooms():
+    modules = project_modules()
+    upward = []
+    for name, path in modules.items():
+        for target in all_imports(path, name, modules):
+            if layer_of(target) > layer_of(name):
+                upward.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} "
+                              f"({LAYERS[layer_of(target)][0]})")
+    assert not upward, "\n".join(sorted(upward))

@@ -24,8 +24,8 @@ import pandas as pd
 import yaml
 from sklearn.base import clone
 
+from milbench.core.metrics import aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.cv import fold_seed
-from milbench.evaluation.metrics import aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.splits import kfold_splits
 from milbench.io import atomic_write, atomic_write_json, atomic_write_text
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from milbench.evaluation.metrics import binary_metrics
+from milbench.core.metrics import binary_metrics
 
 
 def corrected_resampled_ttest(differences, test_train_ratio: float,

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from milbench.evaluation.metrics import aggregate, binary_metrics
+from milbench.core.metrics import aggregate, binary_metrics
 from milbench.evaluation.splits import Fold
 from milbench.models.base import take_bags, take_clinical, with_seed
 from milbench.models.reuse import fit_model

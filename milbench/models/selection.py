@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.model_selection import ParameterGrid
 from sklearn.utils.validation import check_is_fitted
 
-from milbench.evaluation.metrics import METRICS, binary_metrics
+from milbench.core.metrics import METRICS, binary_metrics
 from milbench.models.base import (
     BagClassifier,
     check_bags,
