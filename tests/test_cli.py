@@ -182,3 +182,39 @@ def test_a_model_parameter_typo_fails_before_any_work(tmp_path):
     assert first == "2 False", result.stdout + result.stderr
     assert "model 'dmil': unknown parameter 'Cc'" in output and "pca_components" in output
     assert not (tmp_path / "work").exists()
+
+
+def test_bench_cohort_on_a_real_layout_and_on_a_synthetic_cohort(tmp_path, challenge):
+    out = tmp_path / "difficulty.json"
+    result = invoke("bench", "cohort", challenge, "--out", out, "--repeats", "2")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"clinical_only", "patients"}  # no truth: the clinical figure only
+    assert figures["clinical_only"]["n_repeats"] == 2 and figures["patients"]["train"] == 15
+    assert "clinical_only.cv_balanced_accuracy_mean" in result.output
+
+    from milbench.synth import generate_cohort
+
+    cohort = generate_cohort(tmp_path / "tiny", "tiny", seed=0)
+    result = invoke("bench", "cohort", cohort, "--out", tmp_path / "tiny.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "tiny.json").read_text()) == json.loads(
+        (cohort / "truth" / "difficulty.json").read_text())
+    missing = invoke("bench", "cohort", tmp_path / "nowhere")
+    assert missing.exit_code == 2 and "nowhere" in missing.output
+
+
+def test_synth_takes_any_knob(tmp_path):
+    bags = "{tumoral_median: 3, reactive_median: 3, sigma: 0.1, low: 2, high: 4}"
+    knobs = ["n_train_tumoral=6", "n_train_reactive=4", "n_test_tumoral=2", "n_test_reactive=2",
+             f"train_bags={bags}", f"test_bags={bags}", "label_noise=0.2", "n_sites=2",
+             "site_tumoral_odds=[1, 1]", "site_mix_train=[1, 2]", "site_mix_test=[2, 1]"]
+    args = ["synth", "realistic", "--out", tmp_path / "c", "--workers", "1"]
+    result = invoke(*args, *[part for knob in knobs for part in ("--knob", knob)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "c" / "synth.json").read_text())
+    assert manifest["knobs"]["label_noise"] == 0.2 and manifest["preset_spec"]["n_sites"] == 2
+    patients = pd.read_csv(tmp_path / "c" / "truth" / "patients.csv")
+    assert set(patients["site"]) <= {0, 1} and patients["label_flipped"].sum() == 2
+    bad = invoke("synth", "realistic", "--out", tmp_path / "d", "--knob", "n_site=2")
+    assert bad.exit_code == 2 and "n_site" in bad.output and not (tmp_path / "d").exists()
