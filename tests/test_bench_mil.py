@@ -74,8 +74,10 @@ def test_model_specs_and_lists():
     assert spec.label == "misvm[kernel=linear;C=1.5]"
     assert spec.create().get_params()["C"] == 1.5
     assert parse_model_spec("dmil[aggregation=gated_attention]").paper_method.startswith("Gated")
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
         parse_model_spec("nope")
+    with pytest.raises(ValueError, match="model 'misvm': unknown parameter 'CC'"):
+        parse_model_spec("misvm[CC=1]")
     with pytest.raises(ValueError, match="bad parameter"):
         parse_model_spec("misvm[C]")
     assert split_list("misvm[kernel=linear;C=1], dmil ,a") == [

@@ -35,6 +35,7 @@ from sklearn.model_selection import StratifiedKFold
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
 from milbench.io import atomic_write, atomic_write_text
 from milbench.models import create_model
+from milbench.models.spec import ModelSpec
 
 DEFAULT_DATASETS = ("musk1", "musk2", "elephant", "ucsb", "digits")
 # Attention D-MIL on the classic benchmarks. dmil's defaults (tuned for the lymphocytosis
@@ -68,7 +69,7 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class BenchModel:
     """A registered model name plus constructor overrides; ``label`` is how tables show it."""
 
     name: str
@@ -87,7 +88,7 @@ class ModelSpec:
     def paper_method(self) -> str | None:
         params = dict(self.params)
         if self.name == "inner_cv":  # the wrapped model's paper, its fixed parameters deciding
-            inner = ModelSpec(params.get("model", "meanpool_svm"),
+            inner = BenchModel(params.get("model", "meanpool_svm"),
                               tuple((params.get("params") or {}).items()))
             return inner.paper_method
         if self.name == "misvm":
@@ -111,8 +112,8 @@ def _spec_value(value) -> str:
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*$")
 
 
-def parse_model_spec(text: str) -> ModelSpec:
-    """``name`` or ``name[key=value;key=value]`` → :class:`ModelSpec` (values read as YAML)."""
+def parse_model_spec(text: str) -> BenchModel:
+    """``name`` or ``name[key=value;key=value]`` → :class:`BenchModel` (values read as YAML)."""
     match = _SPEC.match(text)
     if not match:
         raise ValueError(f"bad model spec {text!r}; expected name or name[key=value;...]")
@@ -123,8 +124,8 @@ def parse_model_spec(text: str) -> ModelSpec:
         if not sep or not key.strip():
             raise ValueError(f"bad parameter {item!r} in model spec {text!r}")
         params.append((key.strip(), yaml.safe_load(value.strip())))
-    create_model(name, **dict(params))  # fail early on unknown names or parameters
-    return ModelSpec(name, tuple(params))
+    ModelSpec(name=name, params=dict(params))  # unknown names or parameters fail here, named
+    return BenchModel(name, tuple(params))
 
 
 def split_list(text: str) -> list[str]:
@@ -151,7 +152,7 @@ def _instance_auc(model, bags, instance_labels) -> float:
     return float(roc_auc_score(truth, np.concatenate(model.instance_scores(bags))))
 
 
-def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, seed) -> dict:
+def _run_fold(dataset: MILDataset, spec: BenchModel, repeat, fold, train, test, seed) -> dict:
     model = spec.create()
     if "random_state" in model.get_params() and "random_state" not in dict(spec.params):
         model.set_params(random_state=seed)
@@ -184,7 +185,7 @@ def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, s
 
 def run_mil_benchmark(
     datasets: Sequence[str | MILDataset] = DEFAULT_DATASETS,
-    models: Sequence[str | ModelSpec] = DEFAULT_MODELS,
+    models: Sequence[str | BenchModel] = DEFAULT_MODELS,
     n_repeats: int = 5,
     n_splits: int = 10,
     seed: int = 0,
@@ -201,7 +202,7 @@ def run_mil_benchmark(
         d if isinstance(d, MILDataset) else load_benchmark_dataset(d, random_state=seed)
         for d in datasets
     ]
-    specs = [m if isinstance(m, ModelSpec) else parse_model_spec(m) for m in models]
+    specs = [m if isinstance(m, BenchModel) else parse_model_spec(m) for m in models]
     tasks = []
     for dataset in loaded:
         for repeat in range(n_repeats):
@@ -282,7 +283,7 @@ def summarize_benchmark(folds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _is_reference_setting(spec: ModelSpec) -> bool:
+def _is_reference_setting(spec: BenchModel) -> bool:
     params = dict(spec.params)
     if spec.name == "meanpool_svm":
         return True
