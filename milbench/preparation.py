@@ -17,7 +17,6 @@ import pandas as pd
 from milbench.config import ConfigError, DataConfig, RunConfig
 from milbench.data import Cohort, load_challenge
 from milbench.evaluation.splits import stratification_keys
-from milbench.models import model_tags
 from milbench.models.spec import constructor_parameters
 from milbench.progress import StageTimer
 
@@ -132,15 +131,16 @@ def prepare_data(config: RunConfig, progress: bool = True,
                  timer: StageTimer | None = None) -> PreparedData:
     """Cohort, bags and clinical tables for ``config`` (source features attached in place)."""
     timer = timer or StageTimer()
+    for entry in config.models:  # before any data is read
+        if entry.reads_instances and config.features.extractor == "none":
+            raise ConfigError(f"model {entry.display_name!r} reads instance features; set "
+                              "features.extractor")
     with timer.stage("data"):
         root = resolve_data_root(config.data, config.workdir, progress)
         cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
     train, test = cohort.train(), cohort.test()
     if len(train) == 0:
         raise ConfigError(f"{root}: no training patients")
-    for entry in config.models:
-        if "instances" in model_tags(entry.name) and config.features.extractor == "none":
-            raise ConfigError(f"model {entry.name!r} needs instance features; set features.extractor")
     with timer.stage("source features"):
         attach_source_features(config, progress)
     if config.features.extractor == "none":

@@ -172,3 +172,15 @@ def test_run_writes_paired_comparisons_and_hidden_test_intervals(tmp_path):
 def test_unknown_baseline_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="clinical_lgoreg"):
         tiny_config(tmp_path, "[{name: clinical_logreg}]", "evaluation.baseline=clinical_lgoreg")
+
+
+def test_an_ensemble_over_instance_models_needs_features_before_any_data_is_read(tmp_path):
+    config = tiny_config(tmp_path, "[{name: clinical_logreg}, "
+                         "{name: voting, label: vote, params: {members: [clinical_logreg, meanpool_svm]}}]")
+    with pytest.raises(ConfigError, match="model 'vote' reads instance features"):
+        prepare_data(config, progress=False)
+    assert not (tmp_path / "work").exists()  # the synthetic cohort was not even generated
+    # Members chosen among the run's models are checked where they are listed themselves.
+    fine = tiny_config(tmp_path, "[{name: clinical_logreg}, "
+                       "{name: voting, params: {members: {best: 1}}}]", "submission.enabled=false")
+    assert prepare_data(fine, progress=False).features == {}

@@ -54,6 +54,21 @@ class ModelSpec(BaseModel):
                              f"use {sorted(cls.model_fields)}")
         return cls(**value)
 
+    @property
+    def reads_instances(self) -> bool:
+        """Whether the model, or a model it wraps (an ensemble's listed members, ``inner_cv``'s
+        model), reads instance feature vectors."""
+        tags = model_tags(self.name)
+        if Tag.INSTANCES.value in tags:
+            return True
+        wrapped = []
+        if Tag.ENSEMBLE.value in tags and isinstance(self.params.get("members"), list | tuple):
+            wrapped = [ModelSpec.coerce(member) for member in self.params["members"]]
+        if Tag.SELECTION.value in tags:
+            model = self.params.get("model", constructor_defaults(self.name).get("model"))
+            wrapped = [ModelSpec(name=model, params=self.params.get("params") or {})]
+        return any(spec.reads_instances for spec in wrapped)
+
     def build(self):
         """A new, unfitted model of this spec."""
         return create_model(self.name, **self.params)
@@ -64,15 +79,26 @@ class ModelSpec(BaseModel):
                 **({"label": self.label} if self.label else {})}
 
 
-def _init_arguments(tree: ast.Module, class_name: str) -> list[str] | None:
+def _literal(node: ast.expr | None) -> Any:
+    try:
+        return ast.literal_eval(node) if node is not None else inspect.Parameter.empty
+    except ValueError:
+        return inspect.Parameter.empty  # a default that is not a literal
+
+
+def _init_arguments(tree: ast.Module, class_name: str) -> dict[str, Any] | None:
+    """Parameter → default (``Parameter.empty`` when none or not a literal) of the class's
+    ``__init__`` in a parsed module, following bases defined in the same module."""
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     node = classes.get(class_name)
     while node is not None:
         for item in node.body:
             if isinstance(item, ast.FunctionDef) and item.name == "__init__":
-                arguments = [a.arg for a in (*item.args.posonlyargs, *item.args.args,
-                                             *item.args.kwonlyargs)]
-                return arguments[1:] if arguments[:1] == ["self"] else arguments
+                positional = [*item.args.posonlyargs, *item.args.args]
+                defaults = [None] * (len(positional) - len(item.args.defaults)) + item.args.defaults
+                pairs = [*zip(positional, defaults, strict=True),
+                         *zip(item.args.kwonlyargs, item.args.kw_defaults, strict=True)]
+                return {a.arg: _literal(d) for a, d in pairs if a.arg != "self"}
         # Inherited constructor: follow the first base defined in the same module.
         bases = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
         node = classes[bases[0]] if bases else None
@@ -80,8 +106,9 @@ def _init_arguments(tree: ast.Module, class_name: str) -> list[str] | None:
 
 
 @cache
-def constructor_parameters(name: str) -> tuple[str, ...]:
-    """The constructor parameters of model ``name``, read from source where possible."""
+def constructor_defaults(name: str) -> dict[str, Any]:
+    """Model ``name``'s constructor parameters and their defaults, read from source where
+    possible (no import), else from the imported class."""
     path = import_path(name)
     if path is not None:
         module, _, class_name = path.partition(":")
@@ -90,9 +117,14 @@ def constructor_parameters(name: str) -> tuple[str, ...]:
             with open(spec.origin, encoding="utf-8") as handle:
                 arguments = _init_arguments(ast.parse(handle.read()), class_name)
             if arguments is not None:
-                return tuple(arguments)
+                return arguments
     signature = inspect.signature(model_class(name).__init__)
-    return tuple(p for p in signature.parameters if p != "self")
+    return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
+
+
+def constructor_parameters(name: str) -> tuple[str, ...]:
+    """The constructor parameters of model ``name``."""
+    return tuple(constructor_defaults(name))
 
 
 def check_params(name: str, params: dict[str, Any]) -> None:
