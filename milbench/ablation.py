@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +35,8 @@ from milbench import tracking
 from milbench.config import ConfigError, RunConfig, load_config, resolved_dict
 from milbench.core.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
 from milbench.evaluation.compare import corrected_resampled_ttest
-from milbench.evaluation.cv import cross_validate, fold_seed
+from milbench.evaluation.cv import cross_validate
 from milbench.evaluation.splits import kfold_splits, train_val_split
-from milbench.models.base import with_seed
 from milbench.progress import progress_bar
 from milbench.runs import Run
 
@@ -115,35 +115,24 @@ def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any
     protocol = Protocol.model_validate_json(protocol_json)
     data = _prepared(_data_key(config))
     attach_source_features(config, progress=False)  # cached after the data preparation
-    entry = config.models[0]
     seed = config.seed + repeat
     started = time.perf_counter()
-    history = None
     if protocol.kind == "split":
+        # One fold, seeded as fold 0 of this repeat (the seed's protocol).
         keys = stratification(config, data.train, min_size=2)
         split = train_val_split(data.train.ids, keys, protocol.val_fraction, seed=seed)
-        position = {pid: i for i, pid in enumerate(data.train.ids)}
-        train = [position[p] for p in split.train_ids]
-        val = [position[p] for p in split.val_ids]
-        model = with_seed(entry.build(), fold_seed(config.seed, repeat, 0))
-        model.fit([data.train_bags[i] for i in train], data.labels[train],
-                  data.train_clinical.iloc[train])
-        val_bags = [data.train_bags[i] for i in val]
-        scores = model.predict_proba(val_bags, data.train_clinical.iloc[val])[:, 1]
-        predicted = model.predict(val_bags, data.train_clinical.iloc[val])
-        metrics = binary_metrics(data.labels[val], predicted, scores)
-        history = getattr(model, "history_", None)
-        fold_metrics = [{"fold": 0, **metrics}]
-        ratio = len(val) / len(train)
+        folds, fold_seed_base = [replace(split, repeat=repeat)], config.seed
     else:
         keys = stratification(config, data.train, min_size=protocol.n_splits)
-        folds = kfold_splits(data.train.ids, keys, protocol.n_splits, 1, seed)
-        result = cross_validate(entry.build(), data.train_bags, data.labels, data.train.ids,
-                                folds, data.train_clinical, seed=seed, progress=False)
-        metrics = result.per_repeat.drop(columns=["repeat"]).iloc[0].to_dict()
-        fold_metrics = [{"fold": int(fold), **binary_metrics(g["label"], g["predicted"], g["score"])}
-                        for fold, g in result.oof.groupby("fold", sort=True)]
-        ratio = 1.0 / (protocol.n_splits - 1)
+        folds, fold_seed_base = kfold_splits(data.train.ids, keys, protocol.n_splits, 1, seed), seed
+    result = cross_validate(config.models[0].build(), data.train_bags, data.labels, data.train.ids,
+                            folds, data.train_clinical, seed=fold_seed_base, progress=False)
+    metrics = result.per_repeat.drop(columns=["repeat"]).iloc[0].to_dict()
+    fold_metrics = [{"fold": int(fold), **binary_metrics(g["label"], g["predicted"], g["score"])}
+                    for fold, g in result.oof.groupby("fold", sort=True)]
+    ratio = float(np.mean([len(f.val_ids) / len(f.train_ids) for f in folds]))
+    # Learning curves are drawn from single-split cells (one history per cell).
+    history = result.histories[0] if protocol.kind == "split" else None
     return {"repeat": repeat, "seconds": time.perf_counter() - started,
             "metrics": {k: float(v) for k, v in metrics.items()},
             "fold_metrics": [{k: float(v) for k, v in row.items()} for row in fold_metrics],

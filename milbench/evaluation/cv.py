@@ -27,6 +27,7 @@ class CVResult:
     oof: pd.DataFrame
     per_repeat: pd.DataFrame
     fit_seconds: list[float]
+    histories: list[list[dict] | None]  # per fold, the model's ``history_`` where it keeps one
 
     @property
     def summary(self) -> pd.DataFrame:
@@ -51,7 +52,7 @@ def cross_validate(
     """Fit ``clone(model)`` on each fold's training patients and predict its validation ones."""
     position = {pid: i for i, pid in enumerate(ids)}
     labels = np.asarray(labels, dtype=int)
-    rows, fit_seconds = [], []
+    rows, fit_seconds, histories = [], [], []
     with progress_bar(description, total=len(folds), enabled=progress, unit="fold") as advance:
         for fold in folds:
             train = [position[pid] for pid in fold.train_ids]
@@ -62,6 +63,7 @@ def cross_validate(
             started = time.perf_counter()
             estimator = fit_model(estimator, take_bags(bags, train), labels[train], train_clinical)
             fit_seconds.append(time.perf_counter() - started)
+            histories.append(getattr(estimator, "history_", None))
             scores = estimator.predict_proba(take_bags(bags, val), val_clinical)[:, 1]
             predictions = estimator.predict(take_bags(bags, val), val_clinical)
             for i, score, predicted in zip(val, scores, predictions, strict=True):
@@ -72,4 +74,5 @@ def cross_validate(
     for repeat, group in oof.groupby("repeat", sort=True):
         metrics = binary_metrics(group["label"], group["predicted"], group["score"])
         per_repeat.append({"repeat": int(repeat), **metrics})
-    return CVResult(oof=oof, per_repeat=pd.DataFrame(per_repeat), fit_seconds=fit_seconds)
+    return CVResult(oof=oof, per_repeat=pd.DataFrame(per_repeat), fit_seconds=fit_seconds,
+                    histories=histories)
