@@ -105,8 +105,9 @@ def inner_folds(labels: np.ndarray, n_splits: int, random_state, owner: str):
 
 
 class BagClassifier(ClassifierMixin, BaseEstimator):
-    """Base for bag models: ``predict`` thresholds ``predict_proba`` at ``threshold_`` (0.5
-    unless the model learns one). Subclasses implement ``fit`` and ``predict_proba``."""
+    """Base for bag models: ``predict`` thresholds ``predict_proba`` at 0.5 (models that need
+    another cut calibrate their probabilities instead). Subclasses implement ``fit`` and
+    ``predict_proba``."""
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -126,4 +127,4 @@ class BagClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, bags, clinical=None) -> np.ndarray:
         check_is_fitted(self)
         proba = self.predict_proba(bags, clinical)[:, 1]
-        return (proba >= getattr(self, "threshold_", 0.5)).astype(int)
+        return (proba >= 0.5).astype(int)

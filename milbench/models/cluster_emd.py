@@ -156,7 +156,6 @@ class ClusterEMDClassifier(BagClassifier):
             LogisticRegression(C=self.C, class_weight="balanced", random_state=seed),
         ).fit(features.loc[:, list(MODEL_FEATURES)].to_numpy(dtype=float), labels)
         self.classes_ = np.array([0, 1])
-        self.threshold_ = 0.5
         self.n_features_in_ = bags[0].shape[1]
         return self
 

@@ -374,7 +374,6 @@ class AttentionDMIL(BagClassifier):
             torch.manual_seed(seed)
             self.network_ = self._train(scaled, labels, clinical_inputs, train_rows, val_rows, seed)
         self.classes_ = np.array([0, 1])
-        self.threshold_ = 0.5
         return self
 
     def _validation_split(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

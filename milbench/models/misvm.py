@@ -175,7 +175,6 @@ class _InstanceSVM(_ScoreCalibrated):
             self.calibration_ = _fit_score_calibration(train_scores, labels)
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = instances.shape[1]
-        self.threshold_ = 0.5
         return self
 
     def _alternate(self, features, labels, members):
@@ -324,7 +323,6 @@ class MeanPoolSVM(_ScoreCalibrated):
         )
         self.classes_ = np.array([0, 1])
         self.n_features_in_ = bags[0].shape[1]
-        self.threshold_ = 0.5
         return self
 
     def decision_function(self, bags, clinical=None) -> np.ndarray:
