@@ -31,6 +31,7 @@ from milbench.models.base import (
     check_binary_labels,
     check_clinical,
     inner_folds,
+    out_of_fold,
     take_bags,
     take_clinical,
 )
@@ -102,17 +103,16 @@ class ClinicalStacker(BagClassifier):
             raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
         seed = None if self.random_state is None else int(self.random_state)
         folds = inner_folds(labels, self.inner_splits, seed or 0, "the stacker")
-        out_of_fold: list[list[pd.DataFrame | None]] = [[None] * len(folds) for _ in members]
-        validation_positions = []
-        for fold, (train, val) in enumerate(folds):
-            validation_positions.append(val)
-            for m, member in enumerate(members):
+
+        def member_fold(member):
+            def predict_fold(_, train, val):
                 model = fit_member(member, seed, take_bags(bags, train), labels[train],
                                    take_clinical(clinical, train))
-                out_of_fold[m][fold] = member_outputs(
-                    member_label(member), model, take_bags(bags, val), take_clinical(clinical, val))
-        order = np.argsort(np.concatenate(validation_positions))
-        outputs = [pd.concat(parts, ignore_index=True).iloc[order] for parts in out_of_fold]
+                return member_outputs(member_label(member), model, take_bags(bags, val),
+                                      take_clinical(clinical, val))
+            return predict_fold
+
+        outputs = [out_of_fold(folds, member_fold(member)) for member in members]
         design = self._design(outputs, clinical, len(labels))
         self.feature_names_ = list(design.columns)
         self.oof_design_ = design  # kept for inspection and the leakage test

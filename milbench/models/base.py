@@ -7,7 +7,8 @@ A bag is a ``(n_i, d)`` float array of instance feature vectors; ``bags`` is a l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -102,6 +103,21 @@ def inner_folds(labels: np.ndarray, n_splits: int, random_state, owner: str):
         raise ValueError(f"{owner} needs at least 2 bags of each class for its inner folds")
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
     return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def out_of_fold(folds, predict_fold: Callable[[int, np.ndarray, np.ndarray], Any]):
+    """Each row's output from the fold that held it out, in row order. ``predict_fold(index,
+    train, val)`` fits on the ``train`` rows and returns one output per ``val`` row (an array
+    or a DataFrame). The one helper behind every model that fits parts of its own training
+    data (the stacker's members, MI-SVM's calibration, cluster/EMD's bag features)."""
+    parts, positions = [], []
+    for index, (train, val) in enumerate(folds):
+        parts.append(predict_fold(index, train, val))
+        positions.append(val)
+    order = np.argsort(np.concatenate(positions))
+    if isinstance(parts[0], pd.DataFrame):
+        return pd.concat(parts, ignore_index=True).iloc[order].reset_index(drop=True)
+    return np.concatenate(parts)[order]
 
 
 class BagClassifier(ClassifierMixin, BaseEstimator):

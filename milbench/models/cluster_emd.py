@@ -38,7 +38,13 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from milbench.models.base import BagClassifier, check_bags, check_binary_labels
+from milbench.models.base import (
+    BagClassifier,
+    check_bags,
+    check_binary_labels,
+    out_of_fold,
+    take_bags,
+)
 from milbench.slides.clustering import SlideClusterer
 from milbench.slides.emd import ASSIGNMENT_METHODS, emd
 from milbench.slides.vae import VAEModel, fit_vae
@@ -138,12 +144,14 @@ class ClusterEMDClassifier(BagClassifier):
         seed = self._seed()
         folds = int(self.oof_folds)
         if folds >= 2 and np.bincount(labels).min() >= MIN_BAGS_PER_CLASS_PER_FOLD * folds:
-            features = pd.DataFrame(index=range(len(bags)), columns=list(BAG_FEATURES), dtype=float)
             splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-            for fold, (train, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-                stage = self._fit_stage([bags[i] for i in train], labels[train], seed + 1 + fold)
-                fold_features = [self._analyse(stage, bags[i]).features for i in held_out]
-                features.iloc[held_out] = pd.DataFrame(fold_features, columns=list(BAG_FEATURES))
+
+            def held_out_features(fold, train, held_out):
+                stage = self._fit_stage(take_bags(bags, train), labels[train], seed + 1 + fold)
+                return pd.DataFrame([self._analyse(stage, bags[i]).features for i in held_out],
+                                    columns=list(BAG_FEATURES), dtype=float)
+
+            features = out_of_fold(splitter.split(np.zeros(len(labels)), labels), held_out_features)
             self.oof_used_ = True
         else:
             features = None

@@ -43,7 +43,13 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from milbench.models.base import BagClassifier, check_bags, check_binary_labels
+from milbench.models.base import (
+    BagClassifier,
+    check_bags,
+    check_binary_labels,
+    out_of_fold,
+    take_bags,
+)
 from milbench.models.collate import split_by_bag, stack_instances
 from preprocessing.transforms import BagTransform
 
@@ -193,12 +199,13 @@ class _InstanceSVM(_ScoreCalibrated):
         if folds < 2:
             return None
         splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state or 0)
-        scores = np.empty(len(labels))
-        for train, test in splitter.split(np.zeros(len(labels)), labels):
+
+        def held_out(_, train, test):
             part = clone(self).set_params(calibration_folds=None)
-            part.fit([bags[i] for i in train], labels[train])
-            scores[test] = part.decision_function([bags[i] for i in test])
-        return scores
+            return part.fit(take_bags(bags, train), labels[train]).decision_function(
+                take_bags(bags, test))
+
+        return out_of_fold(splitter.split(np.zeros(len(labels)), labels), held_out)
 
     # -- prediction ----------------------------------------------------------------------
     def _instance_decisions(self, bags) -> list[np.ndarray]:
