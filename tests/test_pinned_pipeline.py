@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 
 from milbench.config import load_config
 from milbench.pipeline import run_pipeline
@@ -17,7 +19,17 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PIN = Path(__file__).resolve().parent / "pinned" / "default_pipeline_tiny_oof.json"
 
 
-def test_default_pipeline_oof_predictions_are_pinned(tmp_path):
+@pytest.fixture
+def one_torch_thread():
+    """Pinned under one torch thread: other test modules set it at import, and autoencoder
+    training sums in a thread-dependent order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_default_pipeline_oof_predictions_are_pinned(tmp_path, one_torch_thread):
     # The tiny preset with a few more training patients, so that the stacker's inner folds hold
     # two bags of each class inside a 2-fold outer CV.
     config = load_config(CONFIGS / "pipeline.yaml", [

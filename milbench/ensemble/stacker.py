@@ -28,7 +28,6 @@ from milbench.core.clinical import clinical_design_matrix
 from milbench.ensemble.members import check_members, fit_member, member_label, member_outputs
 from milbench.models.base import (
     BagClassifier,
-    check_binary_labels,
     check_clinical,
     inner_folds,
     out_of_fold,
@@ -92,15 +91,18 @@ class ClinicalStacker(BagClassifier):
                 design[f"clinical:{name}"] = matrix[:, index]
         return design
 
-    def fit(self, bags, y, clinical=None):
+    def _validate_params(self) -> None:
         if self.meta not in META_KINDS:
             raise ValueError(f"meta must be one of {META_KINDS}, got {self.meta!r}")
         if self.meta == "auto" and not self.use_clinical:
             raise ValueError("meta='auto' offers a clinical-only option: it needs use_clinical=True")
-        labels = check_binary_labels(y)
+        check_members(self.members)
+
+    def _check_fit_bags(self, bags):
+        return bags  # passed on unchanged: each member checks its own (and fits stay shareable)
+
+    def _fit(self, bags, labels, clinical) -> None:
         members = check_members(self.members)
-        if len(bags) != len(labels):
-            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
         seed = None if self.random_state is None else int(self.random_state)
         folds = inner_folds(labels, self.inner_splits, seed or 0, "the stacker")
 
@@ -121,8 +123,6 @@ class ClinicalStacker(BagClassifier):
         self.meta_columns_ = columns
         self.meta_ = self._meta_estimator(labels, kind).fit(design[columns].to_numpy(), labels)
         self.members_ = [fit_member(m, seed, bags, labels, clinical) for m in members]
-        self.classes_ = np.array([0, 1])
-        return self
 
     def meta_features(self, bags, clinical=None) -> pd.DataFrame:
         """The meta-classifier's inputs for new bags (members refitted on all training bags)."""

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.ensemble.members import check_members, fit_member
-from milbench.models.base import BagClassifier, check_binary_labels
+from milbench.models.base import BagClassifier
 
 
 class VotingEnsemble(BagClassifier):
@@ -33,15 +33,17 @@ class VotingEnsemble(BagClassifier):
                              f"got {self.weights}")
         return weights / weights.sum()
 
-    def fit(self, bags, y, clinical=None):
+    def _validate_params(self) -> None:
         if self.voting not in ("soft", "hard"):
             raise ValueError(f"voting must be 'soft' or 'hard', got {self.voting!r}")
-        labels = check_binary_labels(y)
+        self._weights(len(check_members(self.members)))
+
+    def _check_fit_bags(self, bags):
+        return bags  # passed on unchanged: each member checks its own (and fits stay shareable)
+
+    def _fit(self, bags, labels, clinical) -> None:
         members = check_members(self.members)
-        self._weights(len(members))
         self.members_ = [fit_member(m, self.random_state, bags, labels, clinical) for m in members]
-        self.classes_ = np.array([0, 1])
-        return self
 
     def _member_probabilities(self, bags, clinical) -> np.ndarray:
         return np.column_stack([m.predict_proba(bags, clinical)[:, 1] for m in self.members_])

@@ -121,9 +121,35 @@ def out_of_fold(folds, predict_fold: Callable[[int, np.ndarray, np.ndarray], Any
 
 
 class BagClassifier(ClassifierMixin, BaseEstimator):
-    """Base for bag models: ``predict`` thresholds ``predict_proba`` at 0.5 (models that need
-    another cut calibrate their probabilities instead). Subclasses implement ``fit`` and
+    """Base for bag models, a template: ``fit`` checks the parameters (``_validate_params``),
+    the labels and the bags (``_check_fit_bags``: instance-vector bags by default, which also
+    sets ``n_features_in_``), then calls the model's ``_fit(bags, labels, clinical)`` and sets
+    ``classes_``. ``predict`` thresholds ``predict_proba`` at 0.5 (models that need another cut
+    calibrate their probabilities instead). Subclasses implement ``_fit`` and
     ``predict_proba``."""
+
+    def fit(self, bags, y, clinical=None):
+        """Fit on a list of bags, 0/1 labels and (where the model reads it) the clinical table."""
+        self._validate_params()
+        labels = check_binary_labels(y)
+        bags = self._check_fit_bags(bags)
+        if len(bags) != len(labels):
+            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+        self._fit(bags, labels, clinical)
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def _validate_params(self) -> None:
+        """Raise on a bad parameter value before any work (models override)."""
+
+    def _check_fit_bags(self, bags):
+        """Instance-vector bags, checked; models that read no instances, or other bags, override."""
+        bags = check_bags(bags)
+        self.n_features_in_ = bags[0].shape[1]
+        return bags
+
+    def _fit(self, bags, labels: np.ndarray, clinical) -> None:
+        raise NotImplementedError
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

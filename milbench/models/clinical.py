@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.core.clinical import clinical_design_matrix
-from milbench.models.base import BagClassifier, check_binary_labels, check_clinical
+from milbench.models.base import BagClassifier, check_clinical
 from milbench.models.boosting import boosted_trees, positive_weight
 
 
@@ -20,14 +20,12 @@ class _ClinicalClassifier(BagClassifier):
     def _make_estimator(self, y: np.ndarray):
         raise NotImplementedError
 
-    def fit(self, bags, y, clinical=None):
-        labels = check_binary_labels(y)
-        if len(bags) != len(labels):
-            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+    def _check_fit_bags(self, bags):
+        return bags  # only their number matters: the instances are never read
+
+    def _fit(self, bags, labels, clinical) -> None:
         features = clinical_design_matrix(check_clinical(clinical, len(labels)))
         self.estimator_ = self._make_estimator(labels).fit(features, labels)
-        self.classes_ = np.array([0, 1])
-        return self
 
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
         check_is_fitted(self)

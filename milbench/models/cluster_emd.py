@@ -40,8 +40,6 @@ from sklearn.preprocessing import StandardScaler
 
 from milbench.models.base import (
     BagClassifier,
-    check_bags,
-    check_binary_labels,
     out_of_fold,
     take_bags,
 )
@@ -134,13 +132,8 @@ class ClusterEMDClassifier(BagClassifier):
         if int(self.latent_dim) < 1 or int(self.max_reference) < 1:
             raise ValueError("latent_dim and max_reference must be positive")
 
-    def fit(self, bags, y, clinical=None):
+    def _fit(self, bags, labels, clinical) -> None:
         """Fit instance stages and the bag-level logistic regression; ``clinical`` is ignored."""
-        self._validate_params()
-        bags = check_bags(bags)
-        labels = check_binary_labels(y)
-        if len(bags) != len(labels):
-            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
         seed = self._seed()
         folds = int(self.oof_folds)
         if folds >= 2 and np.bincount(labels).min() >= MIN_BAGS_PER_CLASS_PER_FOLD * folds:
@@ -163,9 +156,6 @@ class ClusterEMDClassifier(BagClassifier):
             StandardScaler(),
             LogisticRegression(C=self.C, class_weight="balanced", random_state=seed),
         ).fit(features.loc[:, list(MODEL_FEATURES)].to_numpy(dtype=float), labels)
-        self.classes_ = np.array([0, 1])
-        self.n_features_in_ = bags[0].shape[1]
-        return self
 
     def _fit_stage(self, bags: list[np.ndarray], labels: np.ndarray, seed: int) -> _InstanceStage:
         instances = np.vstack(bags)

@@ -50,7 +50,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from milbench.core.clinical import clinical_design_matrix
-from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
+from milbench.models.base import BagClassifier, check_clinical
 from milbench.models.collate import pad_bags
 from preprocessing.transforms import BagTransform
 
@@ -342,18 +342,11 @@ class AttentionDMIL(BagClassifier):
         return np.concatenate(logits), weights
 
     # -- training ----------------------------------------------------------------------------
-    def fit(self, bags, y, clinical=None):
-        """Fit on a list of ``(n_i, d)`` bags, 0/1 labels and (optionally) the clinical table."""
-        self._validate_params()
-        labels = check_binary_labels(y)
-        bags = check_bags(bags)
-        if len(bags) != len(labels):
-            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+    def _fit(self, bags, labels, clinical) -> None:
         if self.use_clinical is True and clinical is None:
             raise ValueError("use_clinical=True but fit got no clinical table")
         self.uses_clinical_ = self.use_clinical is not False and clinical is not None
 
-        self.n_features_in_ = bags[0].shape[1]
         # Scaler (+ PCA) on the training instances only: inside CV, the training fold's.
         self.transform_ = (
             BagTransform(n_components=self.pca_components, scale=self.scale, random_state=0).fit(bags)
@@ -373,8 +366,6 @@ class AttentionDMIL(BagClassifier):
         with torch.random.fork_rng(devices=[]), torch_threads(self.torch_threads):
             torch.manual_seed(seed)
             self.network_ = self._train(scaled, labels, clinical_inputs, train_rows, val_rows, seed)
-        self.classes_ = np.array([0, 1])
-        return self
 
     def _validation_split(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(len(labels))

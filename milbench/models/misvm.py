@@ -45,8 +45,6 @@ from sklearn.svm import SVC
 
 from milbench.models.base import (
     BagClassifier,
-    check_bags,
-    check_binary_labels,
     out_of_fold,
     take_bags,
 )
@@ -66,14 +64,6 @@ def _fit_score_calibration(scores: np.ndarray, labels: np.ndarray) -> Pipeline:
     """
     calibration = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
     return calibration.fit(scores.reshape(-1, 1), labels)
-
-
-def _check_fit_inputs(bags, y) -> tuple[list[np.ndarray], np.ndarray]:
-    labels = check_binary_labels(y)
-    bags = check_bags(bags)
-    if len(bags) != len(labels):
-        raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
-    return bags, labels
 
 
 class _ScoreCalibrated(BagClassifier):
@@ -147,10 +137,8 @@ class _InstanceSVM(_ScoreCalibrated):
         """One SVM of the alternation; with ``scale_C``, C is divided by ``len(features)``."""
         return self._make_svm(len(features)).fit(features, targets)
 
-    def fit(self, bags, y, clinical=None):
-        """Fit on a list of ``(n_i, d)`` bags and 0/1 bag labels; ``clinical`` is ignored."""
-        self._validate_params()
-        bags, labels = _check_fit_inputs(bags, y)
+    def _fit(self, bags, labels, clinical) -> None:
+        """``clinical`` is ignored."""
         instances, bag_index = stack_instances(bags)
         # Canonical instance order (lexicographic, bag index breaking ties): the solvers'
         # results then do not depend on the order of instances inside a bag.
@@ -179,9 +167,6 @@ class _InstanceSVM(_ScoreCalibrated):
         self.calibrated_on_ = "out_of_fold" if self.calibration_ is not None else "training"
         if self.calibration_ is None:
             self.calibration_ = _fit_score_calibration(train_scores, labels)
-        self.classes_ = np.array([0, 1])
-        self.n_features_in_ = instances.shape[1]
-        return self
 
     def _alternate(self, features, labels, members):
         raise NotImplementedError
@@ -311,11 +296,12 @@ class MeanPoolSVM(_ScoreCalibrated):
             return means
         return np.hstack([means, np.stack([bag.std(axis=0) for bag in bags])])
 
-    def fit(self, bags, y, clinical=None):
-        """Fit on a list of ``(n_i, d)`` bags and 0/1 bag labels; ``clinical`` is ignored."""
+    def _validate_params(self) -> None:
         if self.pooling not in ("mean", "mean_std"):
             raise ValueError(f"pooling must be 'mean' or 'mean_std', got {self.pooling!r}")
-        bags, labels = _check_fit_inputs(bags, y)
+
+    def _fit(self, bags, labels, clinical) -> None:
+        """``clinical`` is ignored."""
         pooled = self._pool(bags)
         self.scaler_ = StandardScaler(with_mean=self.scale, with_std=self.scale).fit(pooled)
         self.svm_ = SVC(
@@ -328,9 +314,6 @@ class MeanPoolSVM(_ScoreCalibrated):
         self.calibration_ = _fit_score_calibration(
             self.svm_.decision_function(self.scaler_.transform(pooled)), labels
         )
-        self.classes_ = np.array([0, 1])
-        self.n_features_in_ = bags[0].shape[1]
-        return self
 
     def decision_function(self, bags, clinical=None) -> np.ndarray:
         """SVM decision value of each mean-pooled bag."""

@@ -23,7 +23,6 @@ from milbench.core.metrics import METRICS, binary_metrics
 from milbench.models.base import (
     BagClassifier,
     check_bags,
-    check_binary_labels,
     inner_folds,
     take_bags,
     take_clinical,
@@ -80,11 +79,10 @@ class InnerCVSelection(BagClassifier):
             scores.append(metrics[self.metric])
         return scores
 
-    def fit(self, bags, y, clinical=None):
-        labels = check_binary_labels(y)
-        bags = check_bags(bags, allow_empty_features=True)
-        if len(bags) != len(labels):
-            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+    def _check_fit_bags(self, bags):
+        return check_bags(bags, allow_empty_features=True)  # the wrapped model checks its own
+
+    def _fit(self, bags, labels, clinical) -> None:
         candidates = self._candidates()
         rows = []
         if len(candidates) > 1:
@@ -101,8 +99,6 @@ class InnerCVSelection(BagClassifier):
         self.best_estimator_ = self._build(self.best_params_).fit(bags, labels, clinical)
         if hasattr(self.best_estimator_, "n_features_in_"):
             self.n_features_in_ = self.best_estimator_.n_features_in_
-        self.classes_ = np.array([0, 1])
-        return self
 
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
         check_is_fitted(self)

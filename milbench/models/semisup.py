@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
-from milbench.models.base import BagClassifier, check_bags, check_binary_labels, check_clinical
+from milbench.models.base import BagClassifier, check_bags, check_clinical
 from milbench.models.boosting import BOOSTERS, boosted_trees, positive_weight
 from milbench.semisup.counts import count_matrix, predicted_counts
 from milbench.semisup.loop import run_pseudo_labelling
@@ -182,12 +182,10 @@ class SemiSupervisedCNN(BagClassifier):
 
     # ------------------------------------------------------------------ contract
 
-    def fit(self, bags, y, clinical=None):
-        self._validate_params()
-        labels = check_binary_labels(y)
-        bags = self._check_instances(bags)
-        if len(bags) != len(labels):
-            raise ValueError(f"{len(bags)} bags but {len(labels)} labels")
+    def _check_fit_bags(self, bags):
+        return self._check_instances(bags)  # feature vectors (head) or image paths (full)
+
+    def _fit(self, bags, labels, clinical) -> None:
         clinical_array = check_clinical(clinical, len(labels))
         schedule = make_schedule(self.n_iterations, self.early_iterations,
                                  self.early_per_iteration, self.late_per_iteration)
@@ -217,8 +215,6 @@ class SemiSupervisedCNN(BagClassifier):
         probabilities = self._instance_probabilities(bags, cache=getattr(trainer, "cache", None))
         design = count_matrix(predicted_counts(probabilities), clinical_array)
         self.meta_ = self._make_meta(labels).fit(design, labels)
-        self.classes_ = np.array([0, 1])
-        return self
 
     @staticmethod
     def _with_pairs(entry: dict, bag_index: np.ndarray, instance_index: np.ndarray) -> dict:
