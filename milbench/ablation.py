@@ -33,7 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from milbench import tracking
 from milbench.config import ConfigError, RunConfig, load_config, resolved_dict
-from milbench.core.metrics import METRICS, aggregate, binary_metrics, format_mean_std_max
+from milbench.core.metrics import (
+    METRICS,
+    aggregate,
+    binary_metrics,
+    format_interval,
+    format_mean_std_max,
+)
 from milbench.evaluation.compare import corrected_resampled_ttest
 from milbench.evaluation.cv import cross_validate
 from milbench.evaluation.splits import kfold_splits, train_val_split
@@ -281,8 +287,8 @@ def format_ablation_markdown(table: pd.DataFrame, ablation: AblationConfig,
         row = comparisons[(comparisons["variant"] == variant) & (comparisons["reference"] == reference)
                           & (comparisons["metric"] == "balanced_accuracy")]
         cells.append("reference" if variant == reference else "–" if row.empty else
-                     "{:+.3f} [{:+.3f}, {:+.3f}]".format(*row.iloc[0][["mean_difference", "ci_low",
-                                                                        "ci_high"]]))
+                     format_interval(*row.iloc[0][["mean_difference", "ci_low", "ci_high"]],
+                                     signed=True))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     if not best:
         lines += ["", "No variant is best by an interval that excludes zero on any metric."]

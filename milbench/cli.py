@@ -66,6 +66,7 @@ def run(
 ):
     """Train and evaluate the models a config names; write a run directory and submissions."""
     from milbench.config import load_config
+    from milbench.core.metrics import format_intervals
 
     overrides = list(set_ or [])
     if data is not None:
@@ -82,19 +83,17 @@ def run(
     # The terminal shows the headline columns; metrics.csv and report.md hold every metric.
     shown = outcome.table.drop(columns=["balanced_accuracy_mean", "f1", "precision", "recall"])
     if "hidden_test_ci_low" in shown:
-        shown["hidden_test_balanced_accuracy"] = [
-            f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(
-                shown.pop("hidden_test_balanced_accuracy"), shown.pop("hidden_test_ci_low"),
-                shown.pop("hidden_test_ci_high"), strict=True)]
+        shown["hidden_test_balanced_accuracy"] = format_intervals(
+            shown.pop("hidden_test_balanced_accuracy"), shown.pop("hidden_test_ci_low"),
+            shown.pop("hidden_test_ci_high"))
     shown = shown.rename(columns=SHORT_NAMES)
     _print_table(shown, "Cross-validation: mean ± std (max) over repeats"
                  + ("; test_*: hidden synthetic truth" if "test_bal_acc" in shown else ""))
     if not outcome.comparisons.empty:
         compared = outcome.comparisons[["model", "comparison", "reference"]].copy()
-        compared["bal_acc difference [95% CI]"] = [
-            f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(
-                outcome.comparisons["mean_difference"], outcome.comparisons["ci_low"],
-                outcome.comparisons["ci_high"], strict=True)]
+        compared["bal_acc difference [95% CI]"] = format_intervals(
+            outcome.comparisons["mean_difference"], outcome.comparisons["ci_low"],
+            outcome.comparisons["ci_high"], signed=True)
         compared["verdict"] = outcome.comparisons["verdict"]
         _print_table(compared, "Paired differences over the same folds (corrected resampled t-test)")
     for name, path in outcome.submissions.items():

@@ -9,7 +9,7 @@ import pandas as pd
 
 from milbench import plots
 from milbench.config import RunConfig
-from milbench.core.metrics import METRICS
+from milbench.core.metrics import METRICS, format_intervals
 from milbench.data import Cohort
 from milbench.evaluation.cv import CVResult
 from milbench.runs import Run
@@ -49,10 +49,9 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
     table = table.copy()
     if "hidden_test_ci_low" in table:
         # The test figure with its bootstrap interval, in one readable cell.
-        table["hidden_test_balanced_accuracy"] = [
-            f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in zip(
-                table["hidden_test_balanced_accuracy"], table["hidden_test_ci_low"],
-                table["hidden_test_ci_high"], strict=True)]
+        table["hidden_test_balanced_accuracy"] = format_intervals(
+            table["hidden_test_balanced_accuracy"], table["hidden_test_ci_low"],
+            table["hidden_test_ci_high"])
     selected = table["note"].astype(bool).any()
     instance = ["instance_auc"] if "instance_auc" in table else []
     shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *instance,
@@ -104,9 +103,8 @@ def _comparison_section(comparisons: pd.DataFrame | None) -> list[str]:
     if comparisons is None or comparisons.empty:
         return []
     shown = comparisons.copy()
-    shown["difference [95 % CI]"] = [
-        f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-        for d, lo, hi in zip(shown["mean_difference"], shown["ci_low"], shown["ci_high"], strict=True)]
+    shown["difference [95 % CI]"] = format_intervals(
+        shown["mean_difference"], shown["ci_low"], shown["ci_high"], signed=True)
     shown["p"] = shown["p_value"].map(lambda p: f"{p:.3f}")
     return [
         "## Paired comparisons",

@@ -56,3 +56,14 @@ def aggregate(per_repeat: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
 def format_mean_std_max(summary: pd.DataFrame, metric: str) -> str:
     row = summary.loc[metric]
     return f"{row['mean']:.3f} ± {row['std']:.3f} ({row['max']:.3f})"
+
+
+def format_interval(value: float, low: float, high: float, signed: bool = False) -> str:
+    """``value [low, high]`` to 3 decimals; ``signed`` for differences (``+0.044 [-0.054, …]``)."""
+    spec = "+.3f" if signed else ".3f"
+    return f"{value:{spec}} [{low:{spec}}, {high:{spec}}]"
+
+
+def format_intervals(values, lows, highs, signed: bool = False) -> list[str]:
+    """``format_interval`` over aligned columns."""
+    return [format_interval(v, lo, hi, signed) for v, lo, hi in zip(values, lows, highs, strict=True)]

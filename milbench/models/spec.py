@@ -73,10 +73,6 @@ class ModelSpec(BaseModel):
         """A new, unfitted model of this spec."""
         return create_model(self.name, **self.params)
 
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data, as ensembles keep their members (clone and configs round-trip it)."""
-        return {"name": self.name, "params": dict(self.params),
-                **({"label": self.label} if self.label else {})}
 
 
 def _literal(node: ast.expr | None) -> Any:
