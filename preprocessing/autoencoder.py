@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from milbench.io import atomic_write, atomic_write_json
+from milbench.training import seeded, train
 
 ENCODER_WIDTHS = (16, 32, 64)  # first three blocks; the fourth outputs the latent channels
 DECODER_WIDTHS = (64, 64, 32, 32, 16, 16, 16)
@@ -113,49 +114,27 @@ def train_autoencoder(
     every epoch, and an interrupted run resumes from the last finished epoch. ``loader``
     yields ``(rows, images)`` or images; shuffle it with a seeded generator for determinism.
     """
-    torch.manual_seed(seed)
     # channels-last convolutions train about 1.4x faster on CPU (measured at 224 px, batch 32).
     memory_format = torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    losses: list[float] = []
-    first_epoch = 0
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        losses = list(state["losses"])
-        first_epoch = int(state["epoch"])
-        torch.set_rng_state(state["torch_rng"])
-    model.train()
-    step = len(losses)
-    for epoch in range(first_epoch, epochs):
+
+    def epoch_batches(epoch: int):
         # Reseeding the shuffle per epoch makes a resumed run see the batches a straight run
         # would have seen.
         if getattr(loader, "generator", None) is not None:
             loader.generator.manual_seed(seed + epoch)
-        for batch in loader:
-            images = (batch[1] if isinstance(batch, (tuple, list)) else batch).to(device)
-            images = images.contiguous(memory_format=memory_format)
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.mse_loss(model(images), images)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            if on_step is not None:
-                on_step(step, losses[-1])
-            if max_steps is not None and step >= max_steps:
-                break
-        if checkpoint is not None:
-            _save_torch(checkpoint, {"model": model.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "losses": losses,
-                                     "epoch": epoch + 1, "torch_rng": torch.get_rng_state()})
-        if max_steps is not None and step >= max_steps:
-            break
-    model.eval()
-    return losses
+        return loader
+
+    def step(batch) -> torch.Tensor:
+        images = (batch[1] if isinstance(batch, (tuple, list)) else batch).to(device)
+        images = images.contiguous(memory_format=memory_format)
+        return nn.functional.mse_loss(model(images), images)
+
+    with seeded(seed):
+        model.to(device=device, memory_format=memory_format)
+        optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+        result = train(model, optimizer, step, epoch_batches, epochs=epochs,
+                       checkpoint=checkpoint, on_step=on_step, max_steps=max_steps)
+    return result.step_losses
 
 
 def save_reconstructions(model: ConvAutoencoder, images: torch.Tensor,

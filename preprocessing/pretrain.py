@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from milbench.io import atomic_write, atomic_write_json
+from milbench.training import seeded, train
 from preprocessing.backbones import SPECS, _get_attr, build_classifier
 from preprocessing.images import IMAGENET_MEAN, IMAGENET_STD, read_rgb, resize
 from preprocessing.stain import IMAGE_SUFFIXES
@@ -108,21 +109,16 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray,
             "confusion_matrix": matrix.tolist(), "classes": list(classes)}
 
 
-def _run_epoch(model, loader, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:
-    training = optimizer is not None
-    model.train(training)
+def _evaluate(model, loader) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss, labels and class probabilities over ``loader`` (eval mode, no gradients)."""
+    model.eval()
     losses, all_labels, all_probabilities = [], [], []
-    with torch.set_grad_enabled(training):
+    with torch.no_grad():
         for images, labels in loader:
             logits = model(images)
-            loss = nn.functional.cross_entropy(logits, labels)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            losses.append(float(loss.detach()) * len(labels))
+            losses.append(float(nn.functional.cross_entropy(logits, labels)) * len(labels))
             all_labels.append(labels.numpy())
-            all_probabilities.append(torch.softmax(logits.detach(), 1).numpy())
+            all_probabilities.append(torch.softmax(logits, 1).numpy())
     labels = np.concatenate(all_labels)
     return sum(losses) / len(labels), labels, np.concatenate(all_probabilities)
 
@@ -150,7 +146,6 @@ def pretrain_backbone(
     Returns the metrics dict (also in ``<out>/metrics.json``).
     """
     root, out_dir = Path(root), Path(out_dir)
-    torch.manual_seed(seed)
     train_set = FolderDataset.scan(root / train_split)
     if eval_split is None:
         eval_split = next((s for s in ("val", "validation", "test") if (root / s).is_dir()),
@@ -158,33 +153,40 @@ def pretrain_backbone(
         if eval_split is None:
             raise FileNotFoundError(f"{root} has no val/validation/test split to evaluate on")
     eval_set = FolderDataset.scan(root / eval_split, train_set.classes)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = torch.utils.data.DataLoader(
-        _TorchFolder(train_set, input_size, augment=True), batch_size=batch_size, shuffle=True,
-        generator=generator, num_workers=num_workers)
-    eval_loader = torch.utils.data.DataLoader(
-        _TorchFolder(eval_set, input_size, augment=False), batch_size=batch_size,
-        num_workers=num_workers)
-
-    model = build_classifier(arch, weights, num_classes=len(train_set.classes))
-    head = _get_attr(model, SPECS[arch].head)
-    history = []
     started = time.perf_counter()
-    phases = (("head", head_epochs, head_lr, True), ("finetune", finetune_epochs, finetune_lr,
-                                                       False))
-    for phase, epochs, learning_rate, frozen in phases:
-        head_ids = {id(p) for p in head.parameters()}
-        for parameter in model.parameters():
-            parameter.requires_grad = not frozen or id(parameter) in head_ids
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=learning_rate)
-        for epoch in range(epochs):
-            train_loss, _, _ = _run_epoch(model, train_loader, optimizer)
-            eval_loss, labels, probabilities = _run_epoch(model, eval_loader)
-            history.append({"phase": phase, "epoch": epoch + 1, "train_loss": train_loss,
-                            "eval_loss": eval_loss,
-                            "eval_accuracy": float((probabilities.argmax(1) == labels).mean())})
-    _, labels, probabilities = _run_epoch(model, eval_loader)
+    with seeded(seed) as generator:
+        train_loader = torch.utils.data.DataLoader(
+            _TorchFolder(train_set, input_size, augment=True), batch_size=batch_size,
+            shuffle=True, generator=generator, num_workers=num_workers)
+        eval_loader = torch.utils.data.DataLoader(
+            _TorchFolder(eval_set, input_size, augment=False), batch_size=batch_size,
+            num_workers=num_workers)
+        model = build_classifier(arch, weights, num_classes=len(train_set.classes))
+        head = _get_attr(model, SPECS[arch].head)
+
+        def step(batch) -> torch.Tensor:
+            images, labels = batch
+            return nn.functional.cross_entropy(model(images), labels)
+
+        def evaluate() -> dict:
+            loss, labels, probabilities = _evaluate(model, eval_loader)
+            return {"eval_loss": loss,
+                    "eval_accuracy": float((probabilities.argmax(1) == labels).mean())}
+
+        result = None
+        # Phase 1 trains the new head on a frozen network; phase 2 fine-tunes everything.
+        for phase, epochs, learning_rate, frozen in (
+                ("head", head_epochs, head_lr, True),
+                ("finetune", finetune_epochs, finetune_lr, False)):
+            head_ids = {id(p) for p in head.parameters()}
+            for parameter in model.parameters():
+                parameter.requires_grad = not frozen or id(parameter) in head_ids
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                         lr=learning_rate)
+            result = train(model, optimizer, step, lambda epoch: train_loader, epochs=epochs,
+                           evaluate=evaluate, phase=phase, result=result)
+        history = result.history
+        _, labels, probabilities = _evaluate(model, eval_loader)
     metrics = classification_metrics(labels, probabilities, train_set.classes)
     metrics.update({"arch": arch, "initial_weights": weights, "eval_split": eval_split,
                     "n_train": len(train_set.samples), "n_eval": len(eval_set.samples),

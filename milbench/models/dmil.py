@@ -37,8 +37,6 @@ fits are reproducible on CPU and do not disturb the caller's global torch RNG.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 
 import numpy as np
@@ -52,6 +50,7 @@ from torch import nn
 from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_clinical
 from milbench.models.collate import pad_bags
+from milbench.training import EarlyStopping, index_batches, seeded, torch_threads, train
 from preprocessing.transforms import BagTransform
 
 AGGREGATIONS = ("attention", "gated_attention", "max", "mean_std")
@@ -188,25 +187,6 @@ class DMILNetwork(nn.Module):
         return torch.cat([mean, torch.sqrt(variance + 1e-6)], dim=1), weights
 
 
-@contextlib.contextmanager
-def torch_threads(count: int | None):
-    """Run with ``count`` intra-op threads (None: leave torch's setting), restored afterwards.
-
-    These networks are small: a second thread gains little on an idle machine, and when another
-    process holds a core, threads waiting on each other made a fit 10x slower (measured on 2
-    cores). One thread also keeps results independent of the machine's core count.
-    """
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class AttentionDMIL(BagClassifier):
     """Attention D-MIL with an optional clinical MLP (see the module docstring).
 
@@ -313,14 +293,7 @@ class AttentionDMIL(BagClassifier):
 
     # -- batching ----------------------------------------------------------------------------
     def _batches(self, order: np.ndarray) -> list[np.ndarray]:
-        size = int(self.batch_size)
-        batches = [order[start : start + size] for start in range(0, len(order), size)]
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            # A lone trailing bag joins the previous batch: no batch of one (batch norm needs
-            # two samples, and a single bag makes a noisy step).
-            last = batches.pop()
-            batches[-1] = np.concatenate([batches[-1], last])
-        return batches
+        return index_batches(order, self.batch_size)
 
     @staticmethod
     def _tensors(bags, clinical, rows):
@@ -363,9 +336,9 @@ class AttentionDMIL(BagClassifier):
 
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         train_rows, val_rows = self._validation_split(labels, seed)
-        with torch.random.fork_rng(devices=[]), torch_threads(self.torch_threads):
-            torch.manual_seed(seed)
-            self.network_ = self._train(scaled, labels, clinical_inputs, train_rows, val_rows, seed)
+        with seeded(seed, self.torch_threads) as generator:
+            self.network_ = self._train(
+                scaled, labels, clinical_inputs, train_rows, val_rows, generator)
 
     def _validation_split(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(len(labels))
@@ -408,7 +381,7 @@ class AttentionDMIL(BagClassifier):
         kept[emptied] = mask[emptied]
         return kept
 
-    def _train(self, bags, labels, clinical, train_rows, val_rows, seed) -> DMILNetwork:
+    def _train(self, bags, labels, clinical, train_rows, val_rows, generator) -> DMILNetwork:
         network = DMILNetwork(
             n_features=bags[0].shape[1],
             n_clinical=0 if clinical is None else clinical.shape[1],
@@ -430,7 +403,6 @@ class AttentionDMIL(BagClassifier):
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=self.lr_factor, patience=self.lr_patience
         )
-        generator = torch.Generator().manual_seed(seed)
         train_labels = labels[train_rows]
         class_weights = self._class_weights(train_labels)
         sample_weights = torch.from_numpy(class_weights[labels].astype(np.float32))
@@ -441,53 +413,43 @@ class AttentionDMIL(BagClassifier):
 
         train_bags, train_clinical = subset(train_rows)
         val_bags, val_clinical = subset(val_rows)
-        self.history_ = []
-        best_loss, best_state, best_epoch, stale = math.inf, None, 0, 0
-        for epoch in range(1, int(self.max_epochs) + 1):
-            network.train()
-            permutation = train_rows[torch.randperm(len(train_rows), generator=generator).numpy()]
-            for rows in self._batches(permutation):
-                x, mask, clinical_rows = self._tensors(bags, clinical, rows)
-                logits, _, experts = network.forward_with_experts(
-                    x, self._drop_instances(mask, generator), clinical_rows)
-                losses = nn.functional.binary_cross_entropy_with_logits(
-                    logits, targets[rows], reduction="none"
-                )
-                if experts is not None and self.expert_loss_weight:
-                    # Each head also learns the label alone, so neither starves behind the gate.
-                    for expert_logits in experts[:2]:
-                        losses = losses + self.expert_loss_weight * (
-                            nn.functional.binary_cross_entropy_with_logits(
-                                expert_logits, targets[rows], reduction="none"))
-                loss = (sample_weights[rows] * losses).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+
+        def epoch_batches(epoch: int) -> list[np.ndarray]:
+            permutation = torch.randperm(len(train_rows), generator=generator).numpy()
+            return self._batches(train_rows[permutation])
+
+        def step(rows: np.ndarray) -> torch.Tensor:
+            x, mask, clinical_rows = self._tensors(bags, clinical, rows)
+            logits, _, experts = network.forward_with_experts(
+                x, self._drop_instances(mask, generator), clinical_rows)
+            losses = nn.functional.binary_cross_entropy_with_logits(
+                logits, targets[rows], reduction="none")
+            if experts is not None and self.expert_loss_weight:
+                # Each head also learns the label alone, so neither starves behind the gate.
+                for expert_logits in experts[:2]:
+                    losses = losses + self.expert_loss_weight * (
+                        nn.functional.binary_cross_entropy_with_logits(
+                            expert_logits, targets[rows], reduction="none"))
+            return (sample_weights[rows] * losses).mean()
+
+        def evaluate() -> dict:
+            record = {}
             record["train_loss"], record["train_balanced_accuracy"] = self._evaluate(
-                network, train_bags, train_clinical, train_labels, class_weights
-            )
+                network, train_bags, train_clinical, train_labels, class_weights)
             if len(val_rows):
                 record["val_loss"], record["val_balanced_accuracy"] = self._evaluate(
-                    network, val_bags, val_clinical, labels[val_rows], class_weights
-                )
-            self.history_.append(record)
-            monitored = record.get("val_loss", record["train_loss"])
-            scheduler.step(monitored)
-            if not len(val_rows):
-                continue  # no validation: train for max_epochs and keep the last epoch
-            if monitored < best_loss:
-                best_loss, best_epoch, stale = monitored, epoch, 0
-                best_state = copy.deepcopy(network.state_dict())
-            else:
-                stale += 1
-                if stale >= int(self.patience):
-                    break
-        if best_state is not None:
-            network.load_state_dict(best_state)
-        self.best_epoch_ = best_epoch if best_state is not None else len(self.history_)
-        self.n_epochs_ = len(self.history_)
-        network.eval()
+                    network, val_bags, val_clinical, labels[val_rows], class_weights)
+            return record
+
+        # Without a validation part: train for max_epochs and keep the last epoch.
+        monitor = "val_loss" if len(val_rows) else "train_loss"
+        result = train(
+            network, optimizer, step, epoch_batches, epochs=self.max_epochs, evaluate=evaluate,
+            scheduler=scheduler, scheduler_monitor=monitor,
+            early_stopping=EarlyStopping("val_loss", self.patience) if len(val_rows) else None)
+        self.history_ = result.history
+        self.best_epoch_ = result.best_epoch
+        self.n_epochs_ = result.n_epochs
         return network
 
     # -- prediction --------------------------------------------------------------------------

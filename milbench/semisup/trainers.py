@@ -20,16 +20,7 @@ import torch
 from torch import nn
 
 from milbench.semisup.loop import InstanceModel
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; a trailing batch of one joins the previous one (BatchNorm needs
-    two samples in training mode)."""
-    order = torch.randperm(n, generator=generator)
-    batches = list(torch.split(order, batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])
-    return batches
+from milbench.training import seeded, shuffled_batches, train
 
 
 def _validation_accuracy(model, items, labels) -> float | None:
@@ -42,25 +33,25 @@ def _validation_accuracy(model, items, labels) -> float | None:
 
 def _sgd_epochs(network: nn.Module, fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                 n: int, *, epochs: int, learning_rate: float, momentum: float, weight_decay: float,
-                batch_size: int, seed: int, evaluate: Callable[[], float | None]) -> list[float]:
+                batch_size: int, generator: torch.Generator,
+                evaluate: Callable[[], float | None]) -> list[float]:
     """NLL + SGD for ``epochs`` epochs; returns the validation accuracy after each epoch."""
-    generator = torch.Generator().manual_seed(int(seed))
     optimizer = torch.optim.SGD(network.parameters(), lr=learning_rate, momentum=momentum,
                                 weight_decay=weight_decay)
     loss_fn = nn.NLLLoss()
-    accuracy = []
-    for _ in range(epochs):
-        network.train()
-        for batch in _batches(n, batch_size, generator):
-            inputs, targets = fetch(batch)
-            optimizer.zero_grad()
-            loss_fn(network(inputs), targets).backward()
-            optimizer.step()
-        network.eval()
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        inputs, targets = fetch(batch)
+        return loss_fn(network(inputs), targets)
+
+    def accuracy() -> dict:
         value = evaluate()
-        if value is not None:
-            accuracy.append(value)
-    return accuracy
+        return {} if value is None else {"val_accuracy": value}
+
+    result = train(network, optimizer, step,
+                   lambda epoch: shuffled_batches(n, batch_size, generator),
+                   epochs=epochs, evaluate=accuracy)
+    return [record["val_accuracy"] for record in result.history if "val_accuracy" in record]
 
 
 # --------------------------------------------------------------------------- head mode
@@ -99,7 +90,10 @@ class HeadTrainer:
 
     def __call__(self, items: np.ndarray, labels: np.ndarray, val_items, val_labels,
                  previous: HeadModel | None, seed: int) -> InstanceModel:
-        torch.manual_seed(int(seed))
+        with seeded(seed) as generator:
+            return self._fit(items, labels, val_items, val_labels, previous, generator)
+
+    def _fit(self, items, labels, val_items, val_labels, previous, generator) -> HeadModel:
         if previous is not None:
             layer = copy.deepcopy(previous.layer)
         else:
@@ -115,7 +109,7 @@ class HeadTrainer:
         model.val_accuracy = _sgd_epochs(
             network, lambda batch: (inputs[batch], targets[batch]), len(items),
             epochs=self.epochs, learning_rate=self.learning_rate, momentum=self.momentum,
-            weight_decay=self.weight_decay, batch_size=self.batch_size, seed=seed,
+            weight_decay=self.weight_decay, batch_size=self.batch_size, generator=generator,
             evaluate=evaluate)
         return model
 
@@ -208,7 +202,10 @@ class FullTrainer:
 
     def __call__(self, paths: np.ndarray, labels: np.ndarray, val_paths, val_labels,
                  previous: FullModel | None, seed: int) -> InstanceModel:
-        torch.manual_seed(int(seed))
+        with seeded(seed) as generator:
+            return self._fit(paths, labels, val_paths, val_labels, previous, generator)
+
+    def _fit(self, paths, labels, val_paths, val_labels, previous, generator) -> FullModel:
         network = copy.deepcopy(previous.network) if previous is not None else self.build()
         network = network.to(self.device)
         model = _CachedFullModel(FullModel(network, self.preprocessor, [], self.device,
@@ -226,5 +223,5 @@ class FullTrainer:
         model.val_accuracy = _sgd_epochs(
             network, fetch, len(paths), epochs=self.epochs, learning_rate=self.learning_rate,
             momentum=self.momentum, weight_decay=self.weight_decay, batch_size=self.batch_size,
-            seed=seed, evaluate=evaluate)
+            generator=generator, evaluate=evaluate)
         return model

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from milbench.training import seeded, train
+
 
 class DigitCNN(nn.Module):
     def __init__(self, n_classes: int = 10, feature_dim: int = 64, dropout: float = 0.2):
@@ -72,19 +74,10 @@ def train_cnn(
     """Train ``DigitCNN`` with Adam and cross-entropy; seeded through a forked torch RNG."""
     data = InstanceClassifier._tensor(images)
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed) as generator:
         network = DigitCNN(n_classes=n_classes)
-        optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
-        generator = torch.Generator().manual_seed(seed)
-        network.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(data), generator=generator)
-            for start in range(0, len(data), batch_size):
-                index = order[start : start + batch_size]
-                loss = nn.functional.cross_entropy(network(data[index]), targets[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    network.eval()
+        train(network, torch.optim.Adam(network.parameters(), lr=learning_rate),
+              lambda index: nn.functional.cross_entropy(network(data[index]), targets[index]),
+              lambda epoch: torch.split(torch.randperm(len(data), generator=generator), batch_size),
+              epochs=epochs)
     return InstanceClassifier(network)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from milbench.training import seeded, train
+
 
 def dense_block(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
@@ -108,25 +110,19 @@ def fit_vae(
     scale = vectors.std(axis=0)
     scale[scale < 1e-8] = 1.0  # constant features stay constant instead of dividing by zero
     data = torch.as_tensor((vectors - center) / scale, dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+
+    def step(index: torch.Tensor) -> torch.Tensor:
+        batch = data[index]
+        reconstruction, mean, log_variance = network(batch)
+        squared_error = ((reconstruction - batch) ** 2).sum(dim=1).mean()
+        divergence = -0.5 * (1 + log_variance - mean**2 - log_variance.exp()).sum(dim=1)
+        return squared_error + beta * divergence.mean()
+
+    with seeded(seed) as generator:
         network = VariationalAutoencoder(vectors.shape[1], latent_dim, hidden_dims, dropout)
-        optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
-        generator = torch.Generator().manual_seed(seed)
-        network.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(data), generator=generator)
-            for start in range(0, len(data), batch_size):
-                index = order[start : start + batch_size]
-                if len(index) < 2:  # batch norm cannot normalise a batch of one
-                    continue
-                batch = data[index]
-                reconstruction, mean, log_variance = network(batch)
-                squared_error = ((reconstruction - batch) ** 2).sum(dim=1).mean()
-                divergence = -0.5 * (1 + log_variance - mean**2 - log_variance.exp()).sum(dim=1)
-                loss = squared_error + beta * divergence.mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-    network.eval()
+        train(network, torch.optim.Adam(network.parameters(), lr=learning_rate), step,
+              lambda epoch: [index for index in torch.split(
+                  torch.randperm(len(data), generator=generator), batch_size)
+                  if len(index) >= 2],  # batch norm cannot normalise a batch of one
+              epochs=epochs)
     return VAEModel(network=network, center=center, scale=scale)
