@@ -7,8 +7,8 @@ pseudo-labels; per repeat the balanced accuracy; and the wall time. Outputs (ato
 ``semisup_chosen.csv`` (every chosen image), ``semisup_oof.csv``, ``semisup_metrics.csv``,
 ``semisup_iterations.png`` and ``semisup_report.md``.
 
-The fold loop mirrors :func:`milbench.evaluation.cv.cross_validate` (same folds, same per-fold
-seeds) because the fitted models' logs are needed and ``cross_validate`` does not keep models.
+Folds run through :func:`milbench.evaluation.cv.cross_validate` (the run's folds and per-fold
+seeds); its ``on_fold`` hook reads each fitted model's pseudo-label log.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from sklearn.base import clone
 
-from milbench.core.metrics import aggregate, binary_metrics, format_mean_std_max
-from milbench.evaluation.cv import fold_seed
+from milbench.core.metrics import format_mean_std_max
+from milbench.evaluation.cv import cross_validate
 from milbench.evaluation.splits import kfold_splits
 from milbench.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -171,24 +170,12 @@ def run_semisup_benchmark(config: dict, work: str | os.PathLike, *, progress: bo
     if max_folds is not None:
         folds = folds[:max_folds]
     model = create_model("semisup", source_features=str(source_npz), **params)
-    position = {pid: i for i, pid in enumerate(ids)}
-    oof, iteration_rows, chosen_rows, fit_seconds = [], [], [], []
-    for fold in folds:
-        train_idx = [position[pid] for pid in fold.train_ids]
-        val_idx = [position[pid] for pid in fold.val_ids]
-        estimator = clone(model).set_params(random_state=fold_seed(seed, fold.repeat, fold.fold))
-        fit_started = time.perf_counter()
-        estimator.fit([bags[i] for i in train_idx], labels[train_idx], clinical.iloc[train_idx])
-        fit_seconds.append(time.perf_counter() - fit_started)
-        val_bags = [bags[i] for i in val_idx]
-        scores = estimator.predict_proba(val_bags, clinical.iloc[val_idx])[:, 1]
-        predicted = estimator.predict(val_bags, clinical.iloc[val_idx])
-        oof += [{"repeat": fold.repeat, "fold": fold.fold, "patient_id": ids[i],
-                 "label": int(labels[i]), "score": float(s), "predicted": int(p)}
-                for i, s, p in zip(val_idx, scores, predicted, strict=True)]
+    iteration_rows, chosen_rows = [], []
+
+    def record_pseudo_labels(fold, fitted, train_rows, val_rows) -> None:
         per_iteration, chosen = pseudo_label_truth(
-            estimator.pseudo_label_log_, [ids[i] for i in train_idx],
-            [names[i] for i in train_idx], atypical)
+            fitted.estimator.pseudo_label_log_, [ids[i] for i in train_rows],
+            [names[i] for i in train_rows], atypical)
         per_iteration.insert(0, "repeat", fold.repeat)
         per_iteration.insert(1, "fold", fold.fold)
         per_iteration["positive_hits"] = (per_iteration["positive_precision"].fillna(0)
@@ -200,11 +187,11 @@ def run_semisup_benchmark(config: dict, work: str | os.PathLike, *, progress: bo
         iteration_rows.append(per_iteration)
         chosen_rows.append(chosen)
 
-    oof = pd.DataFrame(oof)
-    per_repeat = pd.DataFrame([{"repeat": int(r), **binary_metrics(g["label"], g["predicted"],
-                                                                     g["score"])}
-                               for r, g in oof.groupby("repeat", sort=True)])
-    summary_table = aggregate(per_repeat)
+    result = cross_validate(model, bags, labels, ids, folds, clinical, seed=seed,
+                            description="semisup CV", progress=progress,
+                            on_fold=record_pseudo_labels)
+    oof, per_repeat, fit_seconds = result.oof, result.per_repeat, result.fit_seconds
+    summary_table = result.summary
     iterations = pd.concat(iteration_rows, ignore_index=True)
     chosen = pd.concat(chosen_rows, ignore_index=True)
     by_iteration = iterations.groupby("iteration").agg(

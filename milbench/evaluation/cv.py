@@ -7,6 +7,7 @@ on which folds ran before it. Only the training patients' labels reach ``fit``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,36 @@ def fold_seed(seed: int, repeat: int, fold: int) -> int:
     return seed * 1_000_003 + repeat * 1_000 + fold
 
 
+@dataclass
+class FoldFit:
+    """One fold: the fitted estimator and its predictions for the fold's held-out rows."""
+
+    estimator: object
+    scores: np.ndarray  # P(label 1)
+    predictions: np.ndarray
+    fit_seconds: float
+
+    @property
+    def history(self) -> list[dict] | None:
+        return getattr(self.estimator, "history_", None)
+
+
+def fit_fold(model, bags, labels: np.ndarray, train: list[int], val: list[int],
+             clinical: pd.DataFrame | None = None, seed: int | None = None) -> FoldFit:
+    """Fit a fresh clone of ``model`` (given ``random_state=seed`` where it takes one, unless
+    ``seed`` is None) on rows ``train`` and predict rows ``val``. Only the training rows' labels
+    reach ``fit``. This is the project's one fold runner: the run's, the ablation's and the
+    benchmarks' cross-validation all fit through it."""
+    estimator = clone(model) if seed is None else with_seed(clone(model), seed)
+    started = time.perf_counter()
+    estimator = fit_model(estimator, take_bags(bags, train), np.asarray(labels)[train],
+                          take_clinical(clinical, train))
+    fit_seconds = time.perf_counter() - started
+    val_bags, val_clinical = take_bags(bags, val), take_clinical(clinical, val)
+    return FoldFit(estimator, estimator.predict_proba(val_bags, val_clinical)[:, 1],
+                   estimator.predict(val_bags, val_clinical), fit_seconds)
+
+
 def cross_validate(
     model,
     bags: list[np.ndarray],
@@ -48,8 +79,11 @@ def cross_validate(
     seed: int = 0,
     description: str = "cross-validation",
     progress: bool = True,
+    on_fold: Callable[[Fold, FoldFit, list[int], list[int]], None] | None = None,
 ) -> CVResult:
-    """Fit ``clone(model)`` on each fold's training patients and predict its validation ones."""
+    """Fit ``clone(model)`` on each fold's training patients and predict its validation ones;
+    ``on_fold(fold, fitted, train_rows, val_rows)`` sees each fitted fold (a benchmark reads
+    the fitted model's logs there)."""
     position = {pid: i for i, pid in enumerate(ids)}
     labels = np.asarray(labels, dtype=int)
     rows, fit_seconds, histories = [], [], []
@@ -57,16 +91,13 @@ def cross_validate(
         for fold in folds:
             train = [position[pid] for pid in fold.train_ids]
             val = [position[pid] for pid in fold.val_ids]
-            estimator = with_seed(clone(model), fold_seed(seed, fold.repeat, fold.fold))
-            train_clinical = take_clinical(clinical, train)
-            val_clinical = take_clinical(clinical, val)
-            started = time.perf_counter()
-            estimator = fit_model(estimator, take_bags(bags, train), labels[train], train_clinical)
-            fit_seconds.append(time.perf_counter() - started)
-            histories.append(getattr(estimator, "history_", None))
-            scores = estimator.predict_proba(take_bags(bags, val), val_clinical)[:, 1]
-            predictions = estimator.predict(take_bags(bags, val), val_clinical)
-            for i, score, predicted in zip(val, scores, predictions, strict=True):
+            fitted = fit_fold(model, bags, labels, train, val, clinical,
+                              fold_seed(seed, fold.repeat, fold.fold))
+            fit_seconds.append(fitted.fit_seconds)
+            histories.append(fitted.history)
+            if on_fold is not None:
+                on_fold(fold, fitted, train, val)
+            for i, score, predicted in zip(val, fitted.scores, fitted.predictions, strict=True):
                 rows.append((fold.repeat, fold.fold, ids[i], int(labels[i]), float(score), int(predicted)))
             advance()
     oof = pd.DataFrame(rows, columns=["repeat", "fold", "patient_id", "label", "score", "predicted"])
