@@ -237,13 +237,15 @@ def bench_slides(
 
 @bench_app.command("mil")
 def bench_mil(
-    datasets: Annotated[str, typer.Option(help="Comma-separated: musk1, musk2, elephant, ucsb, digits.")]
-    = "musk1,musk2,elephant,ucsb,digits",
-    models: Annotated[str, typer.Option(help="Comma-separated model specs (name, params in brackets).")]
-    = "misvm,misvm[kernel=linear;C=1],mi_svm,dmil[validation_fraction=0;max_epochs=50],meanpool_svm",
-    repeats: int = 5,
-    splits: int = 10,
-    seed: int = 0,
+    config: Annotated[Path | None, typer.Argument(help="Benchmark YAML (default configs/bench/mil.yaml).")]
+    = None,
+    datasets: Annotated[str | None, typer.Option(
+        help="Comma-separated: musk1, musk2, elephant, ucsb, digits[N].")] = None,
+    models: Annotated[str | None, typer.Option(
+        help="Comma-separated model labels of the config (or registered names, at defaults).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Repeats (default: the config's).")] = None,
+    splits: Annotated[int | None, typer.Option(help="Folds (default: the config's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the config's).")] = None,
     n_jobs: Annotated[int, typer.Option(help="Parallel fits.")] = 1,
     out: Annotated[Path | None, typer.Option(help="Folder for folds.csv, summary.csv, table.md.")] = None,
 ):
@@ -251,7 +253,7 @@ def bench_mil(
     from milbench.bench.mil import bench_mil_command
 
     try:
-        bench_mil_command(datasets, models, repeats, splits, out, seed, n_jobs)
+        bench_mil_command(config, datasets, models, repeats, splits, out, seed, n_jobs)
     except USER_ERRORS as error:
         _fail(error)
 

@@ -13,9 +13,10 @@ from sklearn.model_selection import StratifiedKFold
 from milbench.bench.mil import (
     bench_mil_command,
     format_table,
-    parse_model_spec,
+    load_mil_bench_config,
+    paper_method,
     run_mil_benchmark,
-    split_list,
+    select_models,
     summarize_benchmark,
 )
 from milbench.bench.mil_data import (
@@ -24,6 +25,7 @@ from milbench.bench.mil_data import (
     make_digit_bags,
     read_mil_csv,
 )
+from milbench.models.spec import ModelSpec
 
 
 def test_read_mil_csv_groups_rows_by_bag_in_file_order():
@@ -68,39 +70,37 @@ def test_digit_bags_have_consistent_instance_labels():
     np.testing.assert_array_equal(again.bags[5], data.bags[5])
 
 
-def test_model_specs_and_lists():
-    spec = parse_model_spec("misvm[kernel=linear;C=1.5]")
-    assert spec.name == "misvm" and dict(spec.params) == {"kernel": "linear", "C": 1.5}
-    assert spec.label == "misvm[kernel=linear;C=1.5]"
-    assert spec.create().get_params()["C"] == 1.5
-    assert parse_model_spec("dmil[aggregation=gated_attention]").paper_method.startswith("Gated")
-    with pytest.raises(ValueError, match="unknown model 'nope'"):
-        parse_model_spec("nope")
-    with pytest.raises(ValueError, match="model 'misvm': unknown parameter 'CC'"):
-        parse_model_spec("misvm[CC=1]")
-    with pytest.raises(ValueError, match="bad parameter"):
-        parse_model_spec("misvm[C]")
-    assert split_list("misvm[kernel=linear;C=1], dmil ,a") == [
-        "misvm[kernel=linear;C=1]",
-        "dmil",
-        "a",
-    ]
+def test_the_default_config_loads_its_models_as_specs():
+    config = load_mil_bench_config()
+    labels = [spec.display_name for spec in config.models]
+    assert labels == ["misvm", "misvm_linear", "mi_svm", "dmil", "meanpool_svm"]
+    dmil = select_models(config, ["dmil"])[0]
+    assert dmil.params == {"validation_fraction": 0, "max_epochs": 50}
+    assert paper_method(dmil) == "Attention MIL (Ilse 2018)"
+    assert select_models(config, ["misvm_linear"])[0].build().get_params()["C"] == 1
+    # A registered name that is no label of the config: that model at its defaults.
+    assert select_models(config, ["clinical_logreg"])[0] == ModelSpec(name="clinical_logreg")
+    with pytest.raises(ValueError, match="'nope' is neither a label.*misvm_linear"):
+        select_models(config, ["nope"])
+    assert paper_method(ModelSpec(name="dmil", params={"aggregation": "gated_attention"})
+                        ).startswith("Gated")
 
 
-def test_default_models_include_the_benchmark_dmil_spec():
-    import inspect
-
-    from milbench import cli
-    from milbench.bench.mil import DEFAULT_MODELS, DMIL_BENCH_SPEC
-
-    spec = parse_model_spec(DMIL_BENCH_SPEC)
-    assert spec.name == "dmil" and spec.paper_method == "Attention MIL (Ilse 2018)"
-    model = spec.create()
-    assert model.get_params()["validation_fraction"] == 0 and model.get_params()["max_epochs"] == 50
-    assert DMIL_BENCH_SPEC in DEFAULT_MODELS
-    # The CLI spells the same list (kept literal so `milbench --help` stays light).
-    cli_default = inspect.signature(cli.bench_mil).parameters["models"].default
-    assert split_list(cli_default) == list(DEFAULT_MODELS)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: [{name: misvm, params: {CC: 1}}]", "model 'misvm': unknown parameter 'CC'"),
+        ("models: [nope]", "unknown model 'nope'"),
+        ("models: [misvm]\nn_repeat: 3", "n_repeat"),
+        ("models: [misvm, misvm]", "labels must be unique"),
+    ],
+)
+def test_a_bad_config_fails_on_load_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bench.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        load_mil_bench_config(path)
+    assert str(path) in str(error.value)
 
 
 def test_protocol_uses_stratified_folds_in_file_order():
@@ -118,7 +118,8 @@ def test_protocol_uses_stratified_folds_in_file_order():
 def test_witness_scores_rank_digit_instances():
     data = make_digit_bags(n_bags=60, random_state=1)
     folds = run_mil_benchmark(
-        [data], ["misvm[kernel=linear;C=1]"], n_repeats=1, n_splits=3, progress=False
+        [data], [{"name": "misvm", "params": {"kernel": "linear", "C": 1}}], n_repeats=1,
+        n_splits=3, progress=False
     )
     assert folds.instance_auc.mean() > 0.8 and folds.accuracy.mean() > 0.7
 
@@ -127,7 +128,9 @@ def test_summary_standard_errors_and_reference_columns():
     folds = pd.DataFrame(
         {
             "dataset": "musk1",
-            "model": "misvm[kernel=linear]",
+            "model": "misvm_linear",
+            "model_name": "misvm",
+            "params": "{kernel: linear}",
             "repeat": [0, 0, 1, 1],
             "fold": [0, 1, 0, 1],
             "accuracy": [0.8, 1.0, 0.6, 0.8],

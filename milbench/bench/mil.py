@@ -12,40 +12,33 @@ witness scores) against the known instance labels.
 Standard error: with several repeats, over the per-repeat means (each the mean over its folds,
 as in Ilse et al. 2018); with one repeat, over the folds.
 
-Model specs: a registered name, optionally with parameters in brackets, e.g.
-``misvm[kernel=linear;C=1]`` or ``dmil[aggregation=gated_attention]`` (values parsed as YAML).
+Models are :class:`~milbench.models.spec.ModelSpec` entries of a YAML config
+(``configs/bench/mil.yaml`` by default: ``datasets``, ``models``, ``n_repeats``, ``n_splits``,
+``seed``), as in a run config: a registered name, or ``{name, params, label}``. Each fold is fit
+by the project's fold runner, :func:`milbench.evaluation.cv.fit_fold`.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import time
+import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
-from sklearn.base import clone
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
+from milbench.evaluation.cv import fit_fold
 from milbench.io import atomic_write, atomic_write_text
-from milbench.models import create_model
 from milbench.models.spec import ModelSpec
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "mil.yaml"
 DEFAULT_DATASETS = ("musk1", "musk2", "elephant", "ucsb", "digits")
-# Attention D-MIL on the classic benchmarks. dmil's defaults (tuned for the lymphocytosis
-# pipeline) hold out 20 % of the training bags for early stopping; with 83 training bags per
-# MUSK1 fold that steals ~17 bags from a model that needs every one of them. Here it trains on
-# all training bags for a fixed 50 epochs (ReduceLROnPlateau then follows the training loss).
-# Chosen on a 2 x 10-fold sweep of this benchmark (see the branch report), so mildly optimistic;
-# other dmil parameters stay at their defaults (layer norm helped on ELEPHANT, not on MUSK1).
-DMIL_BENCH_SPEC = "dmil[validation_fraction=0;max_epochs=50]"
-DEFAULT_MODELS = ("misvm", "misvm[kernel=linear;C=1]", "mi_svm", DMIL_BENCH_SPEC, "meanpool_svm")
 
 # Accuracy published for 10-fold CV (DATA.md): Andrews et al. 2002 and Ilse et al. 2018.
 PAPER_ACCURACY: dict[str, dict[str, float]] = {
@@ -68,79 +61,87 @@ REFERENCE_SECONDS: dict[str, dict[str, float]] = {
 }
 
 
-@dataclass(frozen=True)
-class BenchModel:
-    """A registered model name plus constructor overrides; ``label`` is how tables show it."""
+class MILBenchConfig(BaseModel):
+    """The benchmark's config: datasets, models and the CV protocol."""
 
-    name: str
-    params: tuple[tuple[str, object], ...] = ()
+    model_config = ConfigDict(extra="forbid")
+    datasets: list[str] = list(DEFAULT_DATASETS)
+    models: list[ModelSpec]
+    n_repeats: int = Field(5, ge=1)
+    n_splits: int = Field(10, ge=2)
+    seed: int = 0
 
-    @property
-    def label(self) -> str:
-        if not self.params:
-            return self.name
-        return f"{self.name}[{';'.join(f'{k}={_spec_value(v)}' for k, v in self.params)}]"
+    @field_validator("models", mode="before")
+    @classmethod
+    def _coerce(cls, value):
+        return [ModelSpec.coerce(item) for item in value or []]
 
-    def create(self):
-        return create_model(self.name, **dict(self.params))
-
-    @property
-    def paper_method(self) -> str | None:
-        params = dict(self.params)
-        if self.name == "inner_cv":  # the wrapped model's paper, its fixed parameters deciding
-            inner = BenchModel(params.get("model", "meanpool_svm"),
-                              tuple((params.get("params") or {}).items()))
-            return inner.paper_method
-        if self.name == "misvm":
-            return "MI-SVM (Andrews 2002)"
-        if self.name == "mi_svm":
-            return "mi-SVM (Andrews 2002)"
-        if self.name == "dmil" and params.get("aggregation", "attention") == "attention":
-            return "Attention MIL (Ilse 2018)"
-        if self.name == "dmil" and params.get("aggregation") == "gated_attention":
-            return "Gated attention MIL (Ilse 2018)"
-        return None
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        labels = [spec.display_name for spec in models]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"model labels must be unique; repeated: {repeated} (set `label`)")
+        if not models:
+            raise ValueError("the benchmark needs at least one model")
+        return models
 
 
-def _spec_value(value) -> str:
-    """A parameter value as spec text that reads back as the same value (YAML flow style)."""
-    if isinstance(value, (dict, list, tuple)):
-        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-    return str(value)
+def load_mil_bench_config(path: str | os.PathLike | None = None) -> MILBenchConfig:
+    """``path`` (``configs/bench/mil.yaml`` by default), validated: an unknown key, model or
+    model parameter fails here, naming it."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"MIL benchmark config not found: {path}")
+    try:
+        return MILBenchConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
-_SPEC = re.compile(r"^\s*([A-Za-z0-9_]+)\s*(?:\[(.*)\])?\s*$")
+def select_models(config: MILBenchConfig, names: Sequence[str]) -> list[ModelSpec]:
+    """The config's models by label; a registered model name not among the labels is that
+    model at its defaults."""
+    by_label = {spec.display_name: spec for spec in config.models}
+    chosen = []
+    for name in names:
+        if name in by_label:
+            chosen.append(by_label[name])
+            continue
+        try:
+            chosen.append(ModelSpec(name=name))
+        except ValueError:
+            raise ValueError(f"model {name!r} is neither a label of the benchmark config "
+                             f"({', '.join(by_label)}) nor a registered model") from None
+    return chosen
 
 
-def parse_model_spec(text: str) -> BenchModel:
-    """``name`` or ``name[key=value;key=value]`` → :class:`BenchModel` (values read as YAML)."""
-    match = _SPEC.match(text)
-    if not match:
-        raise ValueError(f"bad model spec {text!r}; expected name or name[key=value;...]")
-    name, body = match.group(1), match.group(2)
-    params = []
-    for item in filter(None, (part.strip() for part in (body or "").split(";"))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"bad parameter {item!r} in model spec {text!r}")
-        params.append((key.strip(), yaml.safe_load(value.strip())))
-    ModelSpec(name=name, params=dict(params))  # unknown names or parameters fail here, named
-    return BenchModel(name, tuple(params))
+def paper_method(spec: ModelSpec) -> str | None:
+    """The published method whose figures stand beside ``spec``'s."""
+    params = spec.params
+    if spec.name == "inner_cv":  # the wrapped model's paper, its fixed parameters deciding
+        return paper_method(ModelSpec(name=params.get("model", "meanpool_svm"),
+                                      params=params.get("params") or {}))
+    if spec.name == "misvm":
+        return "MI-SVM (Andrews 2002)"
+    if spec.name == "mi_svm":
+        return "mi-SVM (Andrews 2002)"
+    if spec.name == "dmil" and params.get("aggregation", "attention") == "attention":
+        return "Attention MIL (Ilse 2018)"
+    if spec.name == "dmil" and params.get("aggregation") == "gated_attention":
+        return "Gated attention MIL (Ilse 2018)"
+    return None
+
+
+def params_text(params: dict) -> str:
+    """Parameters as one line of YAML (flow style), for tables and CSV files."""
+    return yaml.safe_dump(params, default_flow_style=True, width=10**6).strip() if params else ""
 
 
 def split_list(text: str) -> list[str]:
-    """Split a CLI list on commas that are not inside brackets."""
-    items, depth, current = [], 0, ""
-    for char in text:
-        depth += char == "["
-        depth -= char == "]"
-        if char == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    return [item.strip() for item in items if item.strip()]
+    """A comma-separated CLI list."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _instance_auc(model, bags, instance_labels) -> float:
@@ -152,40 +153,36 @@ def _instance_auc(model, bags, instance_labels) -> float:
     return float(roc_auc_score(truth, np.concatenate(model.instance_scores(bags))))
 
 
-def _run_fold(dataset: MILDataset, spec: BenchModel, repeat, fold, train, test, seed) -> dict:
-    model = spec.create()
-    if "random_state" in model.get_params() and "random_state" not in dict(spec.params):
-        model.set_params(random_state=seed)
-    model = clone(model)
-    train_bags = [dataset.bags[i] for i in train]
-    test_bags = [dataset.bags[i] for i in test]
-    start = time.perf_counter()
-    model.fit(train_bags, dataset.labels[train])
-    fit_seconds = time.perf_counter() - start
+def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, seed) -> dict:
+    # A seed set in the spec's parameters wins over the fold's.
+    fitted = fit_fold(spec.build(), dataset.bags, dataset.labels, list(train), list(test),
+                      seed=None if "random_state" in spec.params else seed)
     truth = dataset.labels[test]
-    scores = model.predict_proba(test_bags)[:, 1]
-    predictions = model.predict(test_bags)
     test_instances = (
         None if dataset.instance_labels is None else [dataset.instance_labels[i] for i in test]
     )
     return {
         "dataset": dataset.name,
-        "model": spec.label,
+        "model": spec.display_name,
+        "model_name": spec.name,
+        "params": params_text(spec.params),
         "repeat": repeat,
         "fold": fold,
         "n_train": len(train),
         "n_test": len(test),
-        "accuracy": float(accuracy_score(truth, predictions)),
-        "balanced_accuracy": float(balanced_accuracy_score(truth, predictions)),
-        "auc": float(roc_auc_score(truth, scores)) if len(np.unique(truth)) == 2 else math.nan,
-        "instance_auc": _instance_auc(model, test_bags, test_instances),
-        "fit_seconds": fit_seconds,
+        "accuracy": float(accuracy_score(truth, fitted.predictions)),
+        "balanced_accuracy": float(balanced_accuracy_score(truth, fitted.predictions)),
+        "auc": (float(roc_auc_score(truth, fitted.scores)) if len(np.unique(truth)) == 2
+                else math.nan),
+        "instance_auc": _instance_auc(fitted.estimator, [dataset.bags[i] for i in test],
+                                      test_instances),
+        "fit_seconds": fitted.fit_seconds,
     }
 
 
 def run_mil_benchmark(
-    datasets: Sequence[str | MILDataset] = DEFAULT_DATASETS,
-    models: Sequence[str | BenchModel] = DEFAULT_MODELS,
+    datasets: Sequence[str | MILDataset],
+    models: Sequence[str | dict | ModelSpec],
     n_repeats: int = 5,
     n_splits: int = 10,
     seed: int = 0,
@@ -195,14 +192,15 @@ def run_mil_benchmark(
     """Run the protocol; one row per (dataset, model, repeat, fold) (see the module docstring).
 
     ``datasets`` are names for :func:`load_benchmark_dataset` (``digits`` / ``digitsN`` are
-    generated with ``seed``) or ready :class:`MILDataset` objects. ``n_jobs`` > 1 runs folds
-    in parallel processes (joblib); every fit then uses one torch thread.
+    generated with ``seed``) or ready :class:`MILDataset` objects; ``models`` are model specs.
+    ``n_jobs`` > 1 runs folds in parallel processes (joblib); every fit then uses one torch
+    thread.
     """
+    specs = [ModelSpec.coerce(m) for m in models]
     loaded = [
         d if isinstance(d, MILDataset) else load_benchmark_dataset(d, random_state=seed)
         for d in datasets
     ]
-    specs = [m if isinstance(m, BenchModel) else parse_model_spec(m) for m in models]
     tasks = []
     for dataset in loaded:
         for repeat in range(n_repeats):
@@ -217,34 +215,30 @@ def run_mil_benchmark(
 
 
 def _execute(tasks, progress: bool, n_jobs: int) -> Iterable[dict]:
-    import torch
-
     from milbench.progress import progress_bar
+    from milbench.training import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small networks: threads cost more than they give
-    try:
-        with progress_bar("MIL benchmark", len(tasks), enabled=progress, unit="fits") as advance:
-            if n_jobs == 1:
-                results = (_run_fold(*task) for task in tasks)
-            else:
-                from joblib import Parallel, delayed
+    # Small networks: threads cost more than they give.
+    with torch_threads(1), progress_bar("MIL benchmark", len(tasks), enabled=progress,
+                                        unit="fits") as advance:
+        if n_jobs == 1:
+            results = (_run_fold(*task) for task in tasks)
+        else:
+            from joblib import Parallel, delayed
 
-                results = Parallel(n_jobs=n_jobs, return_as="generator")(
-                    delayed(_run_fold_one_thread)(*task) for task in tasks
-                )
-            for row in results:
-                advance(1)
-                yield row
-    finally:
-        torch.set_num_threads(threads)
+            results = Parallel(n_jobs=n_jobs, return_as="generator")(
+                delayed(_run_fold_one_thread)(*task) for task in tasks
+            )
+        for row in results:
+            advance(1)
+            yield row
 
 
 def _run_fold_one_thread(*task) -> dict:
-    import torch
+    from milbench.training import torch_threads
 
-    torch.set_num_threads(1)
-    return _run_fold(*task)
+    with torch_threads(1):
+        return _run_fold(*task)
 
 
 def _standard_error(values: np.ndarray) -> float:
@@ -259,16 +253,20 @@ def summarize_benchmark(folds: pd.DataFrame) -> pd.DataFrame:
     reference figures beside them."""
     records = []
     for (dataset, model), group in folds.groupby(["dataset", "model"], sort=False):
-        spec = parse_model_spec(model)
+        first = group.iloc[0]
+        spec = ModelSpec(name=first["model_name"], label=model,
+                         params=yaml.safe_load(first["params"]) if isinstance(first["params"], str)
+                         and first["params"] else {})
         n_repeats = group["repeat"].nunique()
         by = group.groupby("repeat") if n_repeats > 1 else None
-        record = {"dataset": dataset, "model": model, "repeats": n_repeats, "fits": len(group)}
+        record = {"dataset": dataset, "model": model, "model_name": spec.name,
+                  "params": params_text(spec.params), "repeats": n_repeats, "fits": len(group)}
         for metric in ("accuracy", "auc", "balanced_accuracy", "instance_auc"):
             values = (by[metric].mean() if by is not None else group[metric]).to_numpy(float)
             record[metric] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             record[f"{metric}_se"] = _standard_error(values)
         record["seconds_per_fit"] = float(group["fit_seconds"].mean())
-        method = spec.paper_method
+        method = paper_method(spec)
         record["paper_method"] = method or ""
         record["paper_accuracy"] = PAPER_ACCURACY.get(method, {}).get(dataset, math.nan)
         # Reference misvm figures were measured with the linear kernel only.
@@ -283,8 +281,8 @@ def summarize_benchmark(folds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _is_reference_setting(spec: BenchModel) -> bool:
-    params = dict(spec.params)
+def _is_reference_setting(spec: ModelSpec) -> bool:
+    params = spec.params
     if spec.name == "meanpool_svm":
         return True
     return spec.name in ("misvm", "mi_svm") and params.get("kernel") == "linear"
@@ -349,22 +347,28 @@ def format_table(df: pd.DataFrame) -> str:
 
 
 def bench_mil_command(
-    datasets: str = ",".join(DEFAULT_DATASETS),
-    models: str = ",".join(DEFAULT_MODELS),
-    repeats: int = 5,
-    splits: int = 10,
+    config: Path | None = None,
+    datasets: str | None = None,
+    models: str | None = None,
+    repeats: int | None = None,
+    splits: int | None = None,
     out: Path | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     n_jobs: int = 1,
 ) -> pd.DataFrame:
-    """CLI entry: run the suite, print a rich table, write ``folds.csv``, ``summary.csv`` and
+    """CLI entry: run the suite of ``config`` (``configs/bench/mil.yaml`` by default; options
+    given here override it), print a rich table, write ``folds.csv``, ``summary.csv`` and
     ``table.md`` (atomically) to ``out`` if given. Returns the summary."""
     from rich.console import Console
     from rich.table import Table
 
-    folds = run_mil_benchmark(
-        split_list(datasets), split_list(models), repeats, splits, seed, True, n_jobs
-    )
+    settings = load_mil_bench_config(config)
+    chosen = settings.models if models is None else select_models(settings, split_list(models))
+    dataset_names = settings.datasets if datasets is None else split_list(datasets)
+    repeats = settings.n_repeats if repeats is None else repeats
+    splits = settings.n_splits if splits is None else splits
+    seed = settings.seed if seed is None else seed
+    folds = run_mil_benchmark(dataset_names, chosen, repeats, splits, seed, True, n_jobs)
     summary = summarize_benchmark(folds)
     table = Table(title=f"MIL benchmark: {repeats} x {splits}-fold CV (seed {seed})")
     for column in TABLE_COLUMNS:
@@ -377,9 +381,13 @@ def bench_mil_command(
         atomic_write(out / "folds.csv", lambda tmp: folds.to_csv(tmp, index=False))
         atomic_write(out / "summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
         command = (
-            f"milbench bench mil --datasets {datasets} --models '{models}' --repeats {repeats} "
-            f"--splits {splits} --seed {seed}"
+            f"milbench bench mil {config or DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])} "
+            f"--datasets {','.join(dataset_names)} "
+            f"--models {','.join(spec.display_name for spec in chosen)} "
+            f"--repeats {repeats} --splits {splits} --seed {seed}"
         )
-        atomic_write_text(out / "table.md", f"`{command}`\n\n{format_table(summary)}")
+        models_text = "\n".join(f"- `{spec.display_name}`: {spec.name} "
+                                 f"{params_text(spec.params) or '(defaults)'}" for spec in chosen)
+        atomic_write_text(out / "table.md",
+                          f"`{command}`\n\n{models_text}\n\n{format_table(summary)}")
     return summary
-
