@@ -6,18 +6,15 @@ on which folds ran before it. Only the training patients' labels reach ``fit``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
 
 from milbench.core.metrics import aggregate, binary_metrics
 from milbench.evaluation.splits import Fold
-from milbench.models.base import take_bags, take_clinical, with_seed
-from milbench.models.reuse import fit_model
+from milbench.models.base import FoldFit, fit_fold
 from milbench.progress import progress_bar
 
 
@@ -37,36 +34,6 @@ class CVResult:
 
 def fold_seed(seed: int, repeat: int, fold: int) -> int:
     return seed * 1_000_003 + repeat * 1_000 + fold
-
-
-@dataclass
-class FoldFit:
-    """One fold: the fitted estimator and its predictions for the fold's held-out rows."""
-
-    estimator: object
-    scores: np.ndarray  # P(label 1)
-    predictions: np.ndarray
-    fit_seconds: float
-
-    @property
-    def history(self) -> list[dict] | None:
-        return getattr(self.estimator, "history_", None)
-
-
-def fit_fold(model, bags, labels: np.ndarray, train: list[int], val: list[int],
-             clinical: pd.DataFrame | None = None, seed: int | None = None) -> FoldFit:
-    """Fit a fresh clone of ``model`` (given ``random_state=seed`` where it takes one, unless
-    ``seed`` is None) on rows ``train`` and predict rows ``val``. Only the training rows' labels
-    reach ``fit``. This is the project's one fold runner: the run's, the ablation's and the
-    benchmarks' cross-validation all fit through it."""
-    estimator = clone(model) if seed is None else with_seed(clone(model), seed)
-    started = time.perf_counter()
-    estimator = fit_model(estimator, take_bags(bags, train), np.asarray(labels)[train],
-                          take_clinical(clinical, train))
-    fit_seconds = time.perf_counter() - started
-    val_bags, val_clinical = take_bags(bags, val), take_clinical(clinical, val)
-    return FoldFit(estimator, estimator.predict_proba(val_bags, val_clinical)[:, 1],
-                   estimator.predict(val_bags, val_clinical), fit_seconds)
 
 
 def cross_validate(

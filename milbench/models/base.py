@@ -7,16 +7,19 @@ A bag is a ``(n_i, d)`` float array of instance feature vectors; ``bags`` is a l
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.core.clinical import CLINICAL_COLUMNS
+from milbench.models.reuse import fit_model
 
 
 def check_bags(bags: Sequence[np.ndarray], *, allow_empty_features: bool = False) -> list[np.ndarray]:
@@ -103,6 +106,36 @@ def inner_folds(labels: np.ndarray, n_splits: int, random_state, owner: str):
         raise ValueError(f"{owner} needs at least 2 bags of each class for its inner folds")
     splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=random_state)
     return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+@dataclass
+class FoldFit:
+    """One fold: the fitted estimator and its predictions for the fold's held-out rows."""
+
+    estimator: object
+    scores: np.ndarray  # P(label 1)
+    predictions: np.ndarray
+    fit_seconds: float
+
+    @property
+    def history(self) -> list[dict] | None:
+        return getattr(self.estimator, "history_", None)
+
+
+def fit_fold(model, bags, labels: np.ndarray, train: list[int], val: list[int],
+             clinical: pd.DataFrame | None = None, seed: int | None = None) -> FoldFit:
+    """Fit a fresh clone of ``model`` (given ``random_state=seed`` where it takes one, unless
+    ``seed`` is None) on rows ``train`` and predict rows ``val``. Only the training rows' labels
+    reach ``fit``. This is the project's one fold runner: the run's, the ablation's and the
+    benchmarks' cross-validation and ``inner_cv``'s inner folds all fit through it."""
+    estimator = clone(model) if seed is None else with_seed(clone(model), seed)
+    started = time.perf_counter()
+    estimator = fit_model(estimator, take_bags(bags, train), np.asarray(labels)[train],
+                          take_clinical(clinical, train))
+    fit_seconds = time.perf_counter() - started
+    val_bags, val_clinical = take_bags(bags, val), take_clinical(clinical, val)
+    return FoldFit(estimator, estimator.predict_proba(val_bags, val_clinical)[:, 1],
+                   estimator.predict(val_bags, val_clinical), fit_seconds)
 
 
 def out_of_fold(folds, predict_fold: Callable[[int, np.ndarray, np.ndarray], Any]):

@@ -23,9 +23,8 @@ from milbench.core.metrics import METRICS, binary_metrics
 from milbench.models.base import (
     BagClassifier,
     check_bags,
+    fit_fold,
     inner_folds,
-    take_bags,
-    take_clinical,
     with_seed,
 )
 from milbench.models.spec import ModelSpec
@@ -71,11 +70,8 @@ class InnerCVSelection(BagClassifier):
     def _inner_score(self, candidate: dict, bags, labels, clinical, folds) -> list[float]:
         scores = []
         for train, val in folds:
-            model = self._build(candidate).fit(
-                take_bags(bags, train), labels[train], take_clinical(clinical, train))
-            val_bags, val_clinical = take_bags(bags, val), take_clinical(clinical, val)
-            proba = model.predict_proba(val_bags, val_clinical)[:, 1]
-            metrics = binary_metrics(labels[val], model.predict(val_bags, val_clinical), proba)
+            fitted = fit_fold(self._build(candidate), bags, labels, train, val, clinical)
+            metrics = binary_metrics(labels[val], fitted.predictions, fitted.scores)
             scores.append(metrics[self.metric])
         return scores
 
