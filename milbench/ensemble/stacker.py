@@ -31,6 +31,7 @@ from milbench.models.base import (
     check_clinical,
     inner_folds,
     out_of_fold,
+    store_params,
     take_bags,
     take_clinical,
 )
@@ -63,15 +64,7 @@ class ClinicalStacker(BagClassifier):
         C: float = 1.0,
         random_state=None,
     ):
-        self.members = members
-        self.meta = meta
-        self.C = C
-        self.use_clinical = use_clinical
-        self.inner_splits = inner_splits
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.max_depth = max_depth
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _meta_estimator(self, y: np.ndarray, kind: str):
         if kind == "logistic":

@@ -13,16 +13,13 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.ensemble.members import check_members, fit_member
-from milbench.models.base import BagClassifier
+from milbench.models.base import BagClassifier, store_params
 
 
 class VotingEnsemble(BagClassifier):
     def __init__(self, members=("clinical_logreg",), voting: str = "soft", weights=None,
                  random_state=None):
-        self.members = members
-        self.voting = voting
-        self.weights = weights
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _weights(self, n: int) -> np.ndarray:
         if self.weights is None:

@@ -91,6 +91,15 @@ def take_clinical(clinical, positions):
     return np.asarray(clinical)[positions]
 
 
+def store_params(estimator, arguments: dict[str, Any]) -> None:
+    """Store a constructor's arguments unchanged under their own names, as scikit-learn's
+    ``get_params`` and ``clone`` expect; called as ``store_params(self, locals())`` first thing in
+    ``__init__``, so the signature alone declares the parameters."""
+    for name, value in arguments.items():
+        if name not in ("self", "__class__"):
+            setattr(estimator, name, value)
+
+
 def with_seed(model, seed):
     """``model`` with ``random_state=seed`` where it takes one (returned for chaining)."""
     if "random_state" in model.get_params():

@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.core.clinical import clinical_design_matrix
-from milbench.models.base import BagClassifier, check_clinical
+from milbench.models.base import BagClassifier, check_clinical, store_params
 from milbench.models.boosting import boosted_trees, positive_weight
 
 
@@ -59,11 +59,7 @@ class ClinicalXGBoost(_ClinicalClassifier):
         balance_classes: bool = True,
         random_state=None,
     ):
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.max_depth = max_depth
-        self.balance_classes = balance_classes
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _make_estimator(self, y):
         return boosted_trees(

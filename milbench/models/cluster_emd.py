@@ -41,6 +41,7 @@ from sklearn.preprocessing import StandardScaler
 from milbench.models.base import (
     BagClassifier,
     out_of_fold,
+    store_params,
     take_bags,
 )
 from milbench.slides.clustering import SlideClusterer
@@ -101,21 +102,7 @@ class ClusterEMDClassifier(BagClassifier):
         C: float = 1.0,
         random_state: int | None = None,
     ):
-        self.head = head
-        self.head_C = head_C
-        self.latent_dim = latent_dim
-        self.hidden_dims = hidden_dims
-        self.dropout = dropout
-        self.vae_epochs = vae_epochs
-        self.search = search
-        self.bayes_random = bayes_random
-        self.bayes_guided = bayes_guided
-        self.assignment = assignment
-        self.disagreement_cutoff = disagreement_cutoff
-        self.max_reference = max_reference
-        self.oof_folds = oof_folds
-        self.C = C
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _seed(self) -> int:
         return 0 if self.random_state is None else int(self.random_state)

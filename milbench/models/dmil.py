@@ -48,7 +48,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from milbench.core.clinical import clinical_design_matrix
-from milbench.models.base import BagClassifier, check_clinical
+from milbench.models.base import BagClassifier, check_clinical, store_params
 from milbench.models.collate import pad_bags
 from milbench.training import EarlyStopping, index_batches, seeded, torch_threads, train
 from preprocessing.transforms import BagTransform
@@ -224,33 +224,7 @@ class AttentionDMIL(BagClassifier):
         torch_threads: int | None = 1,
         random_state: int | None = None,
     ):
-        self.aggregation = aggregation
-        self.attention_dim = attention_dim
-        self.embedding_layers = embedding_layers
-        self.embedding_width = embedding_width
-        self.bag_layers = bag_layers
-        self.bag_width = bag_width
-        self.clinical_layers = clinical_layers
-        self.clinical_width = clinical_width
-        self.dropout = dropout
-        self.norm = norm
-        self.instance_dropout = instance_dropout
-        self.use_clinical = use_clinical
-        self.fusion = fusion
-        self.expert_loss_weight = expert_loss_weight
-        self.scale = scale
-        self.pca_components = pca_components
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.lr_factor = lr_factor
-        self.lr_patience = lr_patience
-        self.class_weight = class_weight
-        self.torch_threads = torch_threads
-        self.random_state = random_state
+        store_params(self, locals())
 
     # -- validation and preprocessing ------------------------------------------------------
     def _validate_params(self) -> None:

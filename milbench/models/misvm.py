@@ -46,6 +46,7 @@ from sklearn.svm import SVC
 from milbench.models.base import (
     BagClassifier,
     out_of_fold,
+    store_params,
     take_bags,
 )
 from milbench.models.collate import split_by_bag, stack_instances
@@ -90,16 +91,7 @@ class _InstanceSVM(_ScoreCalibrated):
         scale_C: bool = False,
         random_state: int | None = None,
     ):
-        self.kernel = kernel
-        self.C = C
-        self.gamma = gamma
-        self.class_weight = class_weight
-        self.max_iters = max_iters
-        self.scale = scale
-        self.pca_components = pca_components
-        self.calibration_folds = calibration_folds
-        self.scale_C = scale_C
-        self.random_state = random_state
+        store_params(self, locals())
 
     # -- training ------------------------------------------------------------------------
     def _validate_params(self) -> None:
@@ -282,13 +274,7 @@ class MeanPoolSVM(_ScoreCalibrated):
         class_weight: str | dict | None = None,
         random_state: int | None = None,
     ):
-        self.C = C
-        self.kernel = kernel
-        self.gamma = gamma
-        self.pooling = pooling
-        self.scale = scale
-        self.class_weight = class_weight
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _pool(self, bags: list[np.ndarray]) -> np.ndarray:
         means = np.stack([bag.mean(axis=0) for bag in bags])

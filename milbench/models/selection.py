@@ -25,6 +25,7 @@ from milbench.models.base import (
     check_bags,
     fit_fold,
     inner_folds,
+    store_params,
     with_seed,
 )
 from milbench.models.spec import ModelSpec
@@ -42,12 +43,7 @@ class InnerCVSelection(BagClassifier):
         metric: str = "balanced_accuracy",
         random_state: int | None = None,
     ):
-        self.model = model
-        self.params = params
-        self.grid = grid
-        self.inner_splits = inner_splits
-        self.metric = metric
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _candidates(self) -> list[dict]:
         if self.metric not in METRICS:

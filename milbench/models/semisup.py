@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
-from milbench.models.base import BagClassifier, check_bags, check_clinical
+from milbench.models.base import BagClassifier, check_bags, check_clinical, store_params
 from milbench.models.boosting import BOOSTERS, boosted_trees, positive_weight
 from milbench.semisup.counts import count_matrix, predicted_counts
 from milbench.semisup.loop import run_pseudo_labelling
@@ -90,31 +90,7 @@ class SemiSupervisedCNN(BagClassifier):
         device: str = "cpu",
         random_state=None,
     ):
-        self.mode = mode
-        self.source_features = source_features
-        self.source_root = source_root
-        self.backbone = backbone
-        self.weights = weights
-        self.input_size = input_size
-        self.stain_space = stain_space
-        self.n_iterations = n_iterations
-        self.early_iterations = early_iterations
-        self.early_per_iteration = early_per_iteration
-        self.late_per_iteration = late_per_iteration
-        self.source_val_size = source_val_size
-        self.epochs = epochs
-        self.learning_rate = learning_rate
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.warm_start = warm_start
-        self.meta = meta
-        self.meta_n_estimators = meta_n_estimators
-        self.meta_max_depth = meta_max_depth
-        self.meta_learning_rate = meta_learning_rate
-        self.balance_classes = balance_classes
-        self.device = device
-        self.random_state = random_state
+        store_params(self, locals())
 
     # ------------------------------------------------------------------ helpers
 
