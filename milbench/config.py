@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from milbench.models.spec import ModelSpec
+from milbench.models.spec import ModelSpec, check_unique_labels
 
 # The configs/ folder of a source checkout (editable install), for names given without a path.
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -113,11 +113,7 @@ class RunConfig(_Strict):
     @field_validator("models")
     @classmethod
     def _unique_labels(cls, models: list[ModelSpec]) -> list[ModelSpec]:
-        names = [m.display_name for m in models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"model names/labels must be unique, repeated: {duplicates}")
-        return models
+        return check_unique_labels(models, "models")
 
     @model_validator(mode="after")
     def _known_baseline(self) -> RunConfig:

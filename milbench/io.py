@@ -18,22 +18,28 @@ def _temporary_sibling(path: Path) -> Path:
     return Path(name)
 
 
+def _write_through_temporary(path: str | os.PathLike, write: Callable[[Path], None],
+                             place: Callable[[Path, Path], None]) -> Path:
+    """``write(tmp)`` to a temporary sibling of ``path``, then ``place(tmp, path)``; the
+    temporary file never outlives the call."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        write(tmp)
+        place(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
 
     Readers never see a half-written file; on any error the temporary file is removed and
     an existing file at ``path`` is left untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return _write_through_temporary(path, write, os.replace)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -54,12 +60,4 @@ def write_new_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Pa
     The content goes to a temporary file first and is hard-linked into place, so the final
     name appears atomically and an earlier file of the same name is never overwritten.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
-        write(tmp)
-        os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _write_through_temporary(path, write, os.link)

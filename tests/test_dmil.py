@@ -9,7 +9,7 @@ import torch
 from bag_fixtures import make_tiny_bags
 
 from milbench.models.collate import pad_bags
-from milbench.models.dmil import AGGREGATIONS, AttentionDMIL, DMILNetwork
+from milbench.models.dmil import AGGREGATIONS, AttentionDMIL, DMILNetwork, network_settings
 
 torch.set_num_threads(1)
 
@@ -61,7 +61,7 @@ def test_attention_finds_the_witness(tiny):
 def test_network_ignores_padded_rows(aggregation, norm):
     """Garbage in padded positions changes neither logits nor the weights of real instances."""
     torch.manual_seed(0)
-    network = DMILNetwork(n_features=5, n_clinical=3, aggregation=aggregation, norm=norm).eval()
+    network = DMILNetwork(5, 3, **network_settings(AttentionDMIL(aggregation=aggregation, norm=norm))).eval()
     rng = np.random.default_rng(0)
     bags = [rng.normal(size=(n, 5)) for n in (2, 7, 4)]
     x, mask = pad_bags(bags)
@@ -210,7 +210,7 @@ def test_gated_fusion_is_a_convex_mix_of_two_heads(tiny):
     """The fused logit is g * image + (1 - g) * clinical with g in (0, 1) per patient; the gate
     starts leaning on the clinical head; padding changes nothing."""
     torch.manual_seed(0)
-    network = DMILNetwork(n_features=5, n_clinical=3, fusion="gated").eval()
+    network = DMILNetwork(5, 3, **network_settings(AttentionDMIL(fusion="gated"))).eval()
     rng = np.random.default_rng(1)
     bags = [rng.normal(size=(n, 5)) for n in (2, 6, 3)]
     x, mask = (torch.from_numpy(a) for a in pad_bags(bags))

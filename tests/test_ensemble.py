@@ -139,7 +139,7 @@ def test_voting_soft_hard_and_tie_rule(test_models):
 
 def test_ensemble_member_errors(test_models):
     bags, y, clinical = data(6)
-    with pytest.raises(ValueError, match="member labels must be unique"):
+    with pytest.raises(ValueError, match="members: model names/labels must be unique"):
         create_model("voting", members=["constant", "constant"]).fit(bags, y)
     with pytest.raises(ValueError, match="unknown keys"):
         create_model("voting", members=[{"name": "constant", "weight": 2}]).fit(bags, y)

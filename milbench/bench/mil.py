@@ -35,7 +35,7 @@ from sklearn.model_selection import StratifiedKFold
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
 from milbench.evaluation.cv import fit_fold
 from milbench.io import atomic_write, atomic_write_text
-from milbench.models.spec import ModelSpec
+from milbench.models.spec import ModelSpec, check_unique_labels
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "mil.yaml"
 DEFAULT_DATASETS = ("musk1", "musk2", "elephant", "ucsb", "digits")
@@ -66,7 +66,7 @@ class MILBenchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     datasets: list[str] = list(DEFAULT_DATASETS)
-    models: list[ModelSpec]
+    models: list[ModelSpec] = Field(min_length=1)
     n_repeats: int = Field(5, ge=1)
     n_splits: int = Field(10, ge=2)
     seed: int = 0
@@ -79,13 +79,7 @@ class MILBenchConfig(BaseModel):
     @field_validator("models")
     @classmethod
     def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
-        labels = [spec.display_name for spec in models]
-        repeated = sorted({label for label in labels if labels.count(label) > 1})
-        if repeated:
-            raise ValueError(f"model labels must be unique; repeated: {repeated} (set `label`)")
-        if not models:
-            raise ValueError("the benchmark needs at least one model")
-        return models
+        return check_unique_labels(models, "models")
 
 
 def load_mil_bench_config(path: str | os.PathLike | None = None) -> MILBenchConfig:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from milbench.models.base import with_seed
 from milbench.models.reuse import fit_model
-from milbench.models.spec import ModelSpec
+from milbench.models.spec import ModelSpec, check_unique_labels
 
 
 def member_label(member: str | dict[str, Any] | ModelSpec) -> str:
@@ -30,10 +30,7 @@ def check_members(members) -> list[ModelSpec]:
             checked.append(ModelSpec.coerce(member))
         except ValueError as error:
             raise ValueError(f"member {index}: {error}") from None
-    labels = [m.display_name for m in checked]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"member labels must be unique, got {labels}")
-    return checked
+    return check_unique_labels(checked, "members")
 
 
 def fit_member(member: ModelSpec, random_state: int | None, bags, y, clinical):

@@ -37,6 +37,7 @@ fits are reproducible on CPU and do not disturb the caller's global torch RNG.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -104,17 +105,18 @@ class DMILNetwork(nn.Module):
         self,
         n_features: int,
         n_clinical: int,
-        aggregation: str = "attention",
-        attention_dim: int = 64,
-        embedding_layers: int = 1,
-        embedding_width: int = 128,
-        bag_layers: int = 1,
-        bag_width: int = 128,
-        clinical_layers: int = 1,
-        clinical_width: int = 128,
-        dropout: float = 0.05,
-        norm: str = "layer",
-        fusion: str = "concat",
+        *,  # the architecture; its defaults are AttentionDMIL's (see network_settings)
+        aggregation: str,
+        attention_dim: int,
+        embedding_layers: int,
+        embedding_width: int,
+        bag_layers: int,
+        bag_width: int,
+        clinical_layers: int,
+        clinical_width: int,
+        dropout: float,
+        norm: str,
+        fusion: str,
     ):
         super().__init__()
         self.aggregation = aggregation
@@ -185,6 +187,14 @@ class DMILNetwork(nn.Module):
         centred = (hidden - mean.unsqueeze(1)) * mask.unsqueeze(-1)
         variance = (centred**2).sum(dim=1) / counts
         return torch.cat([mean, torch.sqrt(variance + 1e-6)], dim=1), weights
+
+
+def network_settings(model: AttentionDMIL) -> dict:
+    """The architecture arguments of :class:`DMILNetwork`, read from the estimator's
+    parameters (the one place their defaults are declared)."""
+    names = [p.name for p in inspect.signature(DMILNetwork.__init__).parameters.values()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return {name: getattr(model, name) for name in names}
 
 
 class AttentionDMIL(BagClassifier):
@@ -356,21 +366,8 @@ class AttentionDMIL(BagClassifier):
         return kept
 
     def _train(self, bags, labels, clinical, train_rows, val_rows, generator) -> DMILNetwork:
-        network = DMILNetwork(
-            n_features=bags[0].shape[1],
-            n_clinical=0 if clinical is None else clinical.shape[1],
-            aggregation=self.aggregation,
-            attention_dim=self.attention_dim,
-            embedding_layers=self.embedding_layers,
-            embedding_width=self.embedding_width,
-            bag_layers=self.bag_layers,
-            bag_width=self.bag_width,
-            clinical_layers=self.clinical_layers,
-            clinical_width=self.clinical_width,
-            dropout=self.dropout,
-            norm=self.norm,
-            fusion=self.fusion,
-        )
+        network = DMILNetwork(bags[0].shape[1], 0 if clinical is None else clinical.shape[1],
+                              **network_settings(self))
         optimizer = torch.optim.Adam(
             network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )

@@ -75,6 +75,16 @@ class ModelSpec(BaseModel):
 
 
 
+def check_unique_labels(specs: list[ModelSpec], owner: str) -> list[ModelSpec]:
+    """``specs`` when their display names are unique, else an error naming the repeats."""
+    labels = [spec.display_name for spec in specs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"{owner}: model names/labels must be unique, repeated: {repeated} "
+                         "(set `label`)")
+    return specs
+
+
 def _literal(node: ast.expr | None) -> Any:
     try:
         return ast.literal_eval(node) if node is not None else inspect.Parameter.empty
@@ -140,9 +150,8 @@ def check_params(name: str, params: dict[str, Any]) -> None:
     tags = model_tags(name)
     members = params.get("members")
     if Tag.ENSEMBLE.value in tags and isinstance(members, list | tuple):
-        labels = [ModelSpec.coerce(member).display_name for member in members]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"model {name!r}: member labels must be unique, got {labels}")
+        check_unique_labels([ModelSpec.coerce(member) for member in members],
+                            f"model {name!r}'s members")
     if Tag.SELECTION.value in tags and "model" in params:
         fixed = params.get("params") or {}
         check_params(params["model"], fixed)
