@@ -22,6 +22,8 @@ from sklearn.metrics import roc_auc_score
 
 from milbench import plots
 from milbench.data import Cohort
+from milbench.models.base import has_capability
+from milbench.models.registry import Tag
 from milbench.runs import Run
 
 if TYPE_CHECKING:  # pipeline imports this module
@@ -37,7 +39,7 @@ AUC_COLUMNS = ["model", "instance_auc", "within_bag_auc", "n_patients", "n_image
 
 
 def has_instance_scores(model) -> bool:
-    return callable(getattr(model, "instance_scores", None))
+    return has_capability(model, Tag.INSTANCE_SCORES)
 
 
 def score_table(cohort: Cohort, scores: list[np.ndarray]) -> pd.DataFrame:

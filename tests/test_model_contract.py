@@ -1,6 +1,6 @@
 """The bag-model contract, checked over every registered model (a new model is covered by
-registering it). Checks that need a capability (instance scores, a feature width) are skipped by
-``hasattr``, never by model name."""
+registering it). Checks that need a capability are skipped by the model's declared
+``capabilities`` (instance scores) or ``hasattr`` (a feature width), never by model name."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import balanced_accuracy_score
 
 from milbench.models import create_model, list_models, model_tags
+from milbench.models.base import has_capability
+from milbench.models.registry import Tag
 
 # Small settings for models that would otherwise be slow on the test fixture; every other
 # model runs with its defaults. Keys are parameter names, applied only where a model has them.
@@ -114,7 +116,7 @@ def test_not_fitted_error(name, tiny):
         model.predict_proba(bags, clinical)
     with pytest.raises(NotFittedError):
         model.predict(bags, clinical)
-    if hasattr(model, "instance_scores"):
+    if has_capability(model, Tag.INSTANCE_SCORES):
         with pytest.raises(NotFittedError):
             model.instance_scores(bags)
 
@@ -134,7 +136,7 @@ def test_pickle_round_trip(fitted, tiny):
     np.testing.assert_allclose(
         _proba(restored, bags, clinical), _proba(model, bags, clinical), rtol=0, atol=1e-12
     )
-    if hasattr(model, "instance_scores"):
+    if has_capability(model, Tag.INSTANCE_SCORES):
         for a, b in zip(restored.instance_scores(bags), model.instance_scores(bags), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-12)
 
@@ -148,7 +150,7 @@ def test_instance_order_invariance(fitted, tiny):
     np.testing.assert_allclose(
         _proba(model, shuffled, clinical), _proba(model, bags, clinical), atol=1e-5
     )
-    if hasattr(model, "instance_scores"):
+    if has_capability(model, Tag.INSTANCE_SCORES):
         original = model.instance_scores(bags)
         permuted = model.instance_scores(shuffled)
         for scores, moved, order in zip(original, permuted, orders, strict=True):
@@ -170,7 +172,7 @@ def test_padding_invariance(fitted, tiny):
         ]
     )
     np.testing.assert_allclose(in_batch, alone, atol=1e-5)
-    if hasattr(model, "instance_scores"):
+    if has_capability(model, Tag.INSTANCE_SCORES):
         batched_scores = model.instance_scores(batch)[1:]
         for i, bag in enumerate(bags):
             np.testing.assert_allclose(
@@ -189,7 +191,7 @@ def test_bag_order_invariance(fitted, tiny):
         _proba(model, bags, clinical)[order],
         atol=1e-6,
     )
-    if hasattr(model, "instance_scores"):
+    if has_capability(model, Tag.INSTANCE_SCORES):
         scores = model.instance_scores(bags)
         for position, index in enumerate(order):
             np.testing.assert_allclose(
@@ -200,11 +202,24 @@ def test_bag_order_invariance(fitted, tiny):
 def test_instance_scores_one_per_instance(fitted, tiny):
     _, model, _ = fitted
     bags, _, _, _ = tiny
-    if not hasattr(model, "instance_scores"):
+    if not has_capability(model, Tag.INSTANCE_SCORES):
         pytest.skip("model has no instance notion")
     scores = model.instance_scores(bags)
     assert [len(s) for s in scores] == [len(b) for b in bags]
     assert all(np.all(np.isfinite(s)) for s in scores)
+
+
+def test_declared_capabilities_are_the_methods_the_model_has(fitted):
+    import inspect
+
+    _, model, _ = fitted
+    for tag, method, parameters in ((Tag.INSTANCE_SCORES, "instance_scores", ["bags", "clinical"]),
+                                    (Tag.BAG_FEATURES, "bag_features", ["bags"])):
+        if has_capability(model, tag):
+            assert list(inspect.signature(getattr(model, method)).parameters) == parameters
+        elif not isinstance(inspect.getattr_static(type(model), "capabilities"), property):
+            # A model offers an output only where it declares it (wrappers derive theirs).
+            assert not hasattr(model, method), f"{method} without {tag.value} in capabilities"
 
 
 def test_clear_errors(fitted, tiny):
@@ -242,7 +257,7 @@ def test_predict_does_not_change_the_estimator(fitted, tiny):
     before = _snapshot(model)
     model.predict_proba(bags, clinical)
     model.predict(bags, clinical)
-    if hasattr(model, "instance_scores"):
+    if has_capability(model, Tag.INSTANCE_SCORES):
         model.instance_scores(bags, clinical)
     assert _snapshot(model) == before
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from bag_fixtures import make_tiny_bags
+from sklearn.exceptions import NotFittedError
 
 from milbench.bench.mil import paper_method
 from milbench.models import create_model
+from milbench.models.base import has_capability
+from milbench.models.registry import Tag
 from milbench.models.spec import ModelSpec
 
 # gamma=1000 on standardised mean bags makes the RBF kernel the identity: the SVM memorises its
@@ -68,13 +71,19 @@ def test_uses_only_the_bags_it_is_given(data):
 def test_exposes_the_chosen_models_capabilities_only(data):
     bags, labels, clinical = data
     unfitted = _selector(model="misvm", grid={"C": [1.0, 10.0]})
-    assert not hasattr(unfitted, "instance_scores")
+    with pytest.raises(NotFittedError):
+        unfitted.capabilities  # noqa: B018
     fitted = unfitted.fit(bags, labels)
+    assert has_capability(fitted, Tag.INSTANCE_SCORES)
+    assert not has_capability(fitted, Tag.BAG_FEATURES)
     scores = fitted.instance_scores(bags)
     assert [len(s) for s in scores] == [len(b) for b in bags]
     np.testing.assert_array_equal(np.concatenate(scores),
                                   np.concatenate(fitted.best_estimator_.instance_scores(bags)))
-    assert not hasattr(_selector().fit(bags, labels), "instance_scores")  # meanpool_svm has none
+    meanpool = _selector().fit(bags, labels)  # meanpool_svm has no instance scores
+    assert not has_capability(meanpool, Tag.INSTANCE_SCORES)
+    with pytest.raises(AttributeError, match="chosen 'meanpool_svm' has no instance_scores"):
+        meanpool.instance_scores(bags)
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,8 @@ from sklearn.model_selection import StratifiedKFold
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
 from milbench.evaluation.cv import fit_fold
 from milbench.io import atomic_write, atomic_write_text
+from milbench.models.base import has_capability
+from milbench.models.registry import Tag
 from milbench.models.spec import ModelSpec, check_unique_labels
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "mil.yaml"
@@ -139,7 +141,7 @@ def split_list(text: str) -> list[str]:
 
 
 def _instance_auc(model, bags, instance_labels) -> float:
-    if instance_labels is None or not hasattr(model, "instance_scores"):
+    if instance_labels is None or not has_capability(model, Tag.INSTANCE_SCORES):
         return math.nan
     truth = np.concatenate(instance_labels)
     if len(np.unique(truth)) < 2:

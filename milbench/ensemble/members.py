@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from milbench.models.base import with_seed
+from milbench.models.base import has_capability, with_seed
+from milbench.models.registry import Tag
 from milbench.models.reuse import fit_model
 from milbench.models.spec import ModelSpec, check_unique_labels
 
@@ -46,7 +47,7 @@ def member_outputs(label: str, model, bags, clinical) -> pd.DataFrame:
     """A member's patient-level outputs: its tumoral probability and, where the model has them,
     its bag features (positive-instance rate, counts, distances ...), prefixed by its label."""
     columns = {f"{label}:proba": model.predict_proba(bags, clinical)[:, 1]}
-    if hasattr(model, "bag_features"):
+    if has_capability(model, Tag.BAG_FEATURES):
         features = pd.DataFrame(model.bag_features(bags)).reset_index(drop=True)
         for name in features.columns:
             columns[f"{label}:{name}"] = np.asarray(features[name], dtype=float)

@@ -19,6 +19,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.core.clinical import CLINICAL_COLUMNS
+from milbench.models.registry import Tag
 from milbench.models.reuse import fit_model
 
 
@@ -162,13 +163,21 @@ def out_of_fold(folds, predict_fold: Callable[[int, np.ndarray, np.ndarray], Any
     return np.concatenate(parts)[order]
 
 
+def has_capability(model, tag: Tag) -> bool:
+    """Whether a (fitted) model offers output ``tag`` (see ``BagClassifier.capabilities``)."""
+    return tag in getattr(model, "capabilities", frozenset())
+
+
 class BagClassifier(ClassifierMixin, BaseEstimator):
     """Base for bag models, a template: ``fit`` checks the parameters (``_validate_params``),
     the labels and the bags (``_check_fit_bags``: instance-vector bags by default, which also
     sets ``n_features_in_``), then calls the model's ``_fit(bags, labels, clinical)`` and sets
     ``classes_``. ``predict`` thresholds ``predict_proba`` at 0.5 (models that need another cut
     calibrate their probabilities instead). Subclasses implement ``_fit`` and
-    ``predict_proba``."""
+    ``predict_proba``; ``capabilities`` lists the optional outputs they implement
+    (``Tag.INSTANCE_SCORES``, ``Tag.BAG_FEATURES``)."""
+
+    capabilities: frozenset[Tag] = frozenset()
 
     def fit(self, bags, y, clinical=None):
         """Fit on a list of bags, 0/1 labels and (where the model reads it) the clinical table."""

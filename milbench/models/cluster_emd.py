@@ -44,6 +44,7 @@ from milbench.models.base import (
     store_params,
     take_bags,
 )
+from milbench.models.registry import Tag
 from milbench.slides.clustering import SlideClusterer
 from milbench.slides.emd import ASSIGNMENT_METHODS, emd
 from milbench.slides.vae import VAEModel, fit_vae
@@ -83,6 +84,8 @@ class ClusterEMDClassifier(BagClassifier):
 
     ``random_state=None`` behaves as seed 0: results are always reproducible.
     """
+
+    capabilities = frozenset({Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
 
     def __init__(
         self,

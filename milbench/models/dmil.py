@@ -51,6 +51,7 @@ from torch import nn
 from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_clinical, store_params
 from milbench.models.collate import pad_bags
+from milbench.models.registry import Tag
 from milbench.training import EarlyStopping, index_batches, seeded, torch_threads, train
 from preprocessing.transforms import BagTransform
 
@@ -203,6 +204,8 @@ class AttentionDMIL(BagClassifier):
     ``use_clinical``: ``"auto"`` uses the clinical table when ``fit`` gets one, ``True`` requires
     it, ``False`` ignores it (the ablation).
     """
+
+    capabilities = frozenset({Tag.INSTANCE_SCORES})
 
     def __init__(
         self,

@@ -50,6 +50,7 @@ from milbench.models.base import (
     take_bags,
 )
 from milbench.models.collate import split_by_bag, stack_instances
+from milbench.models.registry import Tag
 from preprocessing.transforms import BagTransform
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class _ScoreCalibrated(BagClassifier):
 
 class _InstanceSVM(_ScoreCalibrated):
     """Shared machinery of MI-SVM and mi-SVM: preprocessing, solver choice, scoring."""
+
+    capabilities = frozenset({Tag.INSTANCE_SCORES})
 
     def __init__(
         self,

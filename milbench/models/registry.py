@@ -10,7 +10,10 @@ other code (tests, plug-ins) registers a class directly with ``register_model``.
 Tags (``Tag``) are the capabilities the pipeline reads:
 ``clinical`` needs the clinical table, ``clinical_optional`` uses it when given, ``instances``
 reads instance feature vectors, ``ensemble`` combines member models (and needs what they need),
-``selection`` wraps another model.
+``selection`` wraps another model. Two more are outputs a fitted model offers, declared by its
+class (``capabilities``) and read by the pipeline: ``instance_scores`` (a score per instance,
+``instance_scores(bags, clinical=None)``) and ``bag_features`` (a table per bag,
+``bag_features(bags)``, which ensembles feed to their meta-classifier).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Tag(str, Enum):
     INSTANCES = "instances"
     ENSEMBLE = "ensemble"
     SELECTION = "selection"
+    INSTANCE_SCORES = "instance_scores"
+    BAG_FEATURES = "bag_features"
 
 
 # name → ("module:Class", tags). The one list of built-in models.

@@ -24,10 +24,12 @@ from milbench.models.base import (
     BagClassifier,
     check_bags,
     fit_fold,
+    has_capability,
     inner_folds,
     store_params,
     with_seed,
 )
+from milbench.models.registry import Tag
 from milbench.models.spec import ModelSpec
 
 
@@ -100,13 +102,19 @@ class InnerCVSelection(BagClassifier):
         check_is_fitted(self)
         return self.best_estimator_.predict(bags, clinical)
 
-    # The chosen model's optional capabilities, present only where it has them (``hasattr``).
+    # The chosen model's optional outputs, with the capabilities of the chosen model.
     @property
-    def instance_scores(self):
+    def capabilities(self) -> frozenset[Tag]:
         check_is_fitted(self)
-        return self.best_estimator_.instance_scores
+        return getattr(self.best_estimator_, "capabilities", frozenset())
 
-    @property
-    def bag_features(self):
-        check_is_fitted(self)
-        return self.best_estimator_.bag_features
+    def _chosen_with(self, tag: Tag):
+        if not has_capability(self, tag):
+            raise AttributeError(f"inner_cv's chosen {self.model!r} has no {tag.value}")
+        return self.best_estimator_
+
+    def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:
+        return self._chosen_with(Tag.INSTANCE_SCORES).instance_scores(bags, clinical)
+
+    def bag_features(self, bags) -> pd.DataFrame:
+        return self._chosen_with(Tag.BAG_FEATURES).bag_features(bags)

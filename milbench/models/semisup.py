@@ -28,6 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from milbench.models.base import BagClassifier, check_bags, check_clinical, store_params
 from milbench.models.boosting import BOOSTERS, boosted_trees, positive_weight
+from milbench.models.registry import Tag
 from milbench.semisup.counts import count_matrix, predicted_counts
 from milbench.semisup.loop import run_pseudo_labelling
 from milbench.semisup.schedule import make_schedule
@@ -61,6 +62,8 @@ class SemiSupervisedCNN(BagClassifier):
     (re)training; ``warm_start`` continues from the previous iteration's weights as the seed's
     fine-tuning did (the final model always starts fresh).
     """
+
+    capabilities = frozenset({Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
 
     def __init__(
         self,
