@@ -131,7 +131,8 @@ def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any
     else:
         keys = stratification(config, data.train, min_size=protocol.n_splits)
         folds, fold_seed_base = kfold_splits(data.train.ids, keys, protocol.n_splits, 1, seed), seed
-    result = cross_validate(config.models[0].build(), data.train_bags, data.labels, data.train.ids,
+    result = cross_validate(config.models[0].build(), data.bags_for(config.models[0])[0],
+                            data.labels, data.train.ids,
                             folds, data.train_clinical, seed=fold_seed_base, progress=False)
     metrics = result.per_repeat.drop(columns=["repeat"]).iloc[0].to_dict()
     fold_metrics = [{"fold": int(fold), **binary_metrics(g["label"], g["predicted"], g["score"])}

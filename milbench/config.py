@@ -173,7 +173,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: a config must be a mapping at the top level")
     for assignment in overrides:
         apply_override(raw, assignment)
-    _resolve_extractor(raw, path.parent if path is not None else PACKAGE_CONFIGS)
+    config_dir = path.parent if path is not None else PACKAGE_CONFIGS
+    _resolve_extractor(raw, config_dir)
+    for index, entry in enumerate(raw.get("models") or []):
+        _resolve_model_features(entry, config_dir, f"models.{index}")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
@@ -194,6 +197,24 @@ def _resolve_extractor(raw: dict[str, Any], config_dir: Path) -> None:
         features["source"] = str(source)
 
 
+def _resolve_model_features(entry: Any, config_dir: Path, where: str) -> None:
+    """Replace a model's (and its ensemble members') named or file ``features`` by the mapping;
+    an unknown name fails here, naming the model and the key."""
+    if not isinstance(entry, dict):
+        return
+    features = entry.get("features")
+    if isinstance(features, str):
+        label = entry.get("label") or entry.get("name")
+        try:
+            entry["features"], _ = read_extractor(features, config_dir)
+        except ConfigError as error:
+            raise ConfigError(f"{where}.features (model {label!r}): {error}") from None
+    members = (entry.get("params") or {}).get("members") if isinstance(entry.get("params"), dict) else None
+    if isinstance(members, list):
+        for index, member in enumerate(members):
+            _resolve_model_features(member, config_dir, f"{where}.params.members.{index}")
+
+
 def read_extractor(name_or_path: str, config_dir: Path = PACKAGE_CONFIGS) -> tuple[dict[str, Any], Path]:
     """An extractor mapping from a YAML path or a name in ``configs/features/``, and its file."""
     candidates = [Path(name_or_path), config_dir / "features" / f"{name_or_path}.yaml",
@@ -201,7 +222,7 @@ def read_extractor(name_or_path: str, config_dir: Path = PACKAGE_CONFIGS) -> tup
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         names = sorted(p.stem for p in (PACKAGE_CONFIGS / "features").glob("*.yaml"))
-        raise ConfigError(f"features.extractor {name_or_path!r}: no such file, and not one of {names}")
+        raise ConfigError(f"extractor {name_or_path!r}: no such file, and not one of {names}")
     try:
         mapping = yaml.safe_load(found.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

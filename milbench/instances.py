@@ -22,7 +22,7 @@ from sklearn.metrics import roc_auc_score
 
 from milbench import plots
 from milbench.data import Cohort
-from milbench.models.base import has_capability
+from milbench.models.base import has_capability, take_bags
 from milbench.models.registry import Tag
 from milbench.runs import Run
 
@@ -149,16 +149,17 @@ def _auc_row(name: str, table: pd.DataFrame) -> dict:
             "n_atypical": int(table["atypical"].sum())}
 
 
-def _montage(name: str, model, data: PreparedData, test_table: pd.DataFrame, truth: pd.DataFrame | None,
-             test_labels: dict[str, int], top_k: int):
+def _montage(name: str, model, data: PreparedData, bags: tuple, test_table: pd.DataFrame,
+             truth: pd.DataFrame | None, test_labels: dict[str, int], top_k: int):
     """The montage figure of one model: chosen test patients (by descending bag score), then the
-    chosen training patients, scored in-sample."""
-    bag_scores = model.predict_proba(data.test_bags, data.test_clinical)[:, 1]
+    chosen training patients, scored in-sample. ``bags``: the (train, test) bags it reads."""
+    all_train_bags, test_bags = bags
+    bag_scores = model.predict_proba(test_bags, data.test_clinical)[:, 1]
     test_ids, train_ids = montage_patients(data.test.ids, bag_scores, data.train)
     score_of = dict(zip(data.test.ids, bag_scores, strict=True))
     shown_train = data.train.subset(train_ids)
     positions = [data.train.ids.index(pid) for pid in train_ids]
-    train_bags = [data.train_bags[i] for i in positions]
+    train_bags = take_bags(all_train_bags, positions)
     train_clinical = data.train_clinical.iloc[positions]
     train_table = score_table(shown_train, model.instance_scores(train_bags, train_clinical))
     if truth is not None:
@@ -180,10 +181,12 @@ def _montage(name: str, model, data: PreparedData, test_table: pd.DataFrame, tru
     return plots.instance_montage(rows, title, top_k)
 
 
-def write_instance_views(run: Run, data: PreparedData, finals: dict, top_k: int = TOP_K) -> InstanceViews:
+def write_instance_views(run: Run, data: PreparedData, finals: dict, specs: dict,
+                         top_k: int = TOP_K) -> InstanceViews:
     """For every final model with instance scores: ``models/<name>/instance_scores.csv`` (test
     patients' images) and the montage ``plots/top_instances_<name>.png``; on synthetic cohorts,
-    ``instance_auc.csv`` (one row per final model, NaN without instance scores)."""
+    ``instance_auc.csv`` (one row per final model, NaN without instance scores). ``specs``: each
+    final model's spec, which says which features it reads."""
     truth_path = data.root / "truth" / "instances.csv"
     truth, test_labels = None, {}
     montages, rows = {}, []
@@ -196,13 +199,15 @@ def write_instance_views(run: Run, data: PreparedData, finals: dict, top_k: int 
 
             hidden = load_truth(data.root)
             truth, test_labels = hidden.instances, hidden.test_labels
-        test_table = score_table(data.test, model.instance_scores(data.test_bags, data.test_clinical))
+        bags = data.bags_for(specs[name])
+        test_table = score_table(data.test, model.instance_scores(bags[1], data.test_clinical))
         if truth is not None:
             test_table = join_truth(test_table, truth)
             rows.append(_auc_row(name, test_table))
         run.write_csv(f"models/{name}/instance_scores.csv", test_table)
         path = f"plots/top_instances_{name}.png"
-        run.save_figure(path, _montage(name, model, data, test_table, truth, test_labels, top_k))
+        run.save_figure(path, _montage(name, model, data, bags, test_table, truth, test_labels,
+                                       top_k))
         montages[name] = path
     auc = None
     if truth_path.is_file():

@@ -97,6 +97,10 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
         [(s.path, s.reason) for s in data.cohort.skipped], columns=["path", "reason"]))
     if data.features:
         run.write_json("features.json", data.features)
+    stores = {key: {"extractor": view.name, "models": view.models, "manifest": view.manifest}
+              for key, view in data.views.items() if view.manifest}
+    if stores:
+        run.write_json("feature_stores.json", stores)
 
     keys = stratification(config, data.train, min_size=config.evaluation.n_splits)
     folds = kfold_splits(data.train.ids, keys, config.evaluation.n_splits,
@@ -116,13 +120,14 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
                 note = "members chosen by this CV: " + ", ".join(
                     member_label(m) for m in entry.params["members"])
             resolved_entries[name] = entry
+            train_bags, _ = data.bags_for(entry)
             with timer.stage(f"CV {name}"):
                 results[name] = cross_validate(
-                    entry.build(), data.train_bags, data.labels, data.train.ids, folds,
+                    entry.build(), train_bags, data.labels, data.train.ids, folds,
                     data.train_clinical, seed=config.seed, description=f"CV {name}",
                     progress=progress)
             _write_model_results(run, name, results[name])
-            rows.append(_summary_row(name, results[name], note))
+            rows.append(_summary_row(name, results[name], note, data.features_of(entry)))
             if len(data.test):
                 with timer.stage(f"refit and predict {name}"):
                     row_extra, path, finals[name] = _fit_final(run, config, data, entry, name,
@@ -131,7 +136,8 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
                 if path is not None:
                     submissions[name] = path
     with timer.stage("report"):
-        views = write_instance_views(run, data, finals)  # montages; instance AUC on synthetic truth
+        # Montages; instance AUC on synthetic truth.
+        views = write_instance_views(run, data, finals, resolved_entries)
         table = views.add_to(pd.DataFrame(rows))
         run.write_csv("metrics.csv", table)
         comparisons = compare_models(config, resolved_entries, results)
@@ -197,10 +203,11 @@ def compare_models(config: RunConfig, entries: dict[str, ModelSpec],
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
-def _summary_row(name: str, result: CVResult, note: str) -> dict:
+def _summary_row(name: str, result: CVResult, note: str, features: str) -> dict:
     summary = result.summary
     return {
         "model": name,
+        "features": features,
         **{metric: format_mean_std_max(summary, metric) for metric in METRICS},
         "balanced_accuracy_mean": summary.loc["balanced_accuracy", "mean"],
         "seconds_per_fit": float(np.mean(result.fit_seconds)),
@@ -212,10 +219,11 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelSpec
                result: CVResult, test_truth: np.ndarray | None) -> tuple[dict, Path | None, object]:
     """Refit on all training patients, predict the test patients, score them against the
     hidden truth of a synthetic cohort, write the submission; the fitted model comes last."""
-    final = fit_model(with_seed(entry.build(), config.seed), data.train_bags, data.labels,
+    train_bags, test_bags = data.bags_for(entry)
+    final = fit_model(with_seed(entry.build(), config.seed), train_bags, data.labels,
                       data.train_clinical)
-    scores = final.predict_proba(data.test_bags, data.test_clinical)[:, 1]
-    predicted = final.predict(data.test_bags, data.test_clinical)
+    scores = final.predict_proba(test_bags, data.test_clinical)[:, 1]
+    predicted = final.predict(test_bags, data.test_clinical)
     run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(
         {"patient_id": data.test.ids, "score": scores, "predicted": predicted}))
     extra = {}
@@ -231,7 +239,8 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelSpec
         dict(zip(data.test.ids, predicted.tolist(), strict=True)), data.test.ids,
         config.submission.dir, f"{config.name}-{name}",
         provenance={
-            "model": entry.name, "params": entry.params, "seed": config.seed,
+            "model": entry.name, "params": entry.params, "features": data.features_of(entry),
+            "seed": config.seed,
             "git": git_state(), "run_dir": str(run.path.resolve()),
             "cv_balanced_accuracy": format_mean_std_max(result.summary, "balanced_accuracy"),
             "data_root": str(data.root.resolve()),

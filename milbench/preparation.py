@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,9 @@ import pandas as pd
 from milbench.config import ConfigError, DataConfig, RunConfig
 from milbench.data import Cohort, load_challenge
 from milbench.evaluation.splits import stratification_keys
-from milbench.models.spec import constructor_parameters
+from milbench.models.base import NO_FEATURES, BagViews
+from milbench.models.registry import Tag, model_tags
+from milbench.models.spec import ModelSpec, constructor_parameters, features_key
 from milbench.progress import StageTimer
 
 log = logging.getLogger(__name__)
@@ -61,20 +63,40 @@ def resolve_data_root(data: DataConfig, workdir: str | Path, progress: bool = Tr
     return path
 
 
-def feature_store(cohort: Cohort, config: RunConfig, progress: bool = True):
-    """The feature store of every cohort image (train and test) under the configured extractor,
-    computed once and cached under the work directory. An autoencoder extractor trains on all
-    images, test images included (unsupervised; its manifest records ``uses_test_images``)."""
+def feature_store(cohort: Cohort, extractor: dict, config: RunConfig, progress: bool = True):
+    """The feature store of every cohort image (train and test) under ``extractor``, computed
+    once and cached under the work directory. An autoencoder extractor trains on all images,
+    test images included (unsupervised; its manifest records ``uses_test_images``)."""
     from preprocessing.extract import extract_features
 
-    return extract_features(cohort, config.features.extractor, Path(config.workdir) / "cache",
-                            seed=config.seed, progress=progress, batch_size=config.features.batch_size,
+    return extract_features(cohort, extractor, Path(config.workdir) / "cache", seed=config.seed,
+                            progress=progress, batch_size=config.features.batch_size,
                             device=config.features.device)
 
 
 @dataclass
+class FeatureView:
+    """One extractor's bags of the run's patients."""
+
+    key: str
+    extractor: dict | str  # the mapping ("none": zero-width bags)
+    manifest: dict  # the feature store manifest ({} for "none")
+    train_bags: list[np.ndarray]
+    test_bags: list[np.ndarray]
+    models: list[str]  # the models (and members) that read it
+
+    @property
+    def name(self) -> str:
+        if not isinstance(self.extractor, dict):
+            return str(self.extractor)
+        return str(self.extractor.get("name") or self.extractor.get("kind") or self.key)
+
+
+@dataclass
 class PreparedData:
-    """A config's data, ready for models: training and test bags, labels, clinical tables."""
+    """A config's data, ready for models: bags under every extractor the models read, labels,
+    clinical tables. ``train_bags`` / ``test_bags`` are the run's ``features.extractor`` view;
+    :meth:`bags_for` gives the bags a given model reads."""
 
     root: Path
     cohort: Cohort
@@ -85,7 +107,64 @@ class PreparedData:
     labels: np.ndarray
     train_clinical: pd.DataFrame
     test_clinical: pd.DataFrame
-    features: dict  # the feature store manifest ({} without instance features)
+    features: dict  # the run extractor's feature store manifest ({} without instance features)
+    views: dict[str, FeatureView] = field(default_factory=dict)
+    default_key: str = NO_FEATURES
+
+    def bags_for(self, spec: ModelSpec) -> tuple[list | BagViews, list | BagViews]:
+        """(training bags, test bags) that ``spec`` reads: its own features' view, else the
+        run's; an ensemble gets every view (:class:`BagViews`), its default its own."""
+        key = self._key(spec)
+        if Tag.ENSEMBLE.value in model_tags(spec.name):
+            return tuple(BagViews({k: getattr(v, part) for k, v in self.views.items()}, key)
+                         for part in ("train_bags", "test_bags"))
+        view = self.views[key]
+        return view.train_bags, view.test_bags
+
+    def features_of(self, spec: ModelSpec) -> str:
+        """The name of the features ``spec`` reads (ensembles: their default view's)."""
+        return self.views[self._key(spec)].name
+
+    def _key(self, spec: ModelSpec) -> str:
+        if not spec.reads_instances:
+            return NO_FEATURES  # zero-width bags, shared with ensembles' clinical members
+        key = spec.features_key or self.default_key
+        return key if key in self.views else NO_FEATURES
+
+
+def _walk(spec: ModelSpec, inherited, visit, top: ModelSpec) -> ModelSpec:
+    """Visit every model of ``spec`` with the features it reads (its own, else ``inherited``):
+    ``visit(spec, features, top)`` returns the spec to keep. Ensembles' listed members are
+    walked too, and rewritten when a visit changed one."""
+    features = spec.features if spec.features is not None else inherited
+    members = spec.params.get("members")
+    if Tag.ENSEMBLE.value in model_tags(spec.name) and isinstance(members, list | tuple):
+        walked = [_walk(ModelSpec.coerce(m), features, visit, top) for m in members]
+        if walked != [ModelSpec.coerce(m) for m in members]:
+            spec = spec.model_copy(update={"params": {**spec.params, "members": [
+                m.model_dump(exclude_defaults=True) for m in walked]}})
+    return visit(spec, features, top)
+
+
+def walk_models(config: RunConfig, visit) -> None:
+    """Apply :func:`_walk` to every model of the run (in place)."""
+    config.models = [_walk(spec, config.features.extractor, visit, spec) for spec in config.models]
+
+
+def _reads_own_instances(spec: ModelSpec) -> bool:
+    """Reads instance features itself (not only through ensemble members)."""
+    return spec.reads_instances and Tag.ENSEMBLE.value not in model_tags(spec.name)
+
+
+def check_features(config: RunConfig) -> None:
+    """Fail, naming the model, when a model reads instance features but none are set for it."""
+    def visit(spec, features, top):
+        if _reads_own_instances(spec) and features == NO_FEATURES:
+            through = "" if spec is top else f" (its member {spec.display_name!r})"
+            raise ConfigError(f"model {top.display_name!r}{through} reads instance features; set "
+                              "features.extractor or the model's features")
+        return spec
+    walk_models(config, visit)
 
 
 def resolve_source_root(config: RunConfig, progress: bool = True) -> Path:
@@ -101,40 +180,70 @@ def resolve_source_root(config: RunConfig, progress: bool = True) -> Path:
     return path
 
 
+def _needs_source(spec: ModelSpec) -> bool:
+    return ("source_features" in constructor_parameters(spec.name)
+            and not spec.params.get("source_features"))
+
+
 def attach_source_features(config: RunConfig, progress: bool = True) -> None:
     """Give every model that learns from an instance-labelled source set (it has a
-    ``source_features`` parameter left empty) the source's features, computed with the run's
-    extractor. Cohort and source images are stain-matched to the source set (seed 001 §4), which
-    changes the features of every model of the run; the resolved config records it."""
-    needing = [e for e in config.models if "source_features" in constructor_parameters(e.name)
-               and not e.params.get("source_features")]
+    ``source_features`` parameter left empty; ensemble members too) the source's features,
+    computed with that model's extractor. The model's cohort and source images are
+    stain-matched to the source set (seed 001 §4): its ``features`` become its extractor plus
+    the source stain, which the resolved config records; other models keep theirs."""
+    needing = []
+    walk_models(config, lambda spec, features, top: needing.append(spec) or spec)
+    needing = [spec.display_name for spec in needing if _needs_source(spec)]
     if not needing:
         return
-    names = [e.display_name for e in needing]
     if config.source is None:
-        raise ConfigError(f"models {names} learn from an instance-labelled source set: add a "
+        raise ConfigError(f"models {needing} learn from an instance-labelled source set: add a "
                           "`source:` section (root: null generates a synthetic ALL-IDB2 set)")
-    if config.features.extractor == "none":
-        raise ConfigError(f"models {names} need backbone features: set features.extractor")
     from milbench.semisup.source import prepare_source_features, source_stain
 
     root = resolve_source_root(config, progress)
-    config.features.extractor = {**config.features.extractor,
-                                 "stain": source_stain(root, config.source.stain_space)}
-    path = prepare_source_features(root, config.features.extractor, Path(config.workdir) / "cache",
-                                   seed=config.seed, progress=progress)
-    for entry in needing:
-        entry.params["source_features"] = str(path)
+    stain = source_stain(root, config.source.stain_space)
+    paths: dict[str, str] = {}
+
+    def visit(spec, features, top):
+        if not _needs_source(spec):
+            return spec
+        if not isinstance(features, dict):
+            raise ConfigError(f"model {spec.display_name!r} learns from a source set and needs "
+                              "backbone features: set features.extractor or the model's features")
+        stained = {**features, "stain": stain}
+        key = features_key(stained)
+        if key not in paths:
+            paths[key] = str(prepare_source_features(
+                root, stained, Path(config.workdir) / "cache", seed=config.seed, progress=progress))
+        return spec.model_copy(update={"features": stained,
+                                       "params": {**spec.params, "source_features": paths[key]}})
+    walk_models(config, visit)
+
+
+def _key_of(extractor: dict | str) -> str:
+    return NO_FEATURES if extractor == NO_FEATURES else features_key(extractor)
+
+
+def _required_views(config: RunConfig) -> dict[str, tuple[dict | str, list[str]]]:
+    """Features key → (extractor, the models and members that read it): only extractors some
+    model reads are computed."""
+    views = {NO_FEATURES: (NO_FEATURES, [])}
+
+    def visit(spec, features, top):
+        if _reads_own_instances(spec):
+            views.setdefault(_key_of(features), (features, []))[1].append(spec.display_name)
+        return spec
+    walk_models(config, visit)
+    return views
 
 
 def prepare_data(config: RunConfig, progress: bool = True,
                  timer: StageTimer | None = None) -> PreparedData:
-    """Cohort, bags and clinical tables for ``config`` (source features attached in place)."""
+    """Cohort, bags under every extractor a model reads (each computed once) and clinical
+    tables for ``config`` (source features attached in place)."""
     timer = timer or StageTimer()
-    for entry in config.models:  # before any data is read
-        if entry.reads_instances and config.features.extractor == "none":
-            raise ConfigError(f"model {entry.display_name!r} reads instance features; set "
-                              "features.extractor")
+    check_features(config)  # before any data is read
     with timer.stage("data"):
         root = resolve_data_root(config.data, config.workdir, progress)
         cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
@@ -143,19 +252,27 @@ def prepare_data(config: RunConfig, progress: bool = True,
         raise ConfigError(f"{root}: no training patients")
     with timer.stage("source features"):
         attach_source_features(config, progress)
-    if config.features.extractor == "none":
-        # Zero-width bags (one row per image) for models that read only the clinical table.
-        train_bags = [np.zeros((p.n_images, 0)) for p in train.patients]
-        test_bags = [np.zeros((p.n_images, 0)) for p in test.patients]
-        manifest = {}
-    else:
-        with timer.stage("instance features"):
-            store = feature_store(cohort, config, progress)
-            train_bags, test_bags, manifest = store.bags(train), store.bags(test), store.manifest
+    views = {}
+    for key, (extractor, models) in _required_views(config).items():
+        if extractor == NO_FEATURES:
+            views[key] = FeatureView(key, NO_FEATURES, {},
+                                     [np.zeros((p.n_images, 0)) for p in train.patients],
+                                     [np.zeros((p.n_images, 0)) for p in test.patients], models)
+            continue
+        name = extractor.get("name") or extractor.get("kind")
+        with timer.stage(f"instance features {name}" if len(views) > 1 else "instance features"):
+            try:
+                store = feature_store(cohort, extractor, config, progress)
+            except (ValueError, OSError, RuntimeError) as error:
+                raise ConfigError(f"extractor {name!r} (models {models}) failed: {error}") from error
+        views[key] = FeatureView(key, extractor, store.manifest, store.bags(train),
+                                 store.bags(test), models)
+    default = views.get(_key_of(config.features.extractor), views[NO_FEATURES])
     return PreparedData(
-        root=root, cohort=cohort, train=train, test=test, train_bags=train_bags, test_bags=test_bags,
-        labels=train.labels(), train_clinical=train.clinical_table(),
-        test_clinical=test.clinical_table(), features=manifest,
+        root=root, cohort=cohort, train=train, test=test, train_bags=default.train_bags,
+        test_bags=default.test_bags, labels=train.labels(), train_clinical=train.clinical_table(),
+        test_clinical=test.clinical_table(), features=default.manifest, views=views,
+        default_key=default.key,
     )
 
 

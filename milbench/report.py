@@ -38,13 +38,9 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
            submissions: dict[str, Path], timings: pd.DataFrame, views: InstanceViews | None = None,
            comparisons: pd.DataFrame | None = None) -> str:
     root, cohort, train, test = data.root, data.cohort, data.train, data.test
-    features = data.features.get("config", {})
-    if not data.features:
-        described = "none (clinical attributes only)"
-    else:
-        described = (f"{features.get('kind')} `{features.get('name')}`, {data.features.get('dim')}-d"
-                     + (" — trained without labels on all images, test images included"
-                        if data.features.get("uses_test_images") else ""))
+    read = [view for view in data.views.values() if view.manifest]
+    described = "; ".join(_describe_features(view) for view in read) or (
+        "none (clinical attributes only)")
     hidden = [c for c in ("hidden_test_balanced_accuracy", "hidden_test_roc_auc") if c in table]
     table = table.copy()
     if "hidden_test_ci_low" in table:
@@ -54,7 +50,9 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
             table["hidden_test_ci_high"])
     selected = table["note"].astype(bool).any()
     instance = ["instance_auc"] if "instance_auc" in table else []
-    shown = table[["model", *METRICS, "seconds_per_fit", *hidden, *instance,
+    multiple = "features" in table and table["features"].nunique() > 1
+    shown = table[["model", *(["features"] if multiple else []), *METRICS, "seconds_per_fit",
+                   *hidden, *instance,
                    *(["note"] if selected else [])]].copy()
     if instance:
         shown["instance_auc"] = shown["instance_auc"].map(_dash)
@@ -97,6 +95,15 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
         *([f"- {name}: `{path}`" for name, path in submissions.items()] or ["none"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _describe_features(view) -> str:
+    """One extractor: kind, name, width, who reads it, and whether it saw the test images."""
+    settings = view.manifest.get("config", {})
+    return (f"{settings.get('kind')} `{settings.get('name')}`, {view.manifest.get('dim')}-d "
+            f"(read by {', '.join(view.models) or 'no model'})"
+            + (" — trained without labels on all images, test images included"
+               if view.manifest.get("uses_test_images") else ""))
 
 
 def _comparison_section(comparisons: pd.DataFrame | None) -> list[str]:

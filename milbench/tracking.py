@@ -37,7 +37,7 @@ INSTALL_HINT = 'pip install "milbench[mlflow]"'
 RECORD_FILE = "mlflow.json"
 # Parent-run artifacts, when the run directory has them.
 RUN_ARTIFACTS = ("config.yaml", "environment.json", "report.md", "metrics.csv", "metrics.json",
-                 "timings.csv", "features.json", "instance_auc.csv", "plots")
+                 "timings.csv", "features.json", "feature_stores.json", "instance_auc.csv", "plots")
 ABLATION_ARTIFACTS = ("config.yaml", "environment.json", "ablation.md", "ablation.csv", "plots")
 # MLflow's limits: param values (6000 characters since MLflow 2.x), params and metrics per batch.
 MAX_PARAM_LENGTH = 6000
@@ -141,11 +141,14 @@ def log_run(config: RunConfig, run_dir: str | Path) -> str | None:
     children = []
     for row in metrics.to_dict(orient="records"):
         name = str(row.pop("model"))
+        features = row.pop("features", None)
         values = _numbers(row)
         for metric, stats in summaries.get(name, {}).get("summary", {}).items():
             values.update({f"{metric}_{stat}": stats.get(stat) for stat in ("mean", "std", "max")})
-        children.append((name, flatten(entries.get(name, {"name": name})), values,
-                         run_dir / "models" / name))
+        params = flatten(entries.get(name, {"name": name}))
+        if isinstance(features, str):
+            params["features_read"] = features  # the extractor this model's bags came from
+        children.append((name, params, values, run_dir / "models" / name))
     return _log(config, run_dir, flatten(resolved), RUN_ARTIFACTS, children)
 
 

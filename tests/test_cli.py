@@ -158,7 +158,9 @@ def test_run_prepares_the_source_set_for_models_that_bootstrap_from_one(tmp_path
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     source_features = resolved["models"][0]["params"]["source_features"]
     assert Path(source_features).is_file() and source_features.endswith(".npz")
-    assert resolved["features"]["extractor"]["stain"]["reference"].endswith("ALL_IDB2/img")
+    # The model's own features: the run's extractor stain-matched to the source set.
+    assert resolved["models"][0]["features"]["stain"]["reference"].endswith("ALL_IDB2/img")
+    assert "stain" not in resolved["features"]["extractor"]  # other models keep theirs
     assert (tmp_path / "work" / "data" / "allidb2-seed0-n8" / "ALL_IDB2" / "img").is_dir()
     assert len(pd.read_csv(run / "models" / "semisup" / "oof.csv")) == len(
         pd.read_csv(run / "cohort" / "patients.csv").query("split == 'train'"))

@@ -139,7 +139,8 @@ def tiny_run(tmp_path_factory):
         "submission": {"enabled": False},
     })
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(preparation, "feature_store", lambda cohort, config, progress=True: TruthFeatures(root))
+        patch.setattr(preparation, "feature_store",
+                      lambda cohort, extractor, config, progress=True: TruthFeatures(root))
         outcome = pipeline.run_pipeline(config, progress=False)
     return outcome
 

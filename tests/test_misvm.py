@@ -35,7 +35,7 @@ def test_mi_svm_labels_witness_positive_and_others_negative(tiny):
     bags, labels, _, witness_rows = tiny
     model = MiSVM(kernel="linear", C=10.0, calibration_folds=None).fit(bags, labels)
     assert model.converged_
-    rates = model.positive_rate(bags)
+    rates = model.bag_features(bags)["positive_rate"].to_numpy()
     scores = model.instance_scores(bags)
     # Every witness is labelled positive, no instance of a negative bag is, and positive bags
     # stay mostly negative (mi-SVM may keep a neighbour of the witness: a local optimum).

@@ -177,7 +177,8 @@ def test_unknown_baseline_is_refused(tmp_path):
 def test_an_ensemble_over_instance_models_needs_features_before_any_data_is_read(tmp_path):
     config = tiny_config(tmp_path, "[{name: clinical_logreg}, "
                          "{name: voting, label: vote, params: {members: [clinical_logreg, meanpool_svm]}}]")
-    with pytest.raises(ConfigError, match="model 'vote' reads instance features"):
+    with pytest.raises(ConfigError,
+                       match=r"model 'vote' \(its member 'meanpool_svm'\) reads instance features"):
         prepare_data(config, progress=False)
     assert not (tmp_path / "work").exists()  # the synthetic cohort was not even generated
     # Members chosen among the run's models are checked where they are listed themselves.

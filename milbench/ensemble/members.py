@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from milbench.models.base import has_capability, with_seed
-from milbench.models.registry import Tag
+from milbench.models.base import NO_FEATURES, BagViews, has_capability, with_seed
+from milbench.models.registry import Tag, model_tags
 from milbench.models.reuse import fit_model
 from milbench.models.spec import ModelSpec, check_unique_labels
 
@@ -34,18 +34,32 @@ def check_members(members) -> list[ModelSpec]:
     return check_unique_labels(checked, "members")
 
 
+def member_bags(member: ModelSpec, bags):
+    """The bags ``member`` reads. Where the ensemble got several feature views
+    (:class:`~milbench.models.base.BagViews`), a member with its own ``features`` reads that
+    view and one without reads the ensemble's default; an ensemble member keeps every view."""
+    if not isinstance(bags, BagViews):
+        return bags
+    if Tag.ENSEMBLE.value in model_tags(member.name):
+        return bags.rebased(member.features_key)
+    if not member.reads_instances:  # zero-width bags: its fits match its standalone ones
+        return bags.view(NO_FEATURES)
+    return bags.view(member.features_key)
+
+
 def fit_member(member: ModelSpec, random_state: int | None, bags, y, clinical):
-    """A member fitted on ``bags`` (shared with an identical earlier fit inside a pipeline run);
+    """A member fitted on its bags (shared with an identical earlier fit inside a pipeline run);
     ``random_state`` None leaves the member's own."""
     model = member.build()
     if random_state is not None:
         model = with_seed(model, random_state)
-    return fit_model(model, bags, y, clinical)
+    return fit_model(model, member_bags(member, bags), y, clinical)
 
 
-def member_outputs(label: str, model, bags, clinical) -> pd.DataFrame:
+def member_outputs(member: ModelSpec, model, bags, clinical) -> pd.DataFrame:
     """A member's patient-level outputs: its tumoral probability and, where the model has them,
     its bag features (positive-instance rate, counts, distances ...), prefixed by its label."""
+    label, bags = member.display_name, member_bags(member, bags)
     columns = {f"{label}:proba": model.predict_proba(bags, clinical)[:, 1]}
     if has_capability(model, Tag.BAG_FEATURES):
         features = pd.DataFrame(model.bag_features(bags)).reset_index(drop=True)

@@ -12,6 +12,12 @@ boosted trees (ties go to the simpler, in that order). On 163 patients boosted t
 easily; when the members add nothing the clinical-only option wins, and the stacker then scores
 as the clinical baseline instead of below it. The choice and its scores are kept in
 ``meta_choice_`` and ``meta_scores_``.
+
+``inputs`` chooses what each member gives the meta-classifier, by member label: ``proba`` (its
+bag score) and any of its bag features (MI-SVM's ``positive_rate``, the semi-supervised model's
+``count_0`` / ``count_1`` ...); members not named give all of theirs. The seed's stackers: the
+MI-SVM positive-instance rate plus count and age (§5.1.2), the semi-supervised counts plus count
+and age (§4.4.3).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.core.clinical import clinical_design_matrix
-from milbench.ensemble.members import check_members, fit_member, member_label, member_outputs
+from milbench.ensemble.members import check_members, fit_member, member_outputs
 from milbench.models.base import (
     BagClassifier,
     check_clinical,
@@ -49,12 +55,14 @@ class ClinicalStacker(BagClassifier):
     ``use_clinical``, age, log lymphocyte count and gender. ``meta``: xgboost or lightgbm
     (defaults follow the seed: learning rate 0.1, 100 trees, ``scale_pos_weight`` from
     prevalence), logistic (standardised, class-balanced L2 logistic regression with ``C``), or
-    auto (chosen by inner CV, see the module docstring).
+    auto (chosen by inner CV, see the module docstring). ``inputs``: member label → the outputs
+    it contributes (see the module docstring).
     """
 
     def __init__(
         self,
         members=("clinical_logreg",),
+        inputs: dict[str, list[str]] | None = None,
         meta: str = "xgboost",
         use_clinical: bool = True,
         inner_splits: int = 5,
@@ -76,6 +84,19 @@ class ClinicalStacker(BagClassifier):
                              max_depth=self.max_depth, scale_pos_weight=positive_weight(y),
                              random_state=self.random_state)
 
+    def _chosen_outputs(self, member, outputs: pd.DataFrame) -> pd.DataFrame:
+        """The member's outputs that ``inputs`` asks for (all where it names none)."""
+        label = member.display_name
+        wanted = (self.inputs or {}).get(label)
+        if wanted is None:
+            return outputs
+        available = [column.split(":", 1)[1] for column in outputs.columns]
+        unknown = [name for name in wanted if name not in available]
+        if unknown or not wanted:
+            raise ValueError(f"stacker inputs for {label!r}: {unknown or 'nothing'} asked; the "
+                             f"member gives {available}")
+        return outputs[[f"{label}:{name}" for name in wanted]]
+
     def _design(self, outputs: list[pd.DataFrame], clinical, n_bags: int) -> pd.DataFrame:
         design = pd.concat([o.reset_index(drop=True) for o in outputs], axis=1)
         if self.use_clinical:
@@ -89,7 +110,11 @@ class ClinicalStacker(BagClassifier):
             raise ValueError(f"meta must be one of {META_KINDS}, got {self.meta!r}")
         if self.meta == "auto" and not self.use_clinical:
             raise ValueError("meta='auto' offers a clinical-only option: it needs use_clinical=True")
-        check_members(self.members)
+        labels = [member.display_name for member in check_members(self.members)]
+        unknown = sorted(set(self.inputs or {}) - set(labels))
+        if unknown:
+            raise ValueError(f"stacker inputs name {unknown}, which are not members; members: "
+                             f"{labels}")
 
     def _check_fit_bags(self, bags):
         return bags  # passed on unchanged: each member checks its own (and fits stay shareable)
@@ -103,8 +128,8 @@ class ClinicalStacker(BagClassifier):
             def predict_fold(_, train, val):
                 model = fit_member(member, seed, take_bags(bags, train), labels[train],
                                    take_clinical(clinical, train))
-                return member_outputs(member_label(member), model, take_bags(bags, val),
-                                      take_clinical(clinical, val))
+                return self._chosen_outputs(member, member_outputs(
+                    member, model, take_bags(bags, val), take_clinical(clinical, val)))
             return predict_fold
 
         outputs = [out_of_fold(folds, member_fold(member)) for member in members]
@@ -121,7 +146,7 @@ class ClinicalStacker(BagClassifier):
         """The meta-classifier's inputs for new bags (members refitted on all training bags)."""
         check_is_fitted(self)
         outputs = [
-            member_outputs(member_label(m), model, bags, clinical)
+            self._chosen_outputs(m, member_outputs(m, model, bags, clinical))
             for m, model in zip(check_members(self.members), self.members_, strict=True)
         ]
         return self._design(outputs, clinical, len(bags))

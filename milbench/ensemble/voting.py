@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from milbench.ensemble.members import check_members, fit_member
+from milbench.ensemble.members import check_members, fit_member, member_bags
 from milbench.models.base import BagClassifier, store_params
 
 
@@ -42,8 +42,14 @@ class VotingEnsemble(BagClassifier):
         members = check_members(self.members)
         self.members_ = [fit_member(m, self.random_state, bags, labels, clinical) for m in members]
 
+    def _fitted_members(self, bags):
+        """(fitted member, the bags it reads) per member."""
+        return [(model, member_bags(spec, bags))
+                for spec, model in zip(check_members(self.members), self.members_, strict=True)]
+
     def _member_probabilities(self, bags, clinical) -> np.ndarray:
-        return np.column_stack([m.predict_proba(bags, clinical)[:, 1] for m in self.members_])
+        return np.column_stack([model.predict_proba(own, clinical)[:, 1]
+                                for model, own in self._fitted_members(bags)])
 
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
         check_is_fitted(self)
@@ -51,7 +57,8 @@ class VotingEnsemble(BagClassifier):
         if self.voting == "soft":
             tumoral = self._member_probabilities(bags, clinical) @ weights
         else:
-            votes = np.column_stack([m.predict(bags, clinical) for m in self.members_])
+            votes = np.column_stack([model.predict(own, clinical)
+                                     for model, own in self._fitted_members(bags)])
             tumoral = votes @ weights
         return np.column_stack([1 - tumoral, tumoral])
 

@@ -78,8 +78,47 @@ def check_binary_labels(y) -> np.ndarray:
     return labels.astype(int)
 
 
-def take_bags(bags: Sequence[np.ndarray], positions) -> list[np.ndarray]:
-    """The bags at ``positions`` (a fold's patients), in that order."""
+NO_FEATURES = "none"  # the view key of zero-width bags, for models that read no instances
+
+
+class BagViews(Sequence):
+    """The same patients' bags under several feature extractors, for ensembles whose members
+    read different features. It behaves as the bag list of its ``default`` view (length,
+    indexing, iteration); ``view(key)`` gives another extractor's list, and :func:`take_bags`
+    keeps every view. ``views`` maps a features key (``models.spec.features_key``) to bags."""
+
+    def __init__(self, views: dict[str, list[np.ndarray]], default: str):
+        if default not in views:
+            raise KeyError(f"no feature view {default!r}; have {sorted(views)}")
+        self.views, self.default = views, default
+
+    def view(self, key: str | None) -> list[np.ndarray]:
+        """The bags of features ``key`` (None: the default view)."""
+        key = self.default if key is None else key
+        if key not in self.views:
+            raise KeyError(f"no feature view {key!r}; have {sorted(self.views)}")
+        return self.views[key]
+
+    def rebased(self, key: str | None) -> BagViews:
+        """The same views with ``key`` as the default (None: unchanged)."""
+        return self if key is None else BagViews(self.views, key)
+
+    def take(self, positions) -> BagViews:
+        return BagViews({key: [bags[i] for i in positions] for key, bags in self.views.items()},
+                        self.default)
+
+    def __len__(self) -> int:
+        return len(self.views[self.default])
+
+    def __getitem__(self, index):
+        return self.views[self.default][index]
+
+
+def take_bags(bags: Sequence[np.ndarray], positions) -> list[np.ndarray] | BagViews:
+    """The bags at ``positions`` (a fold's patients), in that order (every view of
+    :class:`BagViews`)."""
+    if isinstance(bags, BagViews):
+        return bags.take(positions)
     return [bags[i] for i in positions]
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
@@ -79,7 +80,7 @@ class _ScoreCalibrated(BagClassifier):
 class _InstanceSVM(_ScoreCalibrated):
     """Shared machinery of MI-SVM and mi-SVM: preprocessing, solver choice, scoring."""
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES})
+    capabilities = frozenset({Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
 
     def __init__(
         self,
@@ -204,9 +205,11 @@ class _InstanceSVM(_ScoreCalibrated):
         """Bag score: the largest instance decision value."""
         return np.array([scores.max() for scores in self._instance_decisions(bags)])
 
-    def positive_rate(self, bags) -> np.ndarray:
-        """Fraction of each bag's instances on the positive side of the SVM (a stacker feature)."""
-        return np.array([(scores > 0).mean() for scores in self._instance_decisions(bags)])
+    def bag_features(self, bags) -> pd.DataFrame:
+        """``positive_rate`` per bag: the fraction of its instances on the positive side of the
+        SVM (the seed's MI-SVM input to the XGBoost stacker, §5.1.2)."""
+        return pd.DataFrame({"positive_rate": [float((scores > 0).mean())
+                                               for scores in self._instance_decisions(bags)]})
 
 
 def _bag_decisions(svm: SVC, features: np.ndarray, members: list[np.ndarray]) -> list[np.ndarray]:

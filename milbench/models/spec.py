@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import importlib.util
 import inspect
+import json
 from functools import cache
 from typing import Any
 
@@ -29,6 +31,16 @@ class ModelSpec(BaseModel):
     name: str
     params: dict[str, Any] = {}
     label: str | None = Field(None, description="display name; defaults to the model name")
+    features: str | dict[str, Any] | None = Field(
+        None, description="the instance features this model reads, overriding the run's "
+        "features.extractor: a name in configs/features/, a YAML path or an extractor mapping "
+        "(resolved to the mapping when the config is loaded); ensemble members without their "
+        "own read their ensemble's")
+
+    @property
+    def features_key(self) -> str | None:
+        """The key of this model's own features (None: it reads its ensemble's or the run's)."""
+        return None if self.features is None else features_key(self.features)
 
     @property
     def display_name(self) -> str:
@@ -73,6 +85,12 @@ class ModelSpec(BaseModel):
         """A new, unfitted model of this spec."""
         return create_model(self.name, **self.params)
 
+
+
+def features_key(extractor: str | dict[str, Any]) -> str:
+    """A short stable key of an extractor setting (its canonical JSON); equal settings, one key."""
+    text = json.dumps(extractor, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def check_unique_labels(specs: list[ModelSpec], owner: str) -> list[ModelSpec]:
