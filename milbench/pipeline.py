@@ -67,7 +67,7 @@ def resolve_member_selection(entry: ModelSpec, earlier: list[ModelSpec],
     """``entry`` with ``members: {best: k, by: metric}`` replaced by the k earlier non-ensemble
     models with the best mean CV metric (on this run's folds), and the ranking considered."""
     k, metric = check_selection(entry.params["members"], METRICS)
-    candidates = [({"name": e.name, "params": e.params, "label": e.display_name},
+    candidates = [({**e.model_dump(exclude_defaults=True), "label": e.display_name},
                    float(results[e.display_name].summary.loc[metric, "mean"]))
                   for e in earlier if "ensemble" not in model_tags(e.name)]
     if len(candidates) < k:

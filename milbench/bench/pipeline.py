@@ -23,14 +23,15 @@ from milbench.io import atomic_write, atomic_write_json, atomic_write_text
 from milbench.pipeline import run_pipeline
 from milbench.preparation import resolve_data_root
 
-GOAL_SECONDS = 20 * 60  # issue goal: the default pipeline on `challenge` within 20 min on 2 cores
+GOAL_SECONDS = 20 * 60  # the default pipeline on `challenge` within 20 min on 2 cores
 
 
 def bench_pipeline_command(config: str | os.PathLike = "configs/pipeline.yaml", *,
                            preset: str = "challenge", data: str | os.PathLike | None = None,
                            overrides: list[str] = (), warm_cache: bool = False,
                            out: str | os.PathLike = ".milbench/bench/pipeline",
-                           progress: bool = True) -> pd.DataFrame:
+                           progress: bool = True, goal_seconds: float = GOAL_SECONDS
+                           ) -> pd.DataFrame:
     """Run ``config`` once and return (and write) its stage times, the total and the goal."""
     out = Path(out)
     settings = [*overrides, "submission.enabled=false", f"data.synthetic.preset={preset}"]
@@ -55,19 +56,22 @@ def bench_pipeline_command(config: str | os.PathLike = "configs/pipeline.yaml", 
         "config": str(config), "data": str(root), "preset": None if data is not None else preset,
         "features": run_config.features.extractor, "feature_cache": "warm" if warm_cache else "cold",
         "n_splits": run_config.evaluation.n_splits, "n_repeats": run_config.evaluation.n_repeats,
-        "pipeline_seconds": total, "goal_seconds": GOAL_SECONDS, "goal_met": total <= GOAL_SECONDS,
+        "pipeline_seconds": total, "goal_seconds": goal_seconds, "goal_met": total <= goal_seconds,
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "run_dir": str(outcome.run_dir),
         "cv_balanced_accuracy": dict(zip(outcome.table["model"], outcome.table["balanced_accuracy"],
                                          strict=True)),
+        "hidden_test_balanced_accuracy": (
+            dict(zip(outcome.table["model"], outcome.table["hidden_test_balanced_accuracy"],
+                     strict=True)) if "hidden_test_balanced_accuracy" in outcome.table else None),
     }
     atomic_write_text(out / "pipeline_bench.csv", stages.to_csv(index=False))
     atomic_write_json(out / "pipeline_bench.json", {**summary, "stages": stages.to_dict(orient="records")})
-    _plot_stages(stages, total, out / "pipeline_bench.png")
+    _plot_stages(stages, total, goal_seconds, out / "pipeline_bench.png")
     return stages.assign(total_seconds=total, goal_met=summary["goal_met"])
 
 
-def _plot_stages(stages: pd.DataFrame, total: float, path: Path) -> None:
+def _plot_stages(stages: pd.DataFrame, total: float, goal_seconds: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +81,7 @@ def _plot_stages(stages: pd.DataFrame, total: float, path: Path) -> None:
     names = ["total", *stages["stage"]][::-1]
     minutes = [total / 60, *(stages["seconds"] / 60)][::-1]
     axis.barh(names, minutes, color=["#4c72b0"] * len(stages) + ["#55a868"])
-    axis.axvline(GOAL_SECONDS / 60, color="#c44e52", linestyle="--", label="whole-pipeline goal")
+    axis.axvline(goal_seconds / 60, color="#c44e52", linestyle="--", label="whole-pipeline goal")
     axis.set_xlabel("minutes")
     axis.set_title(f"pipeline stages: {total / 60:.1f} min in all")
     axis.legend(loc="lower right")
