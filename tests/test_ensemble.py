@@ -74,6 +74,28 @@ def test_stacker_meta_features_are_out_of_fold(test_models):
     assert set(stacker.meta_features(bags, clinical)["memorizer:proba"]) == {0.0, 1.0}
 
 
+def test_stacker_inputs_choose_each_members_outputs():
+    # The seed's MI-SVM stacker: the positive-instance rate and the clinical attributes only.
+    bags, y, clinical = data()
+    members = [{"name": "misvm", "params": {"kernel": "linear"}}, "clinical_logreg"]
+    stacker = create_model("stacker", members=members, inputs={"misvm": ["positive_rate"]},
+                           random_state=0).fit(bags, y, clinical)
+    assert stacker.feature_names_ == [
+        "misvm:positive_rate", "clinical_logreg:proba",
+        "clinical:age", "clinical:log_lymph_count", "clinical:male"]
+    rates = stacker.oof_design_["misvm:positive_rate"]
+    assert rates.between(0, 1).all() and rates.nunique() > 2
+    assert list(stacker.meta_features(bags, clinical).columns) == stacker.feature_names_
+    everything = create_model("stacker", members=members, random_state=0).fit(bags, y, clinical)
+    assert everything.feature_names_[:2] == ["misvm:proba", "misvm:positive_rate"]
+    with pytest.raises(ValueError, match=r"inputs for 'misvm': \['count_1'\] asked; the member "
+                                         r"gives \['proba', 'positive_rate'\]"):
+        create_model("stacker", members=members, inputs={"misvm": ["count_1"]}).fit(
+            bags, y, clinical)
+    with pytest.raises(ValueError, match=r"inputs name \['svm'\], which are not members"):
+        create_model("stacker", members=members, inputs={"svm": ["proba"]}).fit(bags, y, clinical)
+
+
 @pytest.mark.parametrize("meta", ["xgboost", "lightgbm", "logistic", "auto"])
 def test_stacker_learns_and_is_deterministic(meta):
     bags, y, clinical = data(60, seed=1)
