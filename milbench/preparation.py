@@ -180,7 +180,17 @@ def resolve_source_root(config: RunConfig, progress: bool = True) -> Path:
     return path
 
 
+PATHS = "paths"  # the extractor kind whose bags are image paths (models that read images)
+
+
+def _full_mode(spec: ModelSpec) -> bool:
+    """A model that fine-tunes a network on the images themselves (bags of paths)."""
+    return spec.params.get("mode") == "full" and "source_root" in constructor_parameters(spec.name)
+
+
 def _needs_source(spec: ModelSpec) -> bool:
+    if _full_mode(spec):
+        return not spec.params.get("source_root")
     return ("source_features" in constructor_parameters(spec.name)
             and not spec.params.get("source_features"))
 
@@ -208,7 +218,9 @@ def attach_source_features(config: RunConfig, progress: bool = True) -> None:
     def visit(spec, features, top):
         if not _needs_source(spec):
             return spec
-        if not isinstance(features, dict):
+        if _full_mode(spec):  # it reads the source images and matches their stain itself
+            return spec.model_copy(update={"params": {**spec.params, "source_root": str(root)}})
+        if not isinstance(features, dict) or features.get("kind") == PATHS:
             raise ConfigError(f"model {spec.display_name!r} learns from a source set and needs "
                               "backbone features: set features.extractor or the model's features")
         stained = {**features, "stain": stain}
@@ -219,6 +231,11 @@ def attach_source_features(config: RunConfig, progress: bool = True) -> None:
         return spec.model_copy(update={"features": stained,
                                        "params": {**spec.params, "source_features": paths[key]}})
     walk_models(config, visit)
+
+
+def image_path_bags(cohort: Cohort) -> list[np.ndarray]:
+    """One bag per patient: its image paths (``features: {kind: paths}``)."""
+    return [np.array([str(path) for path in p.image_paths], dtype=object) for p in cohort.patients]
 
 
 def _key_of(extractor: dict | str) -> str:
@@ -258,6 +275,10 @@ def prepare_data(config: RunConfig, progress: bool = True,
             views[key] = FeatureView(key, NO_FEATURES, {},
                                      [np.zeros((p.n_images, 0)) for p in train.patients],
                                      [np.zeros((p.n_images, 0)) for p in test.patients], models)
+            continue
+        if extractor.get("kind") == PATHS:  # the images themselves, for end-to-end models
+            views[key] = FeatureView(key, extractor, {"config": dict(extractor), "dim": 0},
+                                     image_path_bags(train), image_path_bags(test), models)
             continue
         name = extractor.get("name") or extractor.get("kind")
         with timer.stage(f"instance features {name}" if len(views) > 1 else "instance features"):

@@ -100,7 +100,7 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
 def _describe_features(view) -> str:
     """One extractor: kind, name, width, who reads it, and whether it saw the test images."""
     settings = view.manifest.get("config", {})
-    return (f"{settings.get('kind')} `{settings.get('name')}`, {view.manifest.get('dim')}-d "
+    return (f"{settings.get('kind')} `{view.name}`, {view.manifest.get('dim')}-d "
             f"(read by {', '.join(view.models) or 'no model'})"
             + (" — trained without labels on all images, test images included"
                if view.manifest.get("uses_test_images") else ""))

@@ -14,7 +14,7 @@ import pytest
 
 from milbench import preparation
 from milbench.config import ConfigError, load_config
-from milbench.models.spec import features_key
+from milbench.models.spec import ModelSpec, features_key
 from milbench.pipeline import run_pipeline
 from milbench.preparation import prepare_data
 
@@ -104,3 +104,32 @@ def test_a_misspelled_model_features_name_fails_on_load_naming_model_and_key(tmp
             " {name: meanpool_svm, label: x, features: nope}]}}]"])
     assert time.perf_counter() - started < 2
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("name", ["seed_system", "seed_system_cpu"])
+def test_the_seed_system_configs_put_each_family_on_its_own_features(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    by_label = {spec.display_name: spec for spec in config.models}
+    assert {"clinical_logreg", "misvm", "misvm_xgb", "dmil", "semisup", "cluster_emd",
+            "stacker_all", "vote_best5"} == set(by_label)
+    run_key = features_key(config.features.extractor)
+    keys = {label: spec.features_key or run_key for label, spec in by_label.items()}
+    assert keys["misvm"] == keys["cluster_emd"] != keys["dmil"] == run_key
+    assert keys["semisup"] not in (keys["misvm"], keys["dmil"])
+    members = [spec.features_key or run_key for spec in
+               (ModelSpec.coerce(m) for m in by_label["stacker_all"].params["members"])]
+    assert members == [keys["misvm"], keys["dmil"], keys["semisup"], keys["cluster_emd"]]
+
+
+def test_paths_features_give_bags_of_image_paths_and_full_mode_gets_the_source(tmp_path):
+    config = load_config(CONFIGS / "pipeline.yaml", [
+        "models=[{name: semisup, features: {kind: paths}, params: {mode: full, input_size: 32}}]",
+        "features.extractor=none", "data.synthetic.preset=tiny", f"workdir={tmp_path / 'work'}",
+        "source={root: null, seed: 0, n_per_class: 6}"])
+    data = prepare_data(config, progress=False)
+    train_bags, test_bags = data.bags_for(config.models[0])
+    assert [list(bag) for bag in train_bags] == [[str(p) for p in patient.image_paths]
+                                                 for patient in data.train.patients]
+    assert len(test_bags) == len(data.test)
+    assert Path(config.models[0].params["source_root"], "ALL_IDB2", "img").is_dir()
+    assert data.features_of(config.models[0]) == "paths"
