@@ -177,7 +177,7 @@ def test_a_model_parameter_typo_fails_before_any_work(tmp_path):
 
     code = ("import sys; from typer.testing import CliRunner; from milbench.cli import app; "
             f"result = CliRunner().invoke(app, ['run', {str(CONFIGS / 'pipeline.yaml')!r}, '--set', "
-            f"'models.4.params.Cc=5', '--set', 'workdir={tmp_path / 'work'}']); "
+            f"'models.2.params.Cc=5', '--set', 'workdir={tmp_path / 'work'}']); "
             "print(result.exit_code, 'torch' in sys.modules); print(result.output)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     first, _, output = result.stdout.partition("\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from bag_fixtures import make_tiny_bags
 from sklearn.exceptions import NotFittedError
@@ -74,8 +75,9 @@ def test_exposes_the_chosen_models_capabilities_only(data):
     with pytest.raises(NotFittedError):
         unfitted.capabilities  # noqa: B018
     fitted = unfitted.fit(bags, labels)
-    assert has_capability(fitted, Tag.INSTANCE_SCORES)
-    assert not has_capability(fitted, Tag.BAG_FEATURES)
+    assert has_capability(fitted, Tag.INSTANCE_SCORES) and has_capability(fitted, Tag.BAG_FEATURES)
+    pd.testing.assert_frame_equal(fitted.bag_features(bags),
+                                  fitted.best_estimator_.bag_features(bags))
     scores = fitted.instance_scores(bags)
     assert [len(s) for s in scores] == [len(b) for b in bags]
     np.testing.assert_array_equal(np.concatenate(scores),
