@@ -20,7 +20,9 @@ app = typer.Typer(help="Multiple-instance learning toolkit for the lymphocytosis
 data_app = typer.Typer(help="Inspect a challenge folder.", no_args_is_help=True)
 submission_app = typer.Typer(help="Leaderboard submission files.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: speed and accuracy figures.", no_args_is_help=True)
+cache_app = typer.Typer(help="The feature-store cache: verify, prune.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
 app.add_typer(submission_app, name="submission")
 app.add_typer(bench_app, name="bench")
 
@@ -300,6 +302,45 @@ def features(
     except USER_ERRORS as error:
         _fail(error)
     console.print(f"feature store: {store.root} ({store.n_rows} images × {store.dim})")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache: Annotated[Path, typer.Argument(help="Cache folder.")] = Path(".milbench/cache"),
+):
+    """Check every feature store: complete marker, sizes, SHA-256 checksums, changed sources."""
+    from preprocessing.store import verify_cache
+
+    table = verify_cache(cache)
+    _print_table(table.fillna(""), f"Feature stores under {cache / 'features'}")
+    damaged = table[table["state"] == "damaged"]
+    if len(damaged):
+        _fail(ValueError(f"{len(damaged)} damaged store(s): {', '.join(damaged['key'])}; the next "
+                         "extraction rebuilds them, or `milbench cache prune` removes them"))
+
+
+@cache_app.command("prune")
+def cache_prune(
+    workdir: Annotated[Path, typer.Argument(help="Work folder (holds cache/ and runs/).")]
+    = Path(".milbench"),
+    dry_run: Annotated[bool, typer.Option(help="List what would go; remove nothing.")] = False,
+):
+    """Remove complete or damaged feature stores that no run directory refers to (incomplete
+    ones may be an extraction in progress and stay)."""
+    import shutil
+
+    from milbench.runs import referenced_store_keys
+    from preprocessing.store import verify_cache
+
+    table = verify_cache(workdir / "cache")
+    kept = referenced_store_keys(workdir)
+    unused = table[~table["key"].isin(kept) & (table["state"] != "incomplete")]
+    for key in unused["key"]:
+        if not dry_run:
+            shutil.rmtree(workdir / "cache" / "features" / key)
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(unused)} of {len(table)} feature stores "
+                  f"({len(table) - len(unused)} kept: referenced by a run or incomplete)")
 
 
 @app.command()

@@ -8,6 +8,7 @@ writer of run directories.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import subprocess
 import sys
@@ -127,3 +128,19 @@ class Run:
         path = atomic_write(self.file(relative), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
         plt.close(figure)
         return path
+
+
+def referenced_store_keys(workdir: str | Path) -> set[str]:
+    """Feature-store keys that some run directory under ``workdir`` recorded (``features.json``,
+    ``feature_stores.json``): the stores ``milbench cache prune`` keeps."""
+    keys = set()
+    for path in Path(workdir, "runs").glob("*/feature*.json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if path.name == "features.json" and isinstance(record.get("key"), str):
+            keys.add(record["key"])
+        elif path.name == "feature_stores.json":
+            keys.update(str(store.get("manifest", {}).get("key")) for store in record.values())
+    return keys

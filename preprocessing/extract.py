@@ -15,7 +15,9 @@ source files, into the store key (see :mod:`preprocessing.store`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -25,12 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 
 from milbench.io import atomic_write_json
 from preprocessing.images import Preprocessor
 from preprocessing.segmentation import VARIANTS
 from preprocessing.stain import StainReference, image_set_paths, reference_from_images
 from preprocessing.store import FeatureStore, StoreWriter, hash_key, source_table, store_key
+
+log = logging.getLogger(__name__)
 
 KINDS = ("backbone", "autoencoder")
 DEFAULT_LATENT = {False: 8192, True: 4096}  # raw images / segmented images
@@ -175,6 +180,9 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
     resolved["stain"] = stain.to_dict() if stain is not None else None
     normalize = "imagenet" if config.kind == "backbone" else None
     resolved["normalize"] = normalize
+    # Part of the key: another device or torch build computes slightly different numbers.
+    resolved["runtime"] = {"device": torch.device(device).type, "torch": torch.__version__,
+                           "torchvision": torchvision.__version__}
     preprocessor = Preprocessor(config.input_size, config.segmentation, config.background,
                                 stain, normalize)
     if config.kind == "backbone":
@@ -232,23 +240,35 @@ def extract_features(
                        num_workers=num_workers, device=device)
     root = Path(cache_dir) / "features" / prepared.key
     if (root / "complete.json").is_file():
-        return FeatureStore(root)
+        problems = FeatureStore(root).verify()
+        if not problems:
+            return FeatureStore(root)
+        log.warning("feature store %s is damaged (%s); rebuilding it", root, "; ".join(problems))
+        (root / "complete.json").unlink()
+        (root / "progress.json").unlink(missing_ok=True)  # its rows cannot be trusted either
     manifest = {"key": prepared.key, "config": prepared.resolved, "dim": prepared.dim,
                 "n_rows": len(prepared.sources), "dtype": "float32",
                 "key_inputs": "sha256(canonical config JSON + (path, size, mtime_ns) of sources)",
                 "uses_test_images": bool(prepared.resolved.get("uses_test_images", False))}
-    writer = StoreWriter(root, manifest, prepared.sources, commit_seconds=commit_seconds)
-    started = time.perf_counter()
-    resumed_at = writer.rows_done
-    run_model_into(writer, list(prepared.sources["path"]), prepared.preprocessor, prepared.model,
-                   batch_size=batch_size,
-                   num_workers=default_workers() if num_workers is None else num_workers,
-                   channels_last=channels_last, progress=progress, on_batch=on_batch,
-                   device=device,
-                   description=f"features ({prepared.config.kind}:{prepared.config.name})")
-    seconds = time.perf_counter() - started
-    return writer.finish({"seconds": seconds, "resumed_at_row": resumed_at,
-                          "images_per_second": (writer.n_rows - resumed_at) / max(seconds, 1e-9)})
+    try:
+        writer = StoreWriter(root, manifest, prepared.sources, commit_seconds=commit_seconds)
+        started = time.perf_counter()
+        resumed_at = writer.rows_done
+        run_model_into(writer, list(prepared.sources["path"]), prepared.preprocessor,
+                       prepared.model, batch_size=batch_size,
+                       num_workers=default_workers() if num_workers is None else num_workers,
+                       channels_last=channels_last, progress=progress, on_batch=on_batch,
+                       device=device,
+                       description=f"features ({prepared.config.kind}:{prepared.config.name})")
+        seconds = time.perf_counter() - started
+        return writer.finish({"seconds": seconds, "resumed_at_row": resumed_at,
+                              "images_per_second": (writer.n_rows - resumed_at) / max(seconds, 1e-9)})
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        # The store stays incomplete (no complete.json): its committed rows resume next time.
+        raise OSError(errno.ENOSPC, f"disk full while writing feature store {root}; it is left "
+                      "incomplete and resumes once there is space") from error
 
 
 def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preprocessor,

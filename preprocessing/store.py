@@ -6,7 +6,10 @@ Layout of one store, ``<cache>/features/<key>/``::
     index.csv       row, patient_id, position, path, size, mtime_ns
     features.f32    raw little-endian float32 matrix, n_rows x dim (numpy memmap)
     progress.json   {"rows_done": k}: rows [0, k) are flushed and final
-    complete.json   written last; only its presence makes the store complete
+    complete.json   written last; only its presence makes the store complete. It records the
+                    byte size and SHA-256 of features.f32 and index.csv, which
+                    :meth:`FeatureStore.verify` checks: a truncated or altered store is named
+                    and never silently read
 
 The key is a SHA-256 of the canonical JSON of the resolved extractor config and of the source
 files as ``(path, size in bytes, mtime in ns)`` in index order. Size + mtime rather than content
@@ -88,6 +91,22 @@ def store_key(config: dict, sources: pd.DataFrame) -> str:
     return hash_key({"config": config, "sources": sources_fingerprint(sources)})
 
 
+class StoreIntegrityError(RuntimeError):
+    """A complete store whose files no longer match what was recorded when it was finished."""
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+
+
 class FeatureStore:
     """Read side of one store directory."""
 
@@ -151,6 +170,31 @@ class FeatureStore:
         if not self.is_complete:
             raise RuntimeError(f"feature store {self.root} is incomplete "
                                f"({self.rows_done}/{self.n_rows} rows); rerun the extraction")
+        expected = self.n_rows * self.dim * 4
+        size = (self.root / MATRIX).stat().st_size if (self.root / MATRIX).is_file() else None
+        if size != expected:  # cheap, on every read: a truncated matrix never reaches a model
+            raise StoreIntegrityError(f"feature store {self.root}: {MATRIX} has {size} bytes, "
+                                      f"expected {expected}")
+
+    def verify(self) -> list[str]:
+        """Problems with a complete store (empty when sound): missing files, sizes and SHA-256
+        checksums against those recorded when it was finished."""
+        if not self.is_complete:
+            return [f"incomplete ({self.rows_done}/{self.n_rows} rows)"]
+        recorded = json.loads((self.root / COMPLETE).read_text()).get("files")
+        if recorded is None:
+            return ["no checksums recorded (written by an older milbench); rebuild it"]
+        problems = []
+        for name, record in recorded.items():
+            path = self.root / name
+            if not path.is_file():
+                problems.append(f"{name} is missing")
+            elif path.stat().st_size != record["bytes"]:
+                problems.append(f"{name} has {path.stat().st_size} bytes, recorded "
+                                f"{record['bytes']}")
+            elif file_digest(path) != record["sha256"]:
+                problems.append(f"{name} does not match its recorded SHA-256")
+        return problems
 
 
 def read_rows_done(root: Path) -> int:
@@ -224,5 +268,47 @@ class StoreWriter:
         if self._matrix is not None:
             self._matrix.flush()
         del self._matrix
-        atomic_write_json(self.root / COMPLETE, {"rows": self.n_rows, **(info or {})})
+        files = {name: file_record(self.root / name) for name in (MATRIX, INDEX)}
+        atomic_write_json(self.root / COMPLETE, {"rows": self.n_rows, "files": files,
+                                                 **(info or {})})
         return FeatureStore(self.root)
+
+
+def changed_sources(root: Path) -> int:
+    """How many of a store's source images no longer have the recorded size and mtime (its key
+    would differ today: the store is stale, a candidate for pruning)."""
+    index = pd.read_csv(Path(root) / INDEX, dtype={"path": str})
+    changed = 0
+    for path, size, mtime in index[["path", "size", "mtime_ns"]].itertuples(index=False):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            changed += 1
+            continue
+        changed += int(stat.st_size != size or stat.st_mtime_ns != mtime)
+    return changed
+
+
+def verify_cache(cache_dir: str | os.PathLike) -> pd.DataFrame:
+    """One row per store under ``<cache_dir>/features``: key, extractor, rows, state
+    (complete, incomplete, damaged), the problems found (sizes, checksums, complete marker) and
+    how many source images changed since it was made."""
+    rows = []
+    for root in sorted(Path(cache_dir, "features").glob("*")):
+        if not root.is_dir():
+            continue
+        try:
+            store = FeatureStore(root)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            rows.append({"key": root.name, "extractor": "?", "rows": 0, "state": "damaged",
+                         "problems": str(error), "changed_sources": None})
+            continue
+        problems = store.verify()
+        state = ("complete" if not problems else
+                 "incomplete" if not store.is_complete else "damaged")
+        rows.append({"key": root.name, "extractor": str(store.config.get("name")),
+                     "rows": store.rows_done, "state": state,
+                     "problems": "; ".join(problems) if store.is_complete else "",
+                     "changed_sources": changed_sources(root) if (root / INDEX).is_file() else None})
+    return pd.DataFrame(rows, columns=["key", "extractor", "rows", "state", "problems",
+                                       "changed_sources"])

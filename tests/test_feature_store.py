@@ -10,7 +10,7 @@ import pytest
 
 from preprocessing.extract import ExtractorConfig, extract_features, load_extractor_config
 from preprocessing.images import CorruptImageError
-from preprocessing.store import FeatureStore
+from preprocessing.store import FeatureStore, StoreIntegrityError
 from preprocessing.toy import write_toy_cohort
 from preprocessing.transforms import BagTransform
 
@@ -144,3 +144,81 @@ def test_commands_on_a_challenge_folder(tmp_path):
     assert store.is_complete and store.dim == 512
     with pytest.raises(ValueError, match="unknown segmentation variant"):
         segment_command(root, "otsu")
+
+
+def test_a_truncated_store_is_refused_on_read_and_rebuilt_by_the_next_extraction(cohort, tmp_path):
+    store = _extract(cohort, tmp_path)
+    expected = store.features().copy()
+    matrix = store.root / "features.f32"
+    with open(matrix, "r+b") as handle:
+        handle.truncate(matrix.stat().st_size - 4)
+    with pytest.raises(StoreIntegrityError, match=r"features\.f32 has \d+ bytes, expected"):
+        FeatureStore(store.root).bags(cohort)
+    assert any("bytes, recorded" in problem for problem in FeatureStore(store.root).verify())
+    rebuilt = _extract(cohort, tmp_path)
+    assert rebuilt.verify() == []
+    np.testing.assert_array_equal(rebuilt.features(), expected)
+
+
+def test_an_altered_store_fails_its_checksum_and_is_rebuilt(cohort, tmp_path, caplog):
+    store = _extract(cohort, tmp_path)
+    expected = store.features().copy()
+    with open(store.root / "features.f32", "r+b") as handle:
+        handle.write(b"\x00\x00\x80\x7f")  # one float changed, same size
+    assert FeatureStore(store.root).verify() == ["features.f32 does not match its recorded SHA-256"]
+    rebuilt = _extract(cohort, tmp_path)
+    assert "is damaged (features.f32 does not match" in caplog.text
+    np.testing.assert_array_equal(rebuilt.features(), expected)
+
+
+def test_disk_full_while_writing_leaves_no_complete_marker_and_names_the_store(cohort, tmp_path,
+                                                                               monkeypatch):
+    import errno
+
+    from preprocessing import store as store_module
+
+    def full(self, start, block):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.StoreWriter, "write", full)
+    with pytest.raises(OSError, match=r"disk full while writing feature store .*features/") as error:
+        _extract(cohort, tmp_path)
+    assert error.value.errno == errno.ENOSPC
+    roots = list((tmp_path / "features").iterdir())
+    assert len(roots) == 1 and not (roots[0] / "complete.json").exists()
+    monkeypatch.undo()
+    assert _extract(cohort, tmp_path).verify() == []  # space again: it completes
+
+
+def test_the_store_key_includes_the_device_and_library_versions(cohort, tmp_path):
+    import torch
+    import torchvision
+
+    runtime = _extract(cohort, tmp_path).config["runtime"]
+    assert runtime == {"device": "cpu", "torch": torch.__version__,
+                       "torchvision": torchvision.__version__}
+
+
+def test_cache_verify_names_damaged_stores_and_prune_keeps_what_runs_refer_to(cohort, tmp_path):
+    from typer.testing import CliRunner
+
+    from milbench.cli import app
+
+    cache = tmp_path / "cache"
+    used = _extract(cohort, cache)
+    other = extract_features(cohort, {**CONFIG, "input_size": 64}, cache, progress=False,
+                             batch_size=2, num_workers=0)
+    (tmp_path / "runs" / "run-1").mkdir(parents=True)
+    (tmp_path / "runs" / "run-1" / "features.json").write_text(json.dumps(used.manifest))
+    runner = CliRunner()
+    result = runner.invoke(app, ["cache", "verify", str(cache)])
+    assert result.exit_code == 0, result.output
+    with open(other.root / "features.f32", "r+b") as handle:
+        handle.write(b"\x00\x00\x80\x7f")
+    result = runner.invoke(app, ["cache", "verify", str(cache)])
+    assert result.exit_code == 2 and f"1 damaged store(s): {other.key}" in result.output
+    result = runner.invoke(app, ["cache", "prune", str(tmp_path), "--dry-run"])
+    assert "would remove 1 of 2 feature stores" in result.output and other.root.exists()
+    result = runner.invoke(app, ["cache", "prune", str(tmp_path)])
+    assert result.exit_code == 0 and "removed 1 of 2" in result.output
+    assert not other.root.exists() and used.verify() == []
