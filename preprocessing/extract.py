@@ -33,7 +33,14 @@ from milbench.io import atomic_write_json
 from preprocessing.images import Preprocessor
 from preprocessing.segmentation import VARIANTS
 from preprocessing.stain import StainReference, image_set_paths, reference_from_images
-from preprocessing.store import FeatureStore, StoreWriter, hash_key, source_table, store_key
+from preprocessing.store import (
+    FeatureStore,
+    StoreWriter,
+    exclusive,
+    hash_key,
+    source_table,
+    store_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +242,17 @@ def extract_features(
     ``commit_seconds`` of work. ``on_batch`` is called after each batch with the number of
     committed (durable) rows (progress hooks, tests).
     """
+    # One extraction per cache folder at a time, across processes: a concurrent run waits,
+    # then finds the store complete and reuses it.
+    with exclusive(Path(cache_dir) / "extraction.lock", "building features in this cache"):
+        return _extract_locked(cohort, extractor_config, cache_dir, seed=seed, progress=progress,
+                               batch_size=batch_size, num_workers=num_workers,
+                               channels_last=channels_last, commit_seconds=commit_seconds,
+                               on_batch=on_batch, device=device)
+
+
+def _extract_locked(cohort, extractor_config, cache_dir, *, seed, progress, batch_size,
+                    num_workers, channels_last, commit_seconds, on_batch, device) -> FeatureStore:
     torch.manual_seed(seed)
     prepared = prepare(cohort, extractor_config, cache_dir, seed=seed, progress=progress,
                        num_workers=num_workers, device=device)

@@ -22,16 +22,22 @@ and only then replaces ``progress.json`` atomically. Commits happen after a batc
 ``commit_seconds`` have passed since the last one (0: after every batch), and always at the
 end. A crash or Ctrl-C loses at most the uncommitted rows, which the next run recomputes;
 flushing by time rather than every batch keeps msync off the hot path for small models.
-One writer per store at a time.
+One writer per store at a time: extractions into one cache folder hold its
+``extraction.lock`` (:func:`exclusive`), so a second run waits for the first, then reuses what
+it built instead of writing the same files beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +46,43 @@ import pandas as pd
 
 from milbench.io import atomic_write_json, atomic_write_text
 
+log = logging.getLogger(__name__)
+_held_locks: set[str] = set()  # locks this process holds: a nested acquisition passes through
+_held_guard = threading.Lock()
+
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
 MATRIX = "features.f32"
 PROGRESS = "progress.json"
 COMPLETE = "complete.json"
 INDEX_COLUMNS = ["row", "patient_id", "position", "path", "size", "mtime_ns"]
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_path`` (created if needed) across processes;
+    waits, saying so in the log, while another process holds it."""
+    lock_path = Path(lock_path).resolve()
+    with _held_guard:
+        nested = str(lock_path) in _held_locks
+    if nested:
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process %s (%s)", what, lock_path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        with _held_guard:
+            _held_locks.add(str(lock_path))
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held_locks.discard(str(lock_path))
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def canonical_json(obj: Any) -> str:

@@ -222,3 +222,26 @@ def test_cache_verify_names_damaged_stores_and_prune_keeps_what_runs_refer_to(co
     result = runner.invoke(app, ["cache", "prune", str(tmp_path)])
     assert result.exit_code == 0 and "removed 1 of 2" in result.output
     assert not other.root.exists() and used.verify() == []
+
+
+def test_a_second_extraction_waits_for_the_process_building_the_cache_then_reuses(cohort, tmp_path,
+                                                                                  caplog):
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    first = _extract(cohort, cache)
+    lock = (cache / "extraction.lock").resolve()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    started = time.perf_counter()
+    with caplog.at_level("INFO", logger="preprocessing.store"):
+        second = _extract(cohort, cache)
+    assert time.perf_counter() - started > 1.0  # it waited for the other process
+    assert "waiting for another process building features" in caplog.text
+    assert holder.wait(timeout=30) == 0
+    assert second.root == first.root and second.verify() == []
