@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,15 +158,99 @@ def _reads_own_instances(spec: ModelSpec) -> bool:
     return spec.reads_instances and Tag.ENSEMBLE.value not in model_tags(spec.name)
 
 
-def check_features(config: RunConfig) -> None:
-    """Fail, naming the model, when a model reads instance features but none are set for it."""
+def check_features(config: RunConfig) -> list[str]:
+    """Problems of the models' features, naming the model: instance features read but none set,
+    or an extractor setting that cannot work (unknown kind, backbone, segmentation ...)."""
+    from preprocessing.extract import ExtractorConfig
+
+    problems, checked = [], set()
+
     def visit(spec, features, top):
+        through = "" if spec is top else f" (its member {spec.display_name!r})"
         if _reads_own_instances(spec) and features == NO_FEATURES:
-            through = "" if spec is top else f" (its member {spec.display_name!r})"
-            raise ConfigError(f"model {top.display_name!r}{through} reads instance features; set "
-                              "features.extractor or the model's features")
+            problems.append(f"model {top.display_name!r}{through} reads instance features; set "
+                            "features.extractor or the model's features")
+        elif (_reads_own_instances(spec) and isinstance(features, dict)
+              and features.get("kind") != PATHS and _key_of(features) not in checked):
+            checked.add(_key_of(features))
+            try:
+                ExtractorConfig.from_dict(features)
+            except (ValueError, TypeError, FileNotFoundError) as error:
+                problems.append(f"model {top.display_name!r}{through}: features: {error}")
         return spec
     walk_models(config, visit)
+    return problems
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` cannot take new files (None when it can). Nothing is created: a probe
+    file is written and removed in the folder, or in its nearest existing ancestor."""
+    existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{folder}: cannot be created ({existing} is not a folder)"
+    try:
+        probe = existing / f".milbench-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return f"{folder}: cannot write there ({error.strerror or error})"
+    return None
+
+
+def _image_count(config: RunConfig) -> int | None:
+    """Images of the configured data folder, or of an already generated synthetic cohort."""
+    root = (Path(config.data.root) if config.data.root is not None
+            else synthetic_cohort_path(config.data, config.workdir))
+    if not root.is_dir():
+        return None
+    return sum(1 for path in root.rglob("*") if path.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def _store_bytes(config: RunConfig, n_images: int) -> int:
+    """What the feature stores this run would build take on disk (float32 matrices)."""
+    from preprocessing.backbones import SPECS
+    from preprocessing.extract import ExtractorConfig
+
+    total = 0
+    for key, (extractor, _) in _required_views(config).items():
+        if key == NO_FEATURES or extractor.get("kind") == PATHS:
+            continue
+        settings = ExtractorConfig.from_dict(extractor)
+        dim = SPECS[settings.name].dim if settings.kind == "backbone" else settings.resolved_latent
+        total += n_images * dim * 4
+    return total
+
+
+def preflight(config: RunConfig) -> None:
+    """Everything that can be checked before the first expensive step, reported at once: the
+    models' features and extractors, the data and source folders, write access to the work and
+    submission folders, and free disk space for the feature stores (when the image count is
+    known: a data folder, or a synthetic cohort generated earlier)."""
+    problems = check_features(config)
+    if config.data.root is not None:
+        root = Path(config.data.root)
+        if not root.is_dir():
+            problems.append(f"data.root {root}: no such folder")
+        elif not (root / "clinical_annotation.csv").is_file():
+            problems.append(f"data.root {root}: no clinical_annotation.csv")
+    if config.source is not None and config.source.root is not None:
+        if not Path(config.source.root).is_dir():
+            problems.append(f"source.root {config.source.root}: no such folder")
+    folders = [("workdir", Path(config.workdir))]
+    if config.submission.enabled:
+        folders.append(("submission.dir", Path(config.submission.dir)))
+    problems += [f"{name} {reason}" for name, folder in folders
+                 if (reason := _unwritable(folder)) is not None]
+    if not problems and (n_images := _image_count(config)):
+        needed = _store_bytes(config, n_images)
+        existing = next(p for p in (Path(config.workdir), *Path(config.workdir).absolute().parents)
+                        if p.exists())
+        free = shutil.disk_usage(existing).free
+        if needed > free:
+            problems.append(f"workdir {config.workdir}: {free / 1e9:.2f} GB free, the feature "
+                            f"stores of this run need about {needed / 1e9:.2f} GB")
+    if problems:
+        raise ConfigError("the run cannot start:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def resolve_source_root(config: RunConfig, progress: bool = True) -> Path:
@@ -260,7 +346,7 @@ def prepare_data(config: RunConfig, progress: bool = True,
     """Cohort, bags under every extractor a model reads (each computed once) and clinical
     tables for ``config`` (source features attached in place)."""
     timer = timer or StageTimer()
-    check_features(config)  # before any data is read
+    preflight(config)  # before any data is read
     with timer.stage("data"):
         root = resolve_data_root(config.data, config.workdir, progress)
         cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
