@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -62,3 +63,28 @@ def test_check_any_content_gives_messages_not_exceptions(tmp_path_factory, conte
     problems = check_submission(path, TEST_IDS)
     assert all(isinstance(p, str) and str(path) in p for p in problems)
     assert problems  # random text is never a complete valid submission
+
+
+def _write_one(args):
+    directory, value = args
+    return str(write_submission({"P3": value, "P7": value, "P71": value}, TEST_IDS, directory,
+                                "race", {"writer": value}))
+
+
+def _create_run(base):
+    from milbench.runs import Run
+
+    return str(Run.create(base, "race").path)
+
+
+def test_concurrent_writers_get_distinct_versions_and_run_directories(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        paths = pool.map(_write_one, [(tmp_path / "subs", i % 2) for i in range(12)])
+        runs = pool.map(_create_run, [tmp_path / "runs"] * 12)
+    assert len(set(paths)) == 12 and len(set(runs)) == 12
+    for path in paths:  # every file whole, with its own provenance
+        assert check_submission(path, TEST_IDS) == []
+        provenance = json.loads(Path(path).with_suffix(".json").read_text())
+        assert provenance["submission"] == Path(path).name
