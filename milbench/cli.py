@@ -65,6 +65,8 @@ def run(
     data: Annotated[Path | None, typer.Option(help="Challenge folder; default: a generated cohort.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.sub=value")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue this interrupted run directory (same config, data and code).")] = None,
 ):
     """Train and evaluate the models a config names; write a run directory and submissions."""
     from milbench.config import load_config
@@ -77,11 +79,18 @@ def run(
         # The config (model parameters included) is checked before the pipeline and its heavy
         # libraries load: a typo fails in about a second.
         resolved = load_config(config, overrides)
-        from milbench.pipeline import run_pipeline
+        from milbench.pipeline import RunInterrupted, run_pipeline
 
-        outcome = run_pipeline(resolved, progress=progress)
+        outcome = run_pipeline(resolved, progress=progress, resume=resume)
     except USER_ERRORS as error:
         _fail(error)
+    except RunInterrupted as stopped:
+        command = [arg for arg in sys.argv if arg != "--resume"]
+        if resume is not None:
+            command = [arg for arg in command if arg != str(resume)]
+        error_console.print(f"{stopped}. Resume with:\n  {' '.join(command)} --resume "
+                            f"{stopped.run_dir}")
+        raise typer.Exit(130) from None
     # The terminal shows the headline columns; metrics.csv and report.md hold every metric.
     shown = outcome.table.drop(columns=["balanced_accuracy_mean", "f1", "precision", "recall"])
     if "hidden_test_ci_low" in shown:

@@ -4,12 +4,16 @@ refit on all training patients → test predictions and leaderboard CSVs → met
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from milbench import report, tracking
 from milbench.config import ConfigError, RunConfig, resolved_dict
@@ -31,7 +35,7 @@ from milbench.models.reuse import fit_model, reusing_fits
 from milbench.models.spec import ModelSpec
 from milbench.preparation import PreparedData, hidden_test_labels, prepare_data, stratification
 from milbench.progress import StageTimer
-from milbench.runs import Run, git_state
+from milbench.runs import Run, environment_record, git_state
 from milbench.submit import write_submission
 
 log = logging.getLogger(__name__)
@@ -83,15 +87,77 @@ def resolve_member_selection(entry: ModelSpec, earlier: list[ModelSpec],
     return resolved, ranking.sort_values(metric, ascending=False, kind="stable")
 
 
-def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
+class RunInterrupted(Exception):
+    """Ctrl-C (or SIGINT) during a run: its finished fits are kept in ``run_dir``."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"interrupted; finished fits are kept in {run_dir / 'fits'}")
+        self.run_dir = run_dir
+
+
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two resolved configs differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [difference for key in sorted(set(saved) | set(now), key=str)
+                for difference in _differences(saved.get(key), now.get(key),
+                                               f"{prefix}.{key}" if prefix else str(key))]
+    return [] if saved == now else [prefix or "(top level)"]
+
+
+def data_fingerprint(data: PreparedData) -> str:
+    """The cohort's images (path, size, mtime) and its patient table."""
+    from preprocessing.store import source_table, sources_fingerprint
+
+    table = hashlib.sha256(data.cohort.frame().to_csv(index=False).encode()).hexdigest()
+    return f"{sources_fingerprint(source_table(data.cohort.image_table()))}:{table}"
+
+
+def _resume(path: Path, resolved: dict, fingerprint: str) -> Run:
+    """The run directory to continue, once its config, data and code match this run's."""
+    run = Run.open(path)
+    saved = yaml.safe_load(run.file("config.yaml").read_text(encoding="utf-8"))
+    changed = _differences(saved, json.loads(json.dumps(resolved, default=str)))
+    if changed:
+        raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
+    recorded = json.loads(run.file("data_fingerprint.json").read_text(encoding="utf-8"))
+    if recorded["fingerprint"] != fingerprint:
+        raise ConfigError(f"cannot resume {path}: the data differs (images or patient table "
+                          "changed since the run started)")
+    then = json.loads(run.file("environment.json").read_text(encoding="utf-8"))
+    now = environment_record()
+    for name in ("milbench_version", "git"):
+        if then.get(name) != now.get(name):
+            raise ConfigError(f"cannot resume {path}: the code version differs ({name}: "
+                              f"{then.get(name)} then, {now.get(name)} now)")
+    log.info("resuming %s", path)
+    return run
+
+
+def run_pipeline(config: RunConfig, progress: bool = True, resume: Path | None = None
+                 ) -> RunOutcome:
+    """Run ``config``; with ``resume``, continue that interrupted run directory: folds it
+    finished are read back, the rest are fitted, and the results equal an uninterrupted run's."""
     check_member_selections(config)
     tracking.require(config)  # before any work: enabled tracking needs MLflow installed
     timer = StageTimer()
     data = prepare_data(config, progress, timer)
-    run = Run.create(Path(config.workdir) / "runs", config.name)
     resolved = resolved_dict(config)
     resolved["data"]["resolved_root"] = str(data.root.resolve())
-    run.save_config(resolved)
+    fingerprint = data_fingerprint(data)
+    if resume is not None:
+        run = _resume(Path(resume), resolved, fingerprint)
+    else:
+        run = Run.create(Path(config.workdir) / "runs", config.name)
+        run.save_config(resolved)
+        run.write_json("data_fingerprint.json", {"fingerprint": fingerprint})
+    try:
+        return _run_models(config, progress, timer, data, run)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run.path) from None
+
+
+def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: PreparedData,
+                run: Run) -> RunOutcome:
     run.write_csv("cohort/patients.csv", data.cohort.frame())
     run.write_csv("cohort/skipped.csv", pd.DataFrame(
         [(s.path, s.reason) for s in data.cohort.skipped], columns=["path", "reason"]))
@@ -125,13 +191,15 @@ def run_pipeline(config: RunConfig, progress: bool = True) -> RunOutcome:
                 results[name] = cross_validate(
                     entry.build(), train_bags, data.labels, data.train.ids, folds,
                     data.train_clinical, seed=config.seed, description=f"CV {name}",
-                    progress=progress)
+                    progress=progress, records=run.file(f"fits/{name}"))
             _write_model_results(run, name, results[name])
             rows.append(_summary_row(name, results[name], note, data.features_of(entry)))
             if len(data.test):
                 with timer.stage(f"refit and predict {name}"):
                     row_extra, path, finals[name] = _fit_final(run, config, data, entry, name,
                                                                results[name], test_truth)
+                if path is not None:  # a resumed run keeps it instead of writing another
+                    run.write_json(f"fits/{name}/submission.json", {"path": str(path)})
                 rows[-1].update(row_extra)
                 if path is not None:
                     submissions[name] = path
@@ -235,6 +303,9 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelSpec
                  "hidden_test_roc_auc": hidden["roc_auc"]}
     if not config.submission.enabled:
         return extra, None, final
+    written = run.file(f"fits/{name}/submission.json")
+    if written.is_file():  # written before an interruption; the refit predicts the same
+        return extra, Path(json.loads(written.read_text(encoding="utf-8"))["path"]), final
     path = write_submission(
         dict(zip(data.test.ids, predicted.tolist(), strict=True)), data.test.ids,
         config.submission.dir, f"{config.name}-{name}",

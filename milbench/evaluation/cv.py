@@ -6,14 +6,17 @@ on which folds ran before it. Only the training patients' labels reach ``fit``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from milbench.core.metrics import aggregate, binary_metrics
 from milbench.evaluation.splits import Fold
+from milbench.io import atomic_write_json
 from milbench.models.base import FoldFit, fit_fold
 from milbench.progress import progress_bar
 
@@ -47,15 +50,26 @@ def cross_validate(
     description: str = "cross-validation",
     progress: bool = True,
     on_fold: Callable[[Fold, FoldFit, list[int], list[int]], None] | None = None,
+    records: Path | None = None,
 ) -> CVResult:
     """Fit ``clone(model)`` on each fold's training patients and predict its validation ones;
     ``on_fold(fold, fitted, train_rows, val_rows)`` sees each fitted fold (a benchmark reads
-    the fitted model's logs there)."""
+    the fitted model's logs there). With ``records`` (a folder), each finished fold is saved
+    there as it ends (its out-of-fold rows, fit time and history) and a fold already recorded
+    is read back instead of refitted: an interrupted run resumes to the same results."""
     position = {pid: i for i, pid in enumerate(ids)}
     labels = np.asarray(labels, dtype=int)
     rows, fit_seconds, histories = [], [], []
     with progress_bar(description, total=len(folds), enabled=progress, unit="fold") as advance:
         for fold in folds:
+            record = None if records is None else records / f"r{fold.repeat}-f{fold.fold}.json"
+            if record is not None and record.is_file():
+                saved = json.loads(record.read_text(encoding="utf-8"))
+                rows += [tuple(row) for row in saved["rows"]]
+                fit_seconds.append(saved["fit_seconds"])
+                histories.append(saved["history"])
+                advance()
+                continue
             train = [position[pid] for pid in fold.train_ids]
             val = [position[pid] for pid in fold.val_ids]
             fitted = fit_fold(model, bags, labels, train, val, clinical,
@@ -64,8 +78,13 @@ def cross_validate(
             histories.append(fitted.history)
             if on_fold is not None:
                 on_fold(fold, fitted, train, val)
-            for i, score, predicted in zip(val, fitted.scores, fitted.predictions, strict=True):
-                rows.append((fold.repeat, fold.fold, ids[i], int(labels[i]), float(score), int(predicted)))
+            fold_rows = [(fold.repeat, fold.fold, ids[i], int(labels[i]), float(score), int(predicted))
+                         for i, score, predicted in zip(val, fitted.scores, fitted.predictions,
+                                                        strict=True)]
+            rows += fold_rows
+            if record is not None:  # floats round-trip exactly through JSON
+                atomic_write_json(record, {"rows": fold_rows, "fit_seconds": fitted.fit_seconds,
+                                           "history": fitted.history})
             advance()
     oof = pd.DataFrame(rows, columns=["repeat", "fold", "patient_id", "label", "score", "predicted"])
     per_repeat = []
