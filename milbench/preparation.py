@@ -27,6 +27,22 @@ from milbench.progress import StageTimer
 log = logging.getLogger(__name__)
 
 
+def check_generated(path: Path, what: str) -> None:
+    """Refuse a generated directory whose files changed since it was written (naming them);
+    one made before checksums were recorded is reused with a logged warning."""
+    from milbench.synth.cohort import verify_generated
+
+    problems = verify_generated(path)
+    if problems is None:
+        log.warning("%s %s records no checksums (made by an older milbench); reusing it "
+                    "unchecked", what, path)
+    elif problems:
+        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more"
+                                           if len(problems) > 5 else "")
+        raise ConfigError(f"{path}: the {what} was changed since it was written ({shown}); "
+                          "remove it to regenerate")
+
+
 def synthetic_cohort_path(data: DataConfig, workdir: str | Path) -> Path:
     """Where the configured synthetic cohort is cached: named by preset and seed, plus a hash of
     the knobs when any is overridden (every knob is part of the key)."""
@@ -57,6 +73,7 @@ def resolve_data_root(data: DataConfig, workdir: str | Path, progress: bool = Tr
             differing = sorted(k for k in wanted if found[k] != wanted[k])
             raise ConfigError(f"{path} exists but is not the synthetic cohort the config asks for "
                               f"(differs in {differing}); remove it to regenerate")
+        check_generated(path, "generated cohort")
         log.info("reusing synthetic cohort %s", path)
         return path
     log.info("generating synthetic %s cohort in %s", synthetic.preset, path)
@@ -263,6 +280,8 @@ def resolve_source_root(config: RunConfig, progress: bool = True) -> Path:
     path = Path(config.workdir) / "data" / f"allidb2-seed{source.seed}-n{source.n_per_class}"
     if not path.exists():
         generate_allidb2(path, seed=source.seed, n_per_class=source.n_per_class, progress=progress)
+    else:
+        check_generated(path, "generated source set")
     return path
 
 

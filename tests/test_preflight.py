@@ -47,3 +47,16 @@ def test_too_little_disk_for_the_feature_stores_is_refused(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"0\.00 GB free, the feature stores of this run need"):
         prepare_data(config, progress=False)
     assert not (tmp_path / "work" / "cache").exists()
+
+
+def test_a_changed_generated_cohort_is_refused_naming_the_files(tmp_path):
+    config = load_config(CONFIGS / "pipeline.yaml", [
+        "data.synthetic.preset=tiny", f"workdir={tmp_path / 'work'}"])
+    root = preparation.resolve_data_root(config.data, config.workdir, progress=False)
+    assert preparation.resolve_data_root(config.data, config.workdir, progress=False) == root
+    image = next(root.glob("trainset/*/*.jpg"))
+    image.write_bytes(image.read_bytes()[:-10])  # truncated
+    (root / "trainset" / image.parent.name / "extra.jpg").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"was changed since it was written \(altered trainset/"
+                                          r".*\.jpg, unexpected trainset/.*/extra\.jpg\)"):
+        preparation.resolve_data_root(config.data, config.workdir, progress=False)

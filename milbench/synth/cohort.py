@@ -14,6 +14,7 @@ onto the target at the end (manifest last), and existing non-empty targets are n
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import multiprocessing
 import os
@@ -51,6 +52,7 @@ from milbench.synth.render import (
 
 GENERATOR_VERSION = "2"
 MANIFEST_NAME = "synth.json"
+CHECKSUMS_NAME = "checksums.json"  # SHA-256 of every generated file, checked when reused
 # Ages are drawn first and turned into birth dates relative to this day; loaders computing age
 # from DOB should use the same reference to recover them.
 AGE_REFERENCE_DATE = date(2020, 1, 1)
@@ -518,6 +520,7 @@ def generate_cohort(
         from milbench.synth.difficulty import cohort_difficulty
 
         atomic_write_json(staging / "truth" / "difficulty.json", cohort_difficulty(staging))
+        atomic_write_json(staging / CHECKSUMS_NAME, file_checksums(staging))
         atomic_write_json(staging / MANIFEST_NAME, manifest)
     return out_dir
 
@@ -564,11 +567,37 @@ def generate_allidb2(
             "milbench_version": __version__,
             "counts": {"blast": int(labels.sum()), "healthy": int(total - labels.sum())},
         }
+        atomic_write_json(staging / CHECKSUMS_NAME, file_checksums(staging))
         atomic_write_json(staging / MANIFEST_NAME, manifest)
     return out_dir
 
 
 # --------------------------------------------------------------------------- readers
+
+
+def file_checksums(root: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (but the manifest and this record), by relative path."""
+    root = Path(root)
+    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*"))
+            if path.is_file() and path.name not in (MANIFEST_NAME, CHECKSUMS_NAME)}
+
+
+def verify_generated(root: str | os.PathLike) -> list[str] | None:
+    """What changed in a generated directory since it was written: missing, altered and
+    unexpected files (empty when intact); None when it records no checksums (made before
+    milbench recorded them)."""
+    root = Path(root)
+    record = root / CHECKSUMS_NAME
+    if not record.is_file():
+        return None
+    recorded = json.loads(record.read_text(encoding="utf-8"))
+    found = file_checksums(root)
+    problems = [f"missing {name}" for name in recorded if name not in found]
+    problems += [f"altered {name}" for name, digest in recorded.items()
+                 if name in found and found[name] != digest]
+    problems += [f"unexpected {name}" for name in found if name not in recorded]
+    return problems
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
