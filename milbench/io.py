@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -40,6 +41,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     an existing file at ``path`` is left untouched.
     """
     return _write_through_temporary(path, write, os.replace)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in chunks (the project's one file checksum)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

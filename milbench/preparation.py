@@ -158,8 +158,9 @@ def _walk(spec: ModelSpec, inherited, visit, top: ModelSpec) -> ModelSpec:
     features = spec.features if spec.features is not None else inherited
     members = spec.params.get("members")
     if Tag.ENSEMBLE.value in model_tags(spec.name) and isinstance(members, list | tuple):
-        walked = [_walk(ModelSpec.coerce(m), features, visit, top) for m in members]
-        if walked != [ModelSpec.coerce(m) for m in members]:
+        coerced = [ModelSpec.coerce(m) for m in members]
+        walked = [_walk(m, features, visit, top) for m in coerced]
+        if walked != coerced:
             spec = spec.model_copy(update={"params": {**spec.params, "members": [
                 m.model_dump(exclude_defaults=True) for m in walked]}})
     return visit(spec, features, top)

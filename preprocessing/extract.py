@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import torchvision
 
-from milbench.io import atomic_write_json
+from milbench.io import atomic_write_json, file_sha256
 from preprocessing.images import Preprocessor
 from preprocessing.segmentation import VARIANTS
 from preprocessing.stain import StainReference, image_set_paths, reference_from_images
@@ -122,14 +121,6 @@ def load_extractor_config(source: str | os.PathLike | Mapping[str, Any]) -> Extr
     if not isinstance(data, dict):
         raise ValueError(f"extractor config {path} must be a mapping")
     return ExtractorConfig.from_dict(data)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_stain(stain: Mapping[str, Any] | None, cohort, cache_dir: Path
@@ -258,9 +249,10 @@ def _extract_locked(cohort, extractor_config, cache_dir, *, seed, progress, batc
                        num_workers=num_workers, device=device)
     root = Path(cache_dir) / "features" / prepared.key
     if (root / "complete.json").is_file():
-        problems = FeatureStore(root).verify()
+        existing = FeatureStore(root)
+        problems = existing.verify()
         if not problems:
-            return FeatureStore(root)
+            return existing
         log.warning("feature store %s is damaged (%s); rebuilding it", root, "; ".join(problems))
         (root / "complete.json").unlink()
         (root / "progress.json").unlink(missing_ok=True)  # its rows cannot be trusted either

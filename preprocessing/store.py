@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from milbench.io import atomic_write_json, atomic_write_text
+from milbench.io import atomic_write_json, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 _held_locks: set[str] = set()  # locks this process holds: a nested acquisition passes through
@@ -132,16 +132,8 @@ class StoreIntegrityError(RuntimeError):
     """A complete store whose files no longer match what was recorded when it was finished."""
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_record(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 class FeatureStore:
@@ -229,7 +221,7 @@ class FeatureStore:
             elif path.stat().st_size != record["bytes"]:
                 problems.append(f"{name} has {path.stat().st_size} bytes, recorded "
                                 f"{record['bytes']}")
-            elif file_digest(path) != record["sha256"]:
+            elif file_sha256(path) != record["sha256"]:
                 problems.append(f"{name} does not match its recorded SHA-256")
         return problems
 

@@ -14,7 +14,6 @@ onto the target at the end (manifest last), and existing non-empty targets are n
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from milbench import __version__
-from milbench.io import atomic_write_json, atomic_write_text
+from milbench.io import atomic_write_json, atomic_write_text, file_sha256
 from milbench.synth.presets import (
     BagSizes,
     SynthPreset,
@@ -578,7 +577,7 @@ def generate_allidb2(
 def file_checksums(root: str | os.PathLike) -> dict[str, str]:
     """SHA-256 of every file under ``root`` (but the manifest and this record), by relative path."""
     root = Path(root)
-    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+    return {path.relative_to(root).as_posix(): file_sha256(path)
             for path in sorted(root.rglob("*"))
             if path.is_file() and path.name not in (MANIFEST_NAME, CHECKSUMS_NAME)}
 
