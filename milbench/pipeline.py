@@ -26,7 +26,7 @@ from milbench.ensemble.members import (
     select_best,
 )
 from milbench.evaluation.compare import bootstrap_interval, paired_comparison
-from milbench.evaluation.cv import CVResult, cross_validate
+from milbench.evaluation.cv import CVResult, cross_validate, stop_between_folds
 from milbench.evaluation.splits import kfold_splits, save_folds
 from milbench.instances import write_instance_views
 from milbench.models import model_tags
@@ -151,7 +151,8 @@ def run_pipeline(config: RunConfig, progress: bool = True, resume: Path | None =
         run.save_config(resolved)
         run.write_json("data_fingerprint.json", {"fingerprint": fingerprint})
     try:
-        return _run_models(config, progress, timer, data, run)
+        with stop_between_folds():
+            return _run_models(config, progress, timer, data, run)
     except KeyboardInterrupt:
         raise RunInterrupted(run.path) from None
 

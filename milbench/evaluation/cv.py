@@ -6,8 +6,11 @@ on which folds ran before it. Only the training patients' labels reach ``fit``.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,32 @@ class CVResult:
     @property
     def summary(self) -> pd.DataFrame:
         return aggregate(self.per_repeat)
+
+
+# Set by a Ctrl-C handler (``stop_between_folds``): the CV stops after the fold in progress, so
+# the interrupt never lands inside a library that would swallow or garble it.
+STOP = threading.Event()
+
+
+@contextlib.contextmanager
+def stop_between_folds() -> Iterator[None]:
+    """While active (main thread only), Ctrl-C asks cross-validation to stop after the current
+    fold (raising ``KeyboardInterrupt`` there); a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum, frame):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+
+    previous = signal.signal(signal.SIGINT, request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP.clear()
 
 
 def fold_seed(seed: int, repeat: int, fold: int) -> int:
@@ -62,6 +91,8 @@ def cross_validate(
     rows, fit_seconds, histories = [], [], []
     with progress_bar(description, total=len(folds), enabled=progress, unit="fold") as advance:
         for fold in folds:
+            if STOP.is_set():
+                raise KeyboardInterrupt
             record = None if records is None else records / f"r{fold.repeat}-f{fold.fold}.json"
             if record is not None and record.is_file():
                 saved = json.loads(record.read_text(encoding="utf-8"))
