@@ -225,18 +225,24 @@ def _image_count(config: RunConfig) -> int | None:
 
 
 def _store_bytes(config: RunConfig, n_images: int) -> int:
-    """What the feature stores this run would build take on disk (float32 matrices)."""
+    """What the feature stores this run would build take on disk: float32 matrices, plus the
+    uint8 pixels store an autoencoder trains on (one per distinct preprocessing)."""
     from preprocessing.backbones import SPECS
     from preprocessing.extract import ExtractorConfig
 
-    total = 0
+    stores: dict[str, int] = {}
     for key, (extractor, _) in _required_views(config).items():
         if key == NO_FEATURES or extractor.get("kind") == PATHS:
             continue
         settings = ExtractorConfig.from_dict(extractor)
-        dim = SPECS[settings.name].dim if settings.kind == "backbone" else settings.resolved_latent
-        total += n_images * dim * 4
-    return total
+        if settings.kind in ("autoencoder", "pixels"):
+            pixels = settings.pixels()
+            stores[_key_of(pixels.to_dict())] = 3 * pixels.input_size ** 2
+        if settings.kind == "backbone":
+            stores[key] = SPECS[settings.name].dim * 4
+        elif settings.kind == "autoencoder":
+            stores[key] = settings.resolved_latent * 4
+    return n_images * sum(stores.values())
 
 
 def preflight(config: RunConfig) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from milbench.io import atomic_write, atomic_write_json
-from milbench.training import seeded, train
+from milbench.training import index_batches, seeded, shuffled_batches, train
 
 ENCODER_WIDTHS = (16, 32, 64)  # first three blocks; the fourth outputs the latent channels
 DECODER_WIDTHS = (64, 64, 32, 32, 16, 16, 16)
@@ -166,9 +166,28 @@ def save_reconstructions(model: ConvAutoencoder, images: torch.Tensor,
     return path
 
 
+class PixelBatches:
+    """Shuffled float batches in [0, 1] of a pixels matrix (``(n, 3 * S * S)`` uint8, e.g. a
+    memory-mapped pixels store), reshuffled on every pass from ``generator``: what
+    :func:`train_autoencoder` reseeds per epoch."""
+
+    def __init__(self, pixels: np.ndarray, input_size: int, batch_size: int, seed: int) -> None:
+        self.pixels = pixels
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def images(self, rows: np.ndarray) -> torch.Tensor:
+        block = torch.from_numpy(np.array(self.pixels[rows]))
+        return block.view(len(rows), 3, self.input_size, self.input_size).float().div_(255.0)
+
+    def __iter__(self):
+        for rows in shuffled_batches(len(self.pixels), self.batch_size, self.generator):
+            yield self.images(np.sort(rows.numpy()))  # sorted: sequential reads of a memmap
+
+
 def fit_cohort_autoencoder(
-    paths: Sequence[str | os.PathLike],
-    preprocess: Callable[[str], torch.Tensor],
+    pixels: np.ndarray,
     out_dir: str | os.PathLike,
     *,
     input_size: int,
@@ -177,18 +196,17 @@ def fit_cohort_autoencoder(
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     seed: int = 0,
-    num_workers: int = 0,
     progress: bool = True,
     record: dict | None = None,
     device: str | torch.device = "cpu",
 ) -> ConvAutoencoder:
-    """Train on ``paths`` (all cohort images) or reuse a finished run in ``out_dir``.
+    """Train on ``pixels`` (every cohort image, preprocessed: ``(n, 3 * S * S)`` uint8) or reuse
+    a finished run in ``out_dir``.
 
     Writes ``checkpoint.pt`` (resumable), ``autoencoder.pt`` (final weights),
     ``reconstructions.png`` and ``train.json`` (with ``uses_test_images``) into ``out_dir``.
     """
     from milbench.progress import progress_bar
-    from preprocessing.images import ImageDataset
 
     out_dir = Path(out_dir)
     final = out_dir / "autoencoder.pt"
@@ -196,27 +214,25 @@ def fit_cohort_autoencoder(
     if final.is_file():
         model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
         return model.to(device).eval()
-    dataset = ImageDataset(paths, preprocess)
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         generator=generator, num_workers=num_workers,
-                                         persistent_workers=num_workers > 0)
-    steps_per_epoch = math.ceil(len(dataset) / batch_size)
+    batches = PixelBatches(pixels, input_size, batch_size, seed)
+    n_images = len(pixels)
+    sizes = [len(rows) for rows in index_batches(np.arange(n_images), batch_size)]
+    steps_per_epoch = len(sizes)
     started = time.perf_counter()
-    with progress_bar("train autoencoder", total=epochs * len(dataset),
+    with progress_bar("train autoencoder", total=epochs * n_images,
                       enabled=progress, unit="img") as advance:
         def on_step(step: int, loss: float) -> None:
-            advance(min(batch_size, len(dataset) - ((step - 1) % steps_per_epoch) * batch_size))
+            advance(sizes[(step - 1) % steps_per_epoch])
 
-        losses = train_autoencoder(model, loader, epochs=epochs, learning_rate=learning_rate,
+        losses = train_autoencoder(model, batches, epochs=epochs, learning_rate=learning_rate,
                                    seed=seed, checkpoint=out_dir / "checkpoint.pt",
                                    on_step=on_step, device=device)
-    preview = torch.stack([dataset[i][1] for i in range(min(8, len(dataset)))])
+    preview = batches.images(np.arange(min(8, n_images)))
     save_reconstructions(model, preview, out_dir / "reconstructions.png")
     epoch_losses = [float(np.mean(losses[i:i + steps_per_epoch]))
                     for i in range(0, len(losses), steps_per_epoch)]
     atomic_write_json(out_dir / "train.json", {
-        **(record or {}), "uses_test_images": True, "n_images": len(dataset),
+        **(record or {}), "uses_test_images": True, "n_images": n_images,
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "seed": seed, "epoch_mean_loss": epoch_losses, "final_loss": losses[-1],
         "seconds_this_session": time.perf_counter() - started, "device": str(device),

@@ -2,10 +2,15 @@
 
 An extractor config is a small dict (or :class:`ExtractorConfig`)::
 
-    {"kind": "autoencoder" | "backbone", "name": "resnet18", "weights": None,
+    {"kind": "autoencoder" | "backbone" | "pixels", "name": "resnet18", "weights": None,
      "input_size": 224, "segmentation": None | "kmeans_saturation" | ..., "background": 0,
      "stain": None | {"reference": "train" | "all" | <dir>, "space": "rgb" | "lab"},
      "latent": 8192, "epochs": 5, "train_batch_size": 32, "learning_rate": 1e-3}
+
+``pixels`` stores the preprocessed image itself (uint8, flattened ``3 x S x S``): what models
+and extractors that read every image more than once work from, so that JPEG decoding, stain
+matching and segmentation run once per cohort. An autoencoder trains on, then encodes, the
+pixels store of its preprocessing.
 
 Its resolved form (defaults filled in, stain reference numbers computed, a weights file's
 content hash, the autoencoder's training key) is canonical JSON and hashes, together with the
@@ -19,7 +24,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +48,9 @@ from preprocessing.store import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("backbone", "autoencoder")
+KINDS = ("backbone", "autoencoder", "pixels")
+# What a pixels store depends on: the preprocessing chain, nothing learned.
+PIXEL_KEYS = ("kind", "name", "input_size", "segmentation", "background", "stain")
 DEFAULT_LATENT = {False: 8192, True: 4096}  # raw images / segmented images
 
 
@@ -71,7 +78,10 @@ class ExtractorConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown extractor config keys {unknown}; known: {sorted(known)}")
-        config = cls(**dict(data))
+        data = dict(data)
+        if data.get("kind") == "pixels":
+            data.setdefault("name", "pixels")
+        config = cls(**data)
         config.validate()
         return config
 
@@ -89,6 +99,8 @@ class ExtractorConfig:
         if self.segmentation is not None and self.segmentation not in VARIANTS:
             raise ValueError(f"unknown segmentation {self.segmentation!r}; "
                              f"choose from {sorted(VARIANTS)}")
+        if self.kind == "pixels" and self.name != "pixels":
+            raise ValueError(f"a pixels extractor is named 'pixels', got name {self.name!r}")
         if self.kind == "autoencoder" and self.input_size % 16:
             raise ValueError(f"autoencoder input_size must be a multiple of 16, "
                              f"got {self.input_size}")
@@ -106,6 +118,12 @@ class ExtractorConfig:
         data = dataclasses.asdict(self)
         data["stain"] = dict(self.stain) if self.stain is not None else None
         return data
+
+    def pixels(self) -> ExtractorConfig:
+        """The pixels extractor of this config's preprocessing (what its images look like)."""
+        return ExtractorConfig(kind="pixels", name="pixels", input_size=self.input_size,
+                               segmentation=self.segmentation, background=self.background,
+                               stain=self.stain)
 
 
 def load_extractor_config(source: str | os.PathLike | Mapping[str, Any]) -> ExtractorConfig:
@@ -145,9 +163,11 @@ def resolve_stain(stain: Mapping[str, Any] | None, cohort, cache_dir: Path
     return reference
 
 
-def default_workers() -> int:
-    """One loader worker per spare core: decoding overlaps the forward pass."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(main_busy: bool = True) -> int:
+    """Loader workers: one per spare core while the main process runs a model (decoding
+    overlaps the forward pass); one per core when it only stores what they decode (pixels)."""
+    cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1 if main_busy else cores))
 
 
 @dataclass
@@ -157,10 +177,15 @@ class Prepared:
     config: ExtractorConfig
     resolved: dict
     preprocessor: Preprocessor
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None for pixels: the preprocessed image is the row
     dim: int
     key: str
     sources: Any
+    pixels: FeatureStore | None = None  # where the model reads its inputs; None: decode files
+
+    @property
+    def dtype(self) -> str:
+        return "uint8" if self.config.kind == "pixels" else "float32"
 
 
 def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int = 0,
@@ -169,7 +194,6 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
     """Resolve a config against a cohort; trains the autoencoder (cached) if needed."""
     config = load_extractor_config(extractor_config)
     cache_dir = Path(cache_dir)
-    num_workers = default_workers() if num_workers is None else num_workers
     sources = source_table(cohort.image_table())
     if len(sources) == 0:
         raise ValueError("cohort has no images to extract features from")
@@ -177,12 +201,17 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
     resolved = config.to_dict()
     resolved["stain"] = stain.to_dict() if stain is not None else None
     normalize = "imagenet" if config.kind == "backbone" else None
+    preprocessor = Preprocessor(config.input_size, config.segmentation, config.background,
+                                stain, normalize)
+    if config.kind == "pixels":
+        resolved = {name: resolved[name] for name in PIXEL_KEYS}
+        return Prepared(config, resolved, preprocessor, None, 3 * config.input_size ** 2,
+                        store_key(resolved, sources), sources)
     resolved["normalize"] = normalize
     # Part of the key: another device or torch build computes slightly different numbers.
     resolved["runtime"] = {"device": torch.device(device).type, "torch": torch.__version__,
                            "torchvision": torchvision.__version__}
-    preprocessor = Preprocessor(config.input_size, config.segmentation, config.background,
-                                stain, normalize)
+    pixels = None
     if config.kind == "backbone":
         from preprocessing.backbones import build_backbone, is_weights_file
 
@@ -195,21 +224,26 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
 
         resolved["latent"] = config.resolved_latent
         resolved["seed"] = seed
+        # Trained on, then encoding, the preprocessed images of the cohort's pixels store.
+        pixels = _extract_locked(cohort, config.pixels(), cache_dir, seed=seed, progress=progress,
+                                 batch_size=64, num_workers=num_workers, channels_last=False,
+                                 commit_seconds=2.0, on_batch=None, device=device)
+        resolved["pixels_key"] = pixels.key
         training_key = hash_key({"config": {k: v for k, v in resolved.items()
                                             if k not in {"name", "weights"}},
                                  "sources": store_key({}, sources)})
         resolved["autoencoder_key"] = training_key
         resolved["uses_test_images"] = True
         autoencoder = fit_cohort_autoencoder(
-            list(sources["path"]), preprocessor, cache_dir / "autoencoders" / training_key,
+            pixels.features(), cache_dir / "autoencoders" / training_key,
             input_size=config.input_size, latent=config.resolved_latent, epochs=config.epochs,
             batch_size=config.train_batch_size, learning_rate=config.learning_rate, seed=seed,
-            num_workers=num_workers, progress=progress, device=device,
+            progress=progress, device=device,
             record={"config": resolved, "test_patients": [p.id for p in cohort.test().patients]})
         model = Encoder(autoencoder).eval()
         dim = model.dim
     key = store_key(resolved, sources)
-    return Prepared(config, resolved, preprocessor, model, dim, key, sources)
+    return Prepared(config, resolved, preprocessor, model, dim, key, sources, pixels)
 
 
 def extract_features(
@@ -257,16 +291,19 @@ def _extract_locked(cohort, extractor_config, cache_dir, *, seed, progress, batc
         (root / "complete.json").unlink()
         (root / "progress.json").unlink(missing_ok=True)  # its rows cannot be trusted either
     manifest = {"key": prepared.key, "config": prepared.resolved, "dim": prepared.dim,
-                "n_rows": len(prepared.sources), "dtype": "float32",
+                "n_rows": len(prepared.sources), "dtype": prepared.dtype,
                 "key_inputs": "sha256(canonical config JSON + (path, size, mtime_ns) of sources)",
                 "uses_test_images": bool(prepared.resolved.get("uses_test_images", False))}
     try:
         writer = StoreWriter(root, manifest, prepared.sources, commit_seconds=commit_seconds)
         started = time.perf_counter()
         resumed_at = writer.rows_done
-        run_model_into(writer, list(prepared.sources["path"]), prepared.preprocessor,
-                       prepared.model, batch_size=batch_size,
-                       num_workers=default_workers() if num_workers is None else num_workers,
+        source = (prepared.pixels if prepared.pixels is not None
+                  else list(prepared.sources["path"]))
+        run_model_into(writer, source, prepared.preprocessor, prepared.model,
+                       batch_size=batch_size,
+                       num_workers=(default_workers(prepared.model is not None)
+                                    if num_workers is None else num_workers),
                        channels_last=channels_last, progress=progress, on_batch=on_batch,
                        device=device,
                        description=f"features ({prepared.config.kind}:{prepared.config.name})")
@@ -281,32 +318,61 @@ def _extract_locked(cohort, extractor_config, cache_dir, *, seed, progress, batc
                       "incomplete and resumes once there is space") from error
 
 
-def run_model_into(writer: StoreWriter, paths: list[str], preprocessor: Preprocessor,
-                   model: torch.nn.Module, *, batch_size: int, num_workers: int,
-                   channels_last: bool, progress: bool,
+def run_model_into(writer: StoreWriter, source: list[str] | FeatureStore,
+                   preprocessor: Preprocessor, model: torch.nn.Module | None, *,
+                   batch_size: int, num_workers: int, channels_last: bool, progress: bool,
                    on_batch: Callable[[int], None] | None = None,
                    description: str = "features", device: str = "cpu") -> None:
-    """The whole path: decode + preprocess in loader workers, forward, durable write."""
+    """The whole path: images (decoded and preprocessed in loader workers from a list of paths,
+    or read from a pixels store) → forward → durable write. ``model=None`` writes the uint8
+    images themselves (the pixels extractor)."""
     from milbench.progress import progress_bar
+
+    total = source.n_rows if isinstance(source, FeatureStore) else len(source)
+    if writer.rows_written >= total:
+        return
+    if isinstance(source, FeatureStore):
+        batches = stored_batches(source, preprocessor.input_size, writer.rows_written, batch_size)
+    else:
+        batches = decoded_batches(source, preprocessor, writer.rows_written, batch_size,
+                                  num_workers)
+    if model is not None:
+        model = model.to(device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    with progress_bar(description, total=total, completed=writer.rows_written,
+                      enabled=progress, unit="img") as advance, torch.inference_mode():
+        for start, raw in batches:
+            if model is None:
+                vectors = raw.flatten(1).numpy()
+            else:
+                images = preprocessor.finish(raw.to(device, non_blocking=True))
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                vectors = model(images).float().cpu().numpy()
+            writer.write(start, np.ascontiguousarray(vectors))
+            advance(len(raw))
+            if on_batch is not None:
+                on_batch(writer.rows_done)
+
+
+def decoded_batches(paths: list[str], preprocessor: Preprocessor, start: int, batch_size: int,
+                    num_workers: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, uint8 images)`` from row ``start`` on, decoded by loader workers."""
     from preprocessing.images import ImageDataset
 
-    if writer.rows_written >= len(paths):
-        return
-    dataset = ImageDataset(paths, preprocessor, start=writer.rows_written, raw=True)
+    dataset = ImageDataset(paths, preprocessor, start=start, raw=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers,
                                          prefetch_factor=4 if num_workers else None)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    with progress_bar(description, total=len(paths), completed=writer.rows_written,
-                      enabled=progress, unit="img") as advance, torch.inference_mode():
-        for rows, raw in loader:
-            images = preprocessor.finish(raw.to(device, non_blocking=True))
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            vectors = model(images).float().cpu().numpy()
-            writer.write(int(rows[0]), np.ascontiguousarray(vectors, dtype=np.float32))
-            advance(len(rows))
-            if on_batch is not None:
-                on_batch(writer.rows_done)
+    for rows, raw in loader:
+        yield int(rows[0]), raw
+
+
+def stored_batches(pixels: FeatureStore, input_size: int, start: int, batch_size: int
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, uint8 images)`` from row ``start`` on, read from a pixels store."""
+    matrix = pixels.features()
+    for first in range(start, pixels.n_rows, batch_size):
+        block = np.array(matrix[first:first + batch_size])
+        yield first, torch.from_numpy(block).view(len(block), 3, input_size, input_size)

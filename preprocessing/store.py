@@ -4,7 +4,9 @@ Layout of one store, ``<cache>/features/<key>/``::
 
     manifest.json   extractor config (resolved), key, dim, n_rows, how the key was made
     index.csv       row, patient_id, position, path, size, mtime_ns
-    features.f32    raw little-endian float32 matrix, n_rows x dim (numpy memmap)
+    features.f32    raw little-endian float32 matrix, n_rows x dim (numpy memmap); a store of
+                    ``dtype: uint8`` (the ``pixels`` extractor: preprocessed images, flattened)
+                    holds ``features.u8`` instead
     progress.json   {"rows_done": k}: rows [0, k) are flushed and final
     complete.json   written last; only its presence makes the store complete. It records the
                     byte size and SHA-256 of features.f32 and index.csv, which
@@ -52,7 +54,8 @@ _held_guard = threading.Lock()
 
 MANIFEST = "manifest.json"
 INDEX = "index.csv"
-MATRIX = "features.f32"
+# The matrix file per manifest ``dtype``: numpy dtype and file name.
+MATRIX_DTYPES = {"float32": ("<f4", "features.f32"), "uint8": ("u1", "features.u8")}
 PROGRESS = "progress.json"
 COMPLETE = "complete.json"
 INDEX_COLUMNS = ["row", "patient_id", "position", "path", "size", "mtime_ns"]
@@ -148,6 +151,7 @@ class FeatureStore:
         self.key: str = self.manifest["key"]
         self.dim: int = int(self.manifest["dim"])
         self.n_rows: int = int(self.manifest["n_rows"])
+        self.dtype, self.matrix_name = matrix_layout(self.manifest)
         self._index: pd.DataFrame | None = None
         self._row_of_path: dict[str, int] | None = None
 
@@ -178,7 +182,8 @@ class FeatureStore:
     def features(self) -> np.ndarray:
         """The whole ``(n_rows, dim)`` matrix, memory-mapped read-only; complete stores only."""
         self._require_complete()
-        return np.memmap(self.root / MATRIX, dtype="<f4", mode="r", shape=(self.n_rows, self.dim))
+        return np.memmap(self.root / self.matrix_name, dtype=self.dtype, mode="r",
+                         shape=(self.n_rows, self.dim))
 
     def rows(self, paths: Sequence[str | os.PathLike]) -> np.ndarray:
         """Row numbers of the given image paths; unknown paths raise naming them."""
@@ -191,7 +196,8 @@ class FeatureStore:
         return np.array([self._row_of_path[p] for p in absolute], dtype=np.int64)
 
     def bags(self, cohort) -> list[np.ndarray]:
-        """One ``(n_i, dim)`` float32 array per patient, in ``cohort.patients`` order."""
+        """One ``(n_i, dim)`` array (of the store's dtype) per patient, in ``cohort.patients``
+        order."""
         matrix = self.features()
         return [np.asarray(matrix[self.rows(p.image_paths)]) for p in cohort.patients]
 
@@ -199,11 +205,12 @@ class FeatureStore:
         if not self.is_complete:
             raise RuntimeError(f"feature store {self.root} is incomplete "
                                f"({self.rows_done}/{self.n_rows} rows); rerun the extraction")
-        expected = self.n_rows * self.dim * 4
-        size = (self.root / MATRIX).stat().st_size if (self.root / MATRIX).is_file() else None
+        expected = self.n_rows * self.dim * self.dtype.itemsize
+        matrix = self.root / self.matrix_name
+        size = matrix.stat().st_size if matrix.is_file() else None
         if size != expected:  # cheap, on every read: a truncated matrix never reaches a model
-            raise StoreIntegrityError(f"feature store {self.root}: {MATRIX} has {size} bytes, "
-                                      f"expected {expected}")
+            raise StoreIntegrityError(f"feature store {self.root}: {self.matrix_name} has "
+                                      f"{size} bytes, expected {expected}")
 
     def verify(self) -> list[str]:
         """Problems with a complete store (empty when sound): missing files, sizes and SHA-256
@@ -226,6 +233,16 @@ class FeatureStore:
         return problems
 
 
+def matrix_layout(manifest: dict) -> tuple[np.dtype, str]:
+    """The matrix's numpy dtype and file name for a store manifest (float32 when unstated)."""
+    name = manifest.get("dtype", "float32")
+    if name not in MATRIX_DTYPES:
+        raise ValueError(f"feature store dtype must be one of {sorted(MATRIX_DTYPES)}, "
+                         f"got {name!r}")
+    dtype, file_name = MATRIX_DTYPES[name]
+    return np.dtype(dtype), file_name
+
+
 def read_rows_done(root: Path) -> int:
     path = Path(root) / PROGRESS
     if not path.is_file():
@@ -242,18 +259,19 @@ class StoreWriter:
         self.commit_seconds = commit_seconds
         self.n_rows = int(manifest["n_rows"])
         self.dim = int(manifest["dim"])
-        expected_bytes = self.n_rows * self.dim * 4
+        self.dtype, self.matrix_name = matrix_layout(manifest)
+        expected_bytes = self.n_rows * self.dim * self.dtype.itemsize
         existing = self.root / MANIFEST
+        matrix = self.root / self.matrix_name
         resumable = (existing.is_file()
                      and json.loads(existing.read_text()).get("key") == manifest["key"]
-                     and (self.root / MATRIX).is_file()
-                     and (self.root / MATRIX).stat().st_size == expected_bytes)
+                     and matrix.is_file() and matrix.stat().st_size == expected_bytes)
         if not resumable:
             self._create(manifest, sources, expected_bytes)
         self.rows_done = read_rows_done(self.root)  # committed (durable) rows
         self.rows_written = self.rows_done
         self._last_commit = time.monotonic()
-        self._matrix = np.memmap(self.root / MATRIX, dtype="<f4", mode="r+",
+        self._matrix = np.memmap(matrix, dtype=self.dtype, mode="r+",
                                  shape=(self.n_rows, self.dim)) if self.n_rows else None
 
     def _create(self, manifest: dict, sources: pd.DataFrame, expected_bytes: int) -> None:
@@ -261,7 +279,7 @@ class StoreWriter:
         for name in (COMPLETE, PROGRESS):
             (self.root / name).unlink(missing_ok=True)
         atomic_write_text(self.root / INDEX, sources.loc[:, INDEX_COLUMNS].to_csv(index=False))
-        with open(self.root / MATRIX, "wb") as handle:
+        with open(self.root / self.matrix_name, "wb") as handle:
             handle.truncate(expected_bytes)  # sparse until written
         atomic_write_json(self.root / PROGRESS, {"rows_done": 0})
         atomic_write_json(self.root / MANIFEST, manifest)
@@ -274,7 +292,7 @@ class StoreWriter:
         if block.shape[1] != self.dim:
             raise ValueError(f"extractor produced {block.shape[1]} features, store expects "
                              f"{self.dim}")
-        if not np.all(np.isfinite(block)):
+        if block.dtype.kind == "f" and not np.all(np.isfinite(block)):
             raise ValueError(f"non-finite features in rows {start}..{start + len(block) - 1}")
         self._matrix[start:start + len(block)] = block
         self.rows_written = start + len(block)
@@ -297,7 +315,7 @@ class StoreWriter:
         if self._matrix is not None:
             self._matrix.flush()
         del self._matrix
-        files = {name: file_record(self.root / name) for name in (MATRIX, INDEX)}
+        files = {name: file_record(self.root / name) for name in (self.matrix_name, INDEX)}
         atomic_write_json(self.root / COMPLETE, {"rows": self.n_rows, "files": files,
                                                  **(info or {})})
         return FeatureStore(self.root)

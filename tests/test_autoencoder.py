@@ -85,3 +85,29 @@ def test_cohort_features_record_test_use(tmp_path):
     assert (run / "reconstructions.png").stat().st_size > 0
     again = extract_features(cohort, config, tmp_path / "cache", progress=False, num_workers=0)
     np.testing.assert_array_equal(again.features(), store.features())
+
+
+def test_autoencoders_train_on_one_pixels_store(tmp_path):
+    """Images are decoded and preprocessed once into a pixels store; autoencoders of that
+    preprocessing train on it and encode it, and their features are the encoder's output on it."""
+    from preprocessing.autoencoder import ConvAutoencoder, Encoder
+    from preprocessing.store import FeatureStore
+
+    cohort = write_toy_cohort(tmp_path / "toy", n_patients=3, images_per_patient=2, size=64)
+    base = {"kind": "autoencoder", "name": "conv_ae", "input_size": 32, "epochs": 1,
+            "train_batch_size": 4}
+    small = extract_features(cohort, {**base, "latent": 64}, tmp_path / "cache",
+                             progress=False, num_workers=0)
+    extract_features(cohort, {**base, "latent": 96}, tmp_path / "cache", progress=False,
+                     num_workers=0)
+    stores = [FeatureStore(root) for root in (tmp_path / "cache" / "features").iterdir()]
+    pixels = [store for store in stores if store.config["kind"] == "pixels"]
+    assert len(stores) == 3 and len(pixels) == 1
+    assert small.config["pixels_key"] == pixels[0].key
+    model = ConvAutoencoder(32, 64)
+    weights = tmp_path / "cache" / "autoencoders" / small.config["autoencoder_key"]
+    model.load_state_dict(torch.load(weights / "autoencoder.pt", weights_only=True))
+    images = torch.from_numpy(np.array(pixels[0].features())).view(-1, 3, 32, 32) / 255.0
+    with torch.inference_mode():
+        expected = Encoder(model).eval()(images).numpy()
+    np.testing.assert_allclose(small.features(), expected, rtol=1e-5, atol=1e-6)

@@ -57,6 +57,26 @@ def test_out_of_fold_bag_features_with_enough_bags():
     assert (model.predict(bags) == labels).mean() >= 0.8
 
 
+def test_pca_and_parallel_analysis():
+    """PCA shrinks the instances before the head and the VAE; analysing bags in two processes
+    gives exactly the single-process results."""
+    rng = np.random.default_rng(1)
+    labels = np.arange(24) % 2
+    bags = [rng.normal(size=(5, 12)) + 3.0 * label * (np.arange(5) < 2)[:, None]
+            for label in labels]
+    serial = create_model("cluster_emd", random_state=0, vae_epochs=10, pca_components=3)
+    serial.fit(bags, labels)
+    assert serial.stage_.transform.n_components_ == 3
+    assert serial.stage_.clusterer.references[0].shape[1] == serial.latent_dim
+    assert (serial.predict(bags) == labels).mean() >= 0.8
+    parallel = clone(serial).set_params(n_jobs=2).fit(bags, labels)
+    np.testing.assert_array_equal(parallel.predict_proba(bags), serial.predict_proba(bags))
+    np.testing.assert_array_equal(np.concatenate(parallel.instance_scores(bags)),
+                                  np.concatenate(serial.instance_scores(bags)))
+    with pytest.raises(ValueError, match="pca_components"):
+        create_model("cluster_emd", pca_components=0).fit(bags, labels)
+
+
 def test_bag_features_and_instance_scores(fixture_bags, fitted):
     bags, _ = fixture_bags
     features = fitted.bag_features(bags)

@@ -245,3 +245,32 @@ def test_a_second_extraction_waits_for_the_process_building_the_cache_then_reuse
     assert "waiting for another process building features" in caplog.text
     assert holder.wait(timeout=30) == 0
     assert second.root == first.root and second.verify() == []
+
+
+def test_pixels_store_holds_the_preprocessed_images(cohort, tmp_path):
+    from preprocessing.images import Preprocessor
+
+    config = {"kind": "pixels", "input_size": 16, "segmentation": "kmeans_saturation"}
+    store = extract_features(cohort, config, tmp_path, progress=False, batch_size=5,
+                             num_workers=0)
+    assert store.manifest["dtype"] == "uint8" and store.dim == 3 * 16 * 16
+    assert (store.root / "features.u8").is_file() and not (store.root / "features.f32").exists()
+    assert store.verify() == []
+    preprocessor = Preprocessor(16, "kmeans_saturation")
+    for patient, bag in zip(cohort.patients, store.bags(cohort), strict=True):
+        assert bag.dtype == np.uint8
+        expected = np.stack([preprocessor.uint8_tensor(p).numpy().ravel()
+                             for p in patient.image_paths])
+        np.testing.assert_array_equal(bag, expected)
+    assert store.manifest["config"]["name"] == "pixels"  # the name is implied by the kind
+    with pytest.raises(ValueError, match="pixels extractor is named 'pixels'"):
+        ExtractorConfig.from_dict({"kind": "pixels", "name": "resnet18"})
+
+
+def test_unknown_store_dtype_is_named(cohort, tmp_path):
+    store = _extract(cohort, tmp_path)
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["dtype"] = "float16"
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="dtype must be one of .*'float16'"):
+        FeatureStore(store.root)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from milbench.training import seeded, train
+from milbench.training import seeded, torch_threads, train
 
 
 def dense_block(in_features: int, out_features: int, dropout: float) -> nn.Sequential:
@@ -69,7 +69,8 @@ class VAEModel:
         """Latent means ``(n, latent_dim)``; deterministic (eval mode, no sampling)."""
         standardized = (np.asarray(vectors, dtype=np.float64) - self.center) / self.scale
         self.network.eval()
-        with torch.no_grad():
+        # One thread: the same numbers in every process (cluster/EMD analyses bags in workers).
+        with torch.no_grad(), torch_threads(1):
             mean, _ = self.network.encode(torch.as_tensor(standardized, dtype=torch.float32))
         return mean.numpy().astype(np.float64)
 
