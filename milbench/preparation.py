@@ -20,7 +20,7 @@ from milbench.config import ConfigError, DataConfig, RunConfig
 from milbench.data import Cohort, load_challenge
 from milbench.evaluation.splits import stratification_keys
 from milbench.models.base import NO_FEATURES, BagViews
-from milbench.models.registry import Tag, model_tags
+from milbench.models.registry import Tag, model_class, model_tags
 from milbench.models.spec import ModelSpec, constructor_parameters, features_key
 from milbench.progress import StageTimer
 
@@ -188,6 +188,10 @@ def check_features(config: RunConfig) -> list[str]:
         if _reads_own_instances(spec) and features == NO_FEATURES:
             problems.append(f"model {top.display_name!r}{through} reads instance features; set "
                             "features.extractor or the model's features")
+        elif (_reads_own_instances(spec) and getattr(model_class(spec.name), "bag_kind", None)
+              == "pixels" and not (isinstance(features, dict) and features.get("kind") == "pixels")):
+            problems.append(f"model {top.display_name!r}{through} trains on the images: set its "
+                            "features to a pixels store, e.g. {kind: pixels, input_size: 64}")
         elif (_reads_own_instances(spec) and isinstance(features, dict)
               and features.get("kind") != PATHS and _key_of(features) not in checked):
             checked.add(_key_of(features))
@@ -226,7 +230,7 @@ def _image_count(config: RunConfig) -> int | None:
 
 def _store_bytes(config: RunConfig, n_images: int) -> int:
     """What the feature stores this run would build take on disk: float32 matrices, plus the
-    uint8 pixels store an autoencoder trains on (one per distinct preprocessing)."""
+    uint8 pixels store every extractor reads (one per distinct preprocessing)."""
     from preprocessing.backbones import SPECS
     from preprocessing.extract import ExtractorConfig
 
@@ -235,9 +239,8 @@ def _store_bytes(config: RunConfig, n_images: int) -> int:
         if key == NO_FEATURES or extractor.get("kind") == PATHS:
             continue
         settings = ExtractorConfig.from_dict(extractor)
-        if settings.kind in ("autoencoder", "pixels"):
-            pixels = settings.pixels()
-            stores[_key_of(pixels.to_dict())] = 3 * pixels.input_size ** 2
+        pixels = settings.pixels()  # every extractor reads the pixels store of its preprocessing
+        stores[_key_of(pixels.to_dict())] = 3 * pixels.input_size ** 2
         if settings.kind == "backbone":
             stores[key] = SPECS[settings.name].dim * 4
         elif settings.kind == "autoencoder":

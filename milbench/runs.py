@@ -132,7 +132,8 @@ class Run:
 
 def referenced_store_keys(workdir: str | Path) -> set[str]:
     """Feature-store keys that some run directory under ``workdir`` recorded (``features.json``,
-    ``feature_stores.json``): the stores ``milbench cache prune`` keeps."""
+    ``feature_stores.json``), with the pixels stores those were computed from: the stores
+    ``milbench cache prune`` keeps."""
     keys = set()
     for path in Path(workdir, "runs").glob("*/feature*.json"):
         try:
@@ -140,7 +141,11 @@ def referenced_store_keys(workdir: str | Path) -> set[str]:
         except (OSError, json.JSONDecodeError):
             continue
         if path.name == "features.json" and isinstance(record.get("key"), str):
-            keys.add(record["key"])
+            manifests = [record]
         elif path.name == "feature_stores.json":
-            keys.update(str(store.get("manifest", {}).get("key")) for store in record.values())
+            manifests = [store.get("manifest", {}) for store in record.values()]
+        else:
+            continue
+        for manifest in manifests:
+            keys.update(str(manifest[name]) for name in ("key", "pixels_key") if manifest.get(name))
     return keys

@@ -16,10 +16,9 @@ record says so (``uses_test_images: true``).
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +186,7 @@ class PixelBatches:
 
 
 def fit_cohort_autoencoder(
-    pixels: np.ndarray,
+    pixels: Callable[[], np.ndarray],
     out_dir: str | os.PathLike,
     *,
     input_size: int,
@@ -200,8 +199,8 @@ def fit_cohort_autoencoder(
     record: dict | None = None,
     device: str | torch.device = "cpu",
 ) -> ConvAutoencoder:
-    """Train on ``pixels`` (every cohort image, preprocessed: ``(n, 3 * S * S)`` uint8) or reuse
-    a finished run in ``out_dir``.
+    """Train on ``pixels()`` (every cohort image, preprocessed: ``(n, 3 * S * S)`` uint8; called
+    only when there is training to do) or reuse a finished run in ``out_dir``.
 
     Writes ``checkpoint.pt`` (resumable), ``autoencoder.pt`` (final weights),
     ``reconstructions.png`` and ``train.json`` (with ``uses_test_images``) into ``out_dir``.
@@ -214,6 +213,7 @@ def fit_cohort_autoencoder(
     if final.is_file():
         model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
         return model.to(device).eval()
+    pixels = pixels()
     batches = PixelBatches(pixels, input_size, batch_size, seed)
     n_images = len(pixels)
     sizes = [len(rows) for rows in index_batches(np.arange(n_images), batch_size)]

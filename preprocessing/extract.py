@@ -7,10 +7,12 @@ An extractor config is a small dict (or :class:`ExtractorConfig`)::
      "stain": None | {"reference": "train" | "all" | <dir>, "space": "rgb" | "lab"},
      "latent": 8192, "epochs": 5, "train_batch_size": 32, "learning_rate": 1e-3}
 
-``pixels`` stores the preprocessed image itself (uint8, flattened ``3 x S x S``): what models
-and extractors that read every image more than once work from, so that JPEG decoding, stain
-matching and segmentation run once per cohort. An autoencoder trains on, then encodes, the
-pixels store of its preprocessing.
+``pixels`` stores the preprocessed image itself (uint8, flattened ``3 x S x S``). Every other
+extractor reads the pixels store of its preprocessing instead of the image files, so JPEG
+decoding, stain matching and segmentation run once per cohort and preprocessing: an autoencoder
+trains on it for its epochs, then encodes it, and a backbone encodes it (its store is built by
+loader workers on every core while nothing else runs, which on 2 cores beats one worker
+feeding the network).
 
 Its resolved form (defaults filled in, stain reference numbers computed, a weights file's
 content hash, the autoencoder's training key) is canonical JSON and hashes, together with the
@@ -181,7 +183,10 @@ class Prepared:
     dim: int
     key: str
     sources: Any
-    pixels: FeatureStore | None = None  # where the model reads its inputs; None: decode files
+    # The pixels store the model reads, built on first call (None: the pixels extractor itself,
+    # which decodes the files): only an extraction with work to do pays for it.
+    pixels: Callable[[], FeatureStore] | None = None
+    pixels_key: str | None = None
 
     @property
     def dtype(self) -> str:
@@ -211,7 +216,14 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
     # Part of the key: another device or torch build computes slightly different numbers.
     resolved["runtime"] = {"device": torch.device(device).type, "torch": torch.__version__,
                            "torchvision": torchvision.__version__}
-    pixels = None
+    # Every extractor reads the preprocessed images from the pixels store of its preprocessing.
+    pixels_key = prepare(cohort, config.pixels(), cache_dir).key
+
+    def pixels() -> FeatureStore:
+        return _extract_locked(cohort, config.pixels(), cache_dir, seed=seed, progress=progress,
+                               batch_size=64, num_workers=num_workers, channels_last=False,
+                               commit_seconds=2.0, on_batch=None, device=device)
+
     if config.kind == "backbone":
         from preprocessing.backbones import build_backbone, is_weights_file
 
@@ -224,18 +236,16 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
 
         resolved["latent"] = config.resolved_latent
         resolved["seed"] = seed
-        # Trained on, then encoding, the preprocessed images of the cohort's pixels store.
-        pixels = _extract_locked(cohort, config.pixels(), cache_dir, seed=seed, progress=progress,
-                                 batch_size=64, num_workers=num_workers, channels_last=False,
-                                 commit_seconds=2.0, on_batch=None, device=device)
-        resolved["pixels_key"] = pixels.key
+        # Trained on the pixels store (its batches, hence its weights, differ from training on
+        # decoded files): part of the training key.
+        resolved["pixels_key"] = pixels_key
         training_key = hash_key({"config": {k: v for k, v in resolved.items()
                                             if k not in {"name", "weights"}},
                                  "sources": store_key({}, sources)})
         resolved["autoencoder_key"] = training_key
         resolved["uses_test_images"] = True
         autoencoder = fit_cohort_autoencoder(
-            pixels.features(), cache_dir / "autoencoders" / training_key,
+            lambda: pixels().features(), cache_dir / "autoencoders" / training_key,
             input_size=config.input_size, latent=config.resolved_latent, epochs=config.epochs,
             batch_size=config.train_batch_size, learning_rate=config.learning_rate, seed=seed,
             progress=progress, device=device,
@@ -243,7 +253,7 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
         model = Encoder(autoencoder).eval()
         dim = model.dim
     key = store_key(resolved, sources)
-    return Prepared(config, resolved, preprocessor, model, dim, key, sources, pixels)
+    return Prepared(config, resolved, preprocessor, model, dim, key, sources, pixels, pixels_key)
 
 
 def extract_features(
@@ -293,13 +303,14 @@ def _extract_locked(cohort, extractor_config, cache_dir, *, seed, progress, batc
     manifest = {"key": prepared.key, "config": prepared.resolved, "dim": prepared.dim,
                 "n_rows": len(prepared.sources), "dtype": prepared.dtype,
                 "key_inputs": "sha256(canonical config JSON + (path, size, mtime_ns) of sources)",
-                "uses_test_images": bool(prepared.resolved.get("uses_test_images", False))}
+                "uses_test_images": bool(prepared.resolved.get("uses_test_images", False)),
+                "pixels_key": prepared.pixels_key}  # the pixels store it read (kept by prune)
+    # The pixels store first, outside this store's error handling: its own errors name it.
+    source = prepared.pixels() if prepared.pixels is not None else list(prepared.sources["path"])
     try:
         writer = StoreWriter(root, manifest, prepared.sources, commit_seconds=commit_seconds)
         started = time.perf_counter()
         resumed_at = writer.rows_done
-        source = (prepared.pixels if prepared.pixels is not None
-                  else list(prepared.sources["path"]))
         run_model_into(writer, source, prepared.preprocessor, prepared.model,
                        batch_size=batch_size,
                        num_workers=(default_workers(prepared.model is not None)

@@ -43,3 +43,23 @@ def make_tiny_bags(
         columns=list(CLINICAL_COLUMNS),
     )
     return bags, labels, clinical, witness_rows
+
+
+def make_tiny_image_bags(side: int = 32) -> tuple[list[np.ndarray], np.ndarray, pd.DataFrame, list[int]]:
+    """The ``tiny`` synthetic preset's training patients as pixels-store bags: ``(n_i, 3 * side
+    * side)`` uint8 rows (models whose ``bag_kind`` is ``pixels``). Witness rows are unknown: -1."""
+    import tempfile
+    from datetime import date
+    from pathlib import Path
+
+    from milbench.data.challenge import load_challenge
+    from milbench.synth import generate_cohort
+    from preprocessing.extract import extract_features
+
+    work = Path(tempfile.mkdtemp(prefix="milbench-images-"))
+    root = generate_cohort(work / "tiny", "tiny", seed=0)
+    cohort = load_challenge(root, reference_date=date(2021, 1, 1)).train()
+    store = extract_features(cohort, {"kind": "pixels", "input_size": side}, work / "cache",
+                             progress=False, num_workers=0)
+    bags = store.bags(cohort)
+    return bags, cohort.labels(), cohort.clinical_table(), [-1] * len(bags)

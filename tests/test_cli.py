@@ -131,8 +131,10 @@ def test_features_command_extracts_once_and_reuses(tmp_path, challenge):
     first = invoke(*args)
     assert first.exit_code == 0, first.output
     assert "× 512" in first.output
-    stores = list((tmp_path / "cache" / "features").iterdir())
-    assert len(stores) == 1 and (stores[0] / "complete.json").is_file()
+    stores = sorted((tmp_path / "cache" / "features").iterdir())
+    kinds = sorted(json.loads((s / "manifest.json").read_text())["config"]["kind"] for s in stores)
+    assert kinds == ["backbone", "pixels"]  # the backbone read the pixels store it built
+    assert all((store / "complete.json").is_file() for store in stores)
     second = invoke(*args)
     assert second.exit_code == 0 and first.output == second.output
     bad = invoke("features", challenge, "--extractor", "no_such_extractor")

@@ -23,6 +23,13 @@ def cohort(tmp_path_factory):
                             size=64, n_test=1)
 
 
+def _model_stores(cache) -> list:
+    """The stores under ``cache`` other than the pixels stores extractors read."""
+    roots = sorted((cache / "features").iterdir())
+    return [root for root in roots
+            if json.loads((root / "manifest.json").read_text())["config"]["kind"] != "pixels"]
+
+
 def _extract(cohort, cache, **kwargs):
     kwargs.setdefault("num_workers", 0)
     kwargs.setdefault("commit_seconds", 0.0)  # commit every batch
@@ -53,7 +60,7 @@ def test_resume_after_interruption_is_identical(cohort, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         _extract(cohort, tmp_path / "resumed", on_batch=interrupt)
-    (root,) = (tmp_path / "resumed" / "features").iterdir()
+    (root,) = _model_stores(tmp_path / "resumed")
     partial = FeatureStore(root)
     assert not partial.is_complete and partial.rows_done == 6
     with pytest.raises(RuntimeError, match="incomplete"):
@@ -75,7 +82,7 @@ def test_uncommitted_rows_are_recomputed(cohort, tmp_path):
     # Never committed before the interruption: nothing is durable, all is recomputed.
     with pytest.raises(KeyboardInterrupt):
         _extract(cohort, tmp_path / "lazy", commit_seconds=3600, on_batch=interrupt)
-    (root,) = (tmp_path / "lazy" / "features").iterdir()
+    (root,) = _model_stores(tmp_path / "lazy")
     assert FeatureStore(root).rows_done == 0
     resumed = _extract(cohort, tmp_path / "lazy", commit_seconds=3600)
     np.testing.assert_array_equal(resumed.features(), reference)
@@ -218,10 +225,12 @@ def test_cache_verify_names_damaged_stores_and_prune_keeps_what_runs_refer_to(co
     result = runner.invoke(app, ["cache", "verify", str(cache)])
     assert result.exit_code == 2 and f"1 damaged store(s): {other.key}" in result.output
     result = runner.invoke(app, ["cache", "prune", str(tmp_path), "--dry-run"])
-    assert "would remove 1 of 2 feature stores" in result.output and other.root.exists()
+    # Kept: the store a run read and the pixels store it was computed from.
+    assert "would remove 2 of 4 feature stores" in result.output and other.root.exists()
     result = runner.invoke(app, ["cache", "prune", str(tmp_path)])
-    assert result.exit_code == 0 and "removed 1 of 2" in result.output
+    assert result.exit_code == 0 and "removed 2 of 4" in result.output
     assert not other.root.exists() and used.verify() == []
+    assert (cache / "features" / used.manifest["pixels_key"] / "complete.json").is_file()
 
 
 def test_a_second_extraction_waits_for_the_process_building_the_cache_then_reuses(cohort, tmp_path,

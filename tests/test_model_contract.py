@@ -12,12 +12,12 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
-from bag_fixtures import WITNESS_SHIFT, make_tiny_bags
+from bag_fixtures import WITNESS_SHIFT, make_tiny_bags, make_tiny_image_bags
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import balanced_accuracy_score
 
-from milbench.models import create_model, list_models, model_tags
+from milbench.models import create_model, list_models, model_class, model_tags
 from milbench.models.base import has_capability
 from milbench.models.registry import Tag
 
@@ -33,6 +33,8 @@ CASES["voting_over_instances"] = ("voting", {"members": [
     "meanpool_svm", {"name": "dmil", "params": FAST_PARAMS}, "clinical_logreg"]})
 CASES["stacker_over_instances"] = ("stacker", {"members": ["meanpool_svm", "misvm"],
                                                "inner_splits": 2})
+# 9 training patients: a 2-patient validation split would stop at an epoch chosen by chance.
+CASES["image_mil"] = ("image_mil", {"validation_fraction": 0})
 
 
 def _make(case: str, **extra):
@@ -59,14 +61,37 @@ SOURCE_FEATURES = _write_source_features(
     Path(tempfile.mkdtemp(prefix="milbench-contract-")) / "source_features.npz")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return make_tiny_bags()
+# The fixture of each kind of bag a model reads (its class's ``bag_kind``): instance vectors,
+# or the tiny preset's images as 32 px pixels-store rows.
+FIXTURES = {"vectors": make_tiny_bags, "pixels": make_tiny_image_bags}
+_fixtures: dict[str, tuple] = {}
+
+
+def data_for(case: str) -> tuple:
+    kind = getattr(model_class(CASES[case][0]), "bag_kind", "vectors")
+    if kind not in _fixtures:
+        _fixtures[kind] = FIXTURES[kind]()
+    return _fixtures[kind]
+
+
+@pytest.fixture
+def tiny(request):
+    """The bags of the test's model (``name`` or ``fitted`` parameter)."""
+    params = request.node.callspec.params
+    return data_for(params["name"] if "name" in params else params["fitted"])
+
+
+def _random_bag(bags, size: int, seed: int) -> np.ndarray:
+    """A random bag shaped and typed like ``bags``' rows."""
+    rng = np.random.default_rng(seed)
+    if bags[0].dtype == np.uint8:
+        return rng.integers(0, 256, size=(size, bags[0].shape[1]), dtype=np.uint8)
+    return rng.normal(size=(size, bags[0].shape[1]))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
-def fitted(request, tiny):
-    bags, labels, clinical, _ = tiny
+def fitted(request):
+    bags, labels, clinical, _ = data_for(request.param)
     model = _make(request.param, random_state=0)
     returned = model.fit(bags, labels, clinical)
     return request.param, model, returned
@@ -161,7 +186,7 @@ def test_padding_invariance(fitted, tiny):
     """A bag scored alone equals the same bag scored in a batch padded to a much larger bag."""
     _, model, _ = fitted
     bags, _, clinical, _ = tiny
-    big = np.random.default_rng(2).normal(size=(30, bags[0].shape[1]))
+    big = _random_bag(bags, 30, 2)
     batch = [big, *bags]
     batch_clinical = clinical.iloc[np.r_[0, np.arange(len(bags))]].reset_index(drop=True)
     in_batch = _proba(model, batch, batch_clinical)[1:]

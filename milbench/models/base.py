@@ -217,6 +217,9 @@ class BagClassifier(ClassifierMixin, BaseEstimator):
     (``Tag.INSTANCE_SCORES``, ``Tag.BAG_FEATURES``)."""
 
     capabilities: frozenset[Tag] = frozenset()
+    # What a bag is: "vectors" (instance feature vectors) or "pixels" (uint8 image rows of a
+    # pixels store, for end-to-end image models); the run checks a model's features against it.
+    bag_kind: str = "vectors"
 
     def fit(self, bags, y, clinical=None):
         """Fit on a list of bags, 0/1 labels and (where the model reads it) the clinical table."""

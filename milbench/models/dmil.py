@@ -7,6 +7,7 @@ clinical attributes (age, log lymphocyte count, male) → clinical MLP; both con
 * ``attention``: a_i = softmax_i(wᵀ tanh(V h_i)), z = Σ a_i h_i;
 * ``gated_attention``: a_i = softmax_i(wᵀ (tanh(V h_i) ⊙ sigm(U h_i)));
 * ``max``: element-wise max over instances;
+* ``mean``: the instance mean;
 * ``mean_std``: instance mean concatenated with instance standard deviation.
 
 Clinical fusion, by name (``fusion``):
@@ -37,6 +38,7 @@ fits are reproducible on CPU and do not disturb the caller's global torch RNG.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -55,7 +57,7 @@ from milbench.models.registry import Tag
 from milbench.training import EarlyStopping, index_batches, seeded, torch_threads, train
 from preprocessing.transforms import BagTransform
 
-AGGREGATIONS = ("attention", "gated_attention", "max", "mean_std")
+AGGREGATIONS = ("attention", "gated_attention", "max", "mean", "mean_std")
 NORMS = ("layer", "batch", "none")
 FUSIONS = ("concat", "gated")
 # Gate bias at initialisation: sigmoid(-2) ≈ 0.12 of the weight on the image head.
@@ -100,12 +102,16 @@ class GatedFusion(nn.Module):
 
 class DMILNetwork(nn.Module):
     """The torch module: ``forward(x, mask, clinical)`` → (bag logits, instance weights);
-    ``forward_with_experts`` adds, with gated fusion, the heads' logits and the gate."""
+    ``forward_with_experts`` adds, with gated fusion, the heads' logits and the gate.
+
+    ``encoder`` (a module with a ``dim``), when given, turns each real instance into a vector
+    before the embedding MLP, and trains with it: end-to-end image models put a CNN here."""
 
     def __init__(
         self,
         n_features: int,
         n_clinical: int,
+        encoder: nn.Module | None = None,
         *,  # the architecture; its defaults are AttentionDMIL's (see network_settings)
         aggregation: str,
         attention_dim: int,
@@ -122,9 +128,13 @@ class DMILNetwork(nn.Module):
         super().__init__()
         self.aggregation = aggregation
         self.fusion = None
+        if encoder is not None:
+            n_features = encoder.dim
         self.embed, self.embedding_dim = make_mlp(
             n_features, embedding_layers, embedding_width, dropout, norm
         )
+        if encoder is not None:
+            self.embed = nn.Sequential(encoder, self.embed)
         if aggregation in ("attention", "gated_attention"):
             self.attention_v = nn.Linear(self.embedding_dim, attention_dim)
             self.attention_w = nn.Linear(attention_dim, 1)
@@ -156,7 +166,7 @@ class DMILNetwork(nn.Module):
         # Only real instances are embedded (batch norm statistics never see padding), then
         # scattered back into the padded layout.
         embedded = self.embed(x[mask])
-        hidden = x.new_zeros(*mask.shape, self.embedding_dim)
+        hidden = embedded.new_zeros(*mask.shape, self.embedding_dim)
         hidden[mask] = embedded
         pooled, weights = self._aggregate(hidden, mask)
         features = self.bag_mlp(pooled)
@@ -182,9 +192,11 @@ class DMILNetwork(nn.Module):
             shares = torch.zeros_like(mask, dtype=hidden.dtype)
             shares.scatter_add_(1, winners, torch.ones_like(winners, dtype=hidden.dtype))
             return pooled, shares / hidden.shape[-1]
-        # mean_std
         weights = mask.to(hidden.dtype) / counts
         mean = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
+        if self.aggregation == "mean":
+            return mean, weights
+        # mean_std
         centred = (hidden - mean.unsqueeze(1)) * mask.unsqueeze(-1)
         variance = (centred**2).sum(dim=1) / counts
         return torch.cat([mean, torch.sqrt(variance + 1e-6)], dim=1), weights
@@ -206,6 +218,9 @@ class AttentionDMIL(BagClassifier):
     """
 
     capabilities = frozenset({Tag.INSTANCE_SCORES})
+    # Whether each epoch's history scores the whole training part too (image models skip it:
+    # a forward pass over every training image per epoch).
+    evaluates_training_bags = True
 
     def __init__(
         self,
@@ -282,23 +297,39 @@ class AttentionDMIL(BagClassifier):
     def _batches(self, order: np.ndarray) -> list[np.ndarray]:
         return index_batches(order, self.batch_size)
 
-    @staticmethod
-    def _tensors(bags, clinical, rows):
-        padded, mask = pad_bags([bags[i] for i in rows])
-        clinical_rows = None if clinical is None else torch.from_numpy(clinical[rows])
-        return torch.from_numpy(padded), torch.from_numpy(mask), clinical_rows
+    def _device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def _tensors(self, bags, clinical, rows):
+        """Padded bags (in the bags' own dtype), mask and clinical rows, on the model's device."""
+        chosen = [bags[i] for i in rows]
+        padded, mask = pad_bags(chosen, dtype=chosen[0].dtype)
+        device = self._device()
+        clinical_rows = None if clinical is None else torch.from_numpy(clinical[rows]).to(device)
+        return (torch.from_numpy(padded).to(device), torch.from_numpy(mask).to(device),
+                clinical_rows)
+
+    def _autocast(self):
+        """The precision context of forward passes (image models use bfloat16 on CUDA)."""
+        return contextlib.nullcontext()
+
+    def _training_tensors(self, bags, clinical, rows, generator):
+        """A training batch: :meth:`_tensors` with instance dropout applied to the mask."""
+        x, mask, clinical_rows = self._tensors(bags, clinical, rows)
+        return x, self._drop_instances(mask, generator), clinical_rows
 
     def _forward_all(self, network, bags, clinical):
         """Eval-mode logits and instance weights for every bag, in batches of ``batch_size``."""
         network.eval()
         logits, weights = [], []
-        with torch.no_grad(), torch_threads(self.torch_threads):
+        with torch.no_grad(), torch_threads(self.torch_threads), self._autocast():
             for rows in self._batches(np.arange(len(bags))):
                 x, mask, clinical_rows = self._tensors(bags, clinical, rows)
                 batch_logits, batch_weights = network(x, mask, clinical_rows)
-                logits.append(batch_logits.double().numpy())
-                for i, row_mask in enumerate(mask.numpy()):
-                    weights.append(batch_weights[i].double().numpy()[row_mask])
+                logits.append(batch_logits.double().cpu().numpy())
+                batch_weights = batch_weights.double().cpu().numpy()
+                for i, row_mask in enumerate(mask.cpu().numpy()):
+                    weights.append(batch_weights[i][row_mask])
         return np.concatenate(logits), weights
 
     # -- training ----------------------------------------------------------------------------
@@ -307,11 +338,7 @@ class AttentionDMIL(BagClassifier):
             raise ValueError("use_clinical=True but fit got no clinical table")
         self.uses_clinical_ = self.use_clinical is not False and clinical is not None
 
-        # Scaler (+ PCA) on the training instances only: inside CV, the training fold's.
-        self.transform_ = (
-            BagTransform(n_components=self.pca_components, scale=self.scale, random_state=0).fit(bags)
-            if self.scale or self.pca_components is not None else None
-        )
+        self.transform_ = self._fit_transform(bags)
         if self.uses_clinical_:
             # Standardised age, log count, male; statistics from the training bags only.
             design = clinical_design_matrix(check_clinical(clinical, len(bags)))
@@ -326,6 +353,16 @@ class AttentionDMIL(BagClassifier):
         with seeded(seed, self.torch_threads) as generator:
             self.network_ = self._train(
                 scaled, labels, clinical_inputs, train_rows, val_rows, generator)
+
+    def _fit_transform(self, bags) -> BagTransform | None:
+        """Scaler (+ PCA) on the training instances only: inside CV, the training fold's."""
+        if not self.scale and self.pca_components is None:
+            return None
+        return BagTransform(n_components=self.pca_components, scale=self.scale,
+                            random_state=0).fit(bags)
+
+    def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
+        return DMILNetwork(n_features, n_clinical, **network_settings(self))
 
     def _validation_split(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(len(labels))
@@ -369,8 +406,8 @@ class AttentionDMIL(BagClassifier):
         return kept
 
     def _train(self, bags, labels, clinical, train_rows, val_rows, generator) -> DMILNetwork:
-        network = DMILNetwork(bags[0].shape[1], 0 if clinical is None else clinical.shape[1],
-                              **network_settings(self))
+        network = self._network(bags[0].shape[1], 0 if clinical is None else clinical.shape[1])
+        network = network.to(self._device())
         optimizer = torch.optim.Adam(
             network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
         )
@@ -379,8 +416,9 @@ class AttentionDMIL(BagClassifier):
         )
         train_labels = labels[train_rows]
         class_weights = self._class_weights(train_labels)
-        sample_weights = torch.from_numpy(class_weights[labels].astype(np.float32))
-        targets = torch.from_numpy(labels.astype(np.float32))
+        sample_weights = torch.from_numpy(class_weights[labels].astype(np.float32)).to(
+            self._device())
+        targets = torch.from_numpy(labels.astype(np.float32)).to(self._device())
 
         def subset(rows):
             return [bags[i] for i in rows], (None if clinical is None else clinical[rows])
@@ -393,9 +431,11 @@ class AttentionDMIL(BagClassifier):
             return self._batches(train_rows[permutation])
 
         def step(rows: np.ndarray) -> torch.Tensor:
-            x, mask, clinical_rows = self._tensors(bags, clinical, rows)
-            logits, _, experts = network.forward_with_experts(
-                x, self._drop_instances(mask, generator), clinical_rows)
+            x, mask, clinical_rows = self._training_tensors(bags, clinical, rows, generator)
+            with self._autocast():
+                logits, _, experts = network.forward_with_experts(x, mask, clinical_rows)
+            logits = logits.float()
+            experts = None if experts is None else tuple(e.float() for e in experts)
             losses = nn.functional.binary_cross_entropy_with_logits(
                 logits, targets[rows], reduction="none")
             if experts is not None and self.expert_loss_weight:
@@ -408,14 +448,16 @@ class AttentionDMIL(BagClassifier):
 
         def evaluate() -> dict:
             record = {}
-            record["train_loss"], record["train_balanced_accuracy"] = self._evaluate(
-                network, train_bags, train_clinical, train_labels, class_weights)
+            if self.evaluates_training_bags:
+                record["train_loss"], record["train_balanced_accuracy"] = self._evaluate(
+                    network, train_bags, train_clinical, train_labels, class_weights)
             if len(val_rows):
                 record["val_loss"], record["val_balanced_accuracy"] = self._evaluate(
                     network, val_bags, val_clinical, labels[val_rows], class_weights)
             return record
 
         # Without a validation part: train for max_epochs and keep the last epoch.
+        # (train_loss is the epoch's mean step loss when the training part is not scored.)
         monitor = "val_loss" if len(val_rows) else "train_loss"
         result = train(
             network, optimizer, step, epoch_batches, epochs=self.max_epochs, evaluate=evaluate,
@@ -447,11 +489,11 @@ class AttentionDMIL(BagClassifier):
         scaled, clinical_inputs = self._scale_bags(bags), self._clinical_inputs(clinical, len(bags))
         gates = []
         self.network_.eval()
-        with torch.no_grad(), torch_threads(self.torch_threads):
+        with torch.no_grad(), torch_threads(self.torch_threads), self._autocast():
             for rows in self._batches(np.arange(len(bags))):
                 _, _, experts = self.network_.forward_with_experts(
                     *self._tensors(scaled, clinical_inputs, rows))
-                gates.append(experts[2].double().numpy())
+                gates.append(experts[2].double().cpu().numpy())
         return np.concatenate(gates)
 
     def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:

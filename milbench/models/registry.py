@@ -47,6 +47,7 @@ BUILTIN: dict[str, tuple[str, tuple[Tag, ...]]] = {
     "dmil": ("milbench.models.dmil:AttentionDMIL", (Tag.INSTANCES, Tag.CLINICAL_OPTIONAL)),
     "semisup": ("milbench.models.semisup:SemiSupervisedCNN", (Tag.INSTANCES, Tag.CLINICAL)),
     "cluster_emd": ("milbench.models.cluster_emd:ClusterEMDClassifier", (Tag.INSTANCES,)),
+    "image_mil": ("milbench.models.image_mil:ImageMIL", (Tag.INSTANCES, Tag.CLINICAL_OPTIONAL)),
     "inner_cv": ("milbench.models.selection:InnerCVSelection",
                  (Tag.SELECTION, Tag.CLINICAL_OPTIONAL)),
     "stacker": ("milbench.ensemble.stacker:ClinicalStacker", (Tag.ENSEMBLE, Tag.CLINICAL)),

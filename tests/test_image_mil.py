@@ -1,0 +1,107 @@
+"""The end-to-end image-bag model: it learns from pixels, its mixture-of-experts gate is a convex
+weight per patient, its augmentation keeps images intact, and a run refuses it without a pixels
+store. (The contract suite covers order and padding invariance on the tiny preset at 32 px.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from milbench.models import create_model
+from milbench.models.image_mil import augment, side_of
+
+SIDE = 16
+
+
+def _image_bags(n_bags: int = 12, seed: int = 0):
+    """Bags of random dark 16 px images; tumoral bags hold a bright square in half their images."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n_bags) % 2
+    bags = []
+    for label in labels:
+        size = int(rng.integers(3, 7))
+        images = rng.integers(0, 120, size=(size, 3, SIDE, SIDE)).astype(np.uint8)
+        if label:
+            images[: max(1, size // 2), 0, 4:12, 4:12] = 250
+        bags.append(images.reshape(size, -1))
+    clinical = pd.DataFrame({"age": rng.normal(65, 10, n_bags),
+                             "lymph_count": np.exp(rng.normal(2.0 + labels, 0.3)),
+                             "male": rng.integers(0, 2, n_bags).astype(float)})
+    return bags, labels, clinical
+
+
+def _model(**params):
+    settings = {"backbone": "conv_ae", "latent": 64, "max_epochs": 15, "validation_fraction": 0,
+                "batch_size": 4, "learning_rate": 1e-3, "random_state": 0, "device": "cpu"}
+    return create_model("image_mil", **{**settings, **params})
+
+
+def test_overfits_a_tiny_set_from_pixels():
+    bags, labels, _ = _image_bags()
+    model = _model().fit(bags, labels)
+    losses = [record["train_loss"] for record in model.history_]
+    assert losses[-1] < 0.5 * losses[0]
+    assert (model.predict(bags) == labels).all()
+    weights = model.instance_scores(bags)
+    assert all(np.isclose(w.sum(), 1.0) for w in weights)
+
+
+def test_mixture_of_experts_gate_is_a_convex_weight_per_patient():
+    bags, labels, clinical = _image_bags()
+    model = _model(fusion="mixture_of_experts", max_epochs=3).fit(bags, labels, clinical)
+    gates = model.fusion_gates(bags, clinical)
+    assert gates.shape == (len(bags),) and np.all((gates > 0) & (gates < 1))
+    # The fused logit is the gate's convex combination of the two experts' logits.
+    x, mask, clinical_rows = model._tensors(bags, model._clinical_inputs(clinical, len(bags)),
+                                            np.arange(len(bags)))
+    with torch.no_grad():
+        fused, _, (image, clinical_logit, gate) = model.network_.forward_with_experts(
+            x, mask, clinical_rows)
+    torch.testing.assert_close(fused, gate * image + (1 - gate) * clinical_logit)
+    np.testing.assert_allclose(gate.numpy(), gates, rtol=1e-6)
+
+
+def test_augmentation_flips_and_turns_whole_images():
+    rng = np.random.default_rng(1)
+    pixels = torch.from_numpy(rng.integers(0, 256, size=(20, 3 * 8 * 8), dtype=np.uint8))
+    generator = torch.Generator().manual_seed(0)
+    out = augment(pixels, 8, 0.0, generator)
+    assert out.dtype == torch.uint8 and out.shape == pixels.shape
+    for before, after in zip(pixels.view(-1, 3, 8, 8), out.view(-1, 3, 8, 8), strict=True):
+        # Without stain jitter, each image is one of its 8 flips/rotations.
+        variants = [torch.rot90(image, k, dims=(-2, -1)) for image in (before, before.flip(-1))
+                    for k in range(4)]
+        assert any(torch.equal(after, variant) for variant in variants)
+    jittered = augment(pixels, 8, 0.1, torch.Generator().manual_seed(0))
+    assert not torch.equal(jittered, out)
+
+
+def test_bags_must_be_pixels_store_rows():
+    bags, labels, _ = _image_bags()
+    with pytest.raises(ValueError, match="pixels store"):
+        _model().fit([bag.astype(np.float32) for bag in bags], labels)
+    with pytest.raises(ValueError, match="3 x S x S"):
+        side_of(100)
+    assert side_of(3 * 32 * 32) == 32
+    with pytest.raises(ValueError, match="backbone"):
+        _model(backbone="alexnet").fit(bags, labels)
+    with pytest.raises(ValueError, match="fusion"):
+        _model(fusion="gated").fit(bags, labels)
+
+
+def test_run_refuses_image_mil_without_a_pixels_store(tmp_path):
+    from milbench.config import load_config
+    from milbench.preparation import check_features
+
+    path = tmp_path / "images.yaml"
+    path.write_text(
+        "name: images\n"
+        "data: {synthetic: {preset: tiny}}\n"
+        "features: {extractor: autoencoder_demo64}\n"
+        "models:\n"
+        "  - {name: image_mil}\n"
+        "  - {name: image_mil, label: on_pixels, features: {kind: pixels, input_size: 32}}\n")
+    problems = check_features(load_config(path))
+    assert len(problems) == 1 and "'image_mil'" in problems[0] and "pixels" in problems[0]
