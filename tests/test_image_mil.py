@@ -105,3 +105,28 @@ def test_run_refuses_image_mil_without_a_pixels_store(tmp_path):
         "  - {name: image_mil, label: on_pixels, features: {kind: pixels, input_size: 32}}\n")
     problems = check_features(load_config(path))
     assert len(problems) == 1 and "'image_mil'" in problems[0] and "pixels" in problems[0]
+
+
+def test_a_run_trains_image_mil_on_the_pixels_store(tmp_path):
+    """The whole run: the pixels store is built once, image_mil reads it (metrics and the store
+    record say so) beside the clinical baseline, and its instance scores reach the run."""
+    import json
+    from pathlib import Path
+
+    from milbench.config import load_config
+    from milbench.pipeline import run_pipeline
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    models = ("[{name: clinical_logreg}, {name: image_mil, features: {kind: pixels, input_size: 32},"
+              " params: {backbone: conv_ae, latent: 64, max_epochs: 2, validation_fraction: 0}}]")
+    config = load_config(configs / "image_mil.yaml", [
+        f"models={models}", "features.extractor=none", "data.synthetic.preset=tiny",
+        "evaluation.n_splits=2", "evaluation.n_repeats=1", "evaluation.stratify=[]",
+        f"workdir={tmp_path / 'work'}", "submission.enabled=false"])
+    outcome = run_pipeline(config, progress=False)
+    metrics = pd.read_csv(outcome.run_dir / "metrics.csv").set_index("model")
+    assert metrics.loc["image_mil", "features"] == "pixels"
+    stores = json.loads((outcome.run_dir / "feature_stores.json").read_text())
+    assert [store["models"] for store in stores.values()] == [["image_mil"]]
+    oof = pd.read_csv(outcome.run_dir / "models" / "image_mil" / "oof.csv")
+    assert len(oof) == 9 and oof["score"].between(0, 1).all()
