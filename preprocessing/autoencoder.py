@@ -209,7 +209,10 @@ def fit_cohort_autoencoder(
 
     out_dir = Path(out_dir)
     final = out_dir / "autoencoder.pt"
-    model = ConvAutoencoder(input_size, latent)
+    with torch.random.fork_rng(devices=[]):
+        # Initial weights from ``seed`` alone, whatever used the global RNG before.
+        torch.manual_seed(seed)
+        model = ConvAutoencoder(input_size, latent)
     if final.is_file():
         model.load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
         return model.to(device).eval()

@@ -111,3 +111,9 @@ def test_autoencoders_train_on_one_pixels_store(tmp_path):
     with torch.inference_mode():
         expected = Encoder(model).eval()(images).numpy()
     np.testing.assert_allclose(small.features(), expected, rtol=1e-5, atol=1e-6)
+    # The same features whether the pixels store had to be built first or already existed.
+    extract_features(cohort, {"kind": "pixels", "input_size": 32}, tmp_path / "again",
+                     progress=False, num_workers=0)
+    again = extract_features(cohort, {**base, "latent": 64}, tmp_path / "again", progress=False,
+                             num_workers=0)
+    np.testing.assert_array_equal(again.features(), small.features())
