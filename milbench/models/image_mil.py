@@ -43,9 +43,9 @@ from torch import nn
 from milbench.models.base import store_params
 from milbench.models.dmil import AGGREGATIONS, NORMS, AttentionDMIL, DMILNetwork, network_settings
 from milbench.models.registry import Tag
+from preprocessing.backbones import list_backbones
 
-BACKBONES = ("conv_ae", "resnet18", "resnet34", "resnet50", "vgg16", "vgg19", "densenet121",
-             "efficientnet_b0")
+BACKBONES = ("conv_ae", *list_backbones())  # the seed's encoder, or a torchvision backbone
 FUSIONS = {"concat": "concat", "mixture_of_experts": "gated"}  # ours → DMILNetwork's
 DEVICES = ("auto", "cpu", "cuda")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
