@@ -4,13 +4,15 @@ store. (The contract suite covers order and padding invariance on the tiny prese
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from milbench.models import create_model
-from milbench.models.image_mil import augment, side_of
+from milbench.models.images import augment, side_of
 
 SIDE = 16
 
@@ -130,3 +132,55 @@ def test_a_run_trains_image_mil_on_the_pixels_store(tmp_path):
     assert [store["models"] for store in stores.values()] == [["image_mil"]]
     oof = pd.read_csv(outcome.run_dir / "models" / "image_mil" / "oof.csv")
     assert len(oof) == 9 and oof["score"].between(0, 1).all()
+
+
+def _reconstruction_error(model, bags) -> float:
+    """The fitted encoder's decoder error on ``bags`` (the loss it adds under autograd)."""
+    encoder = model.network_.embed[0]
+    encoder.eval()
+    with torch.enable_grad():
+        encoder(torch.from_numpy(np.concatenate(bags)))
+    error, encoder.reconstruction_loss = float(encoder.reconstruction_loss.detach()), None
+    return error
+
+
+def test_autoencoder_in_the_loop_learns_to_reconstruct():
+    bags, labels, _ = _image_bags()
+    # Flat-coloured images (one random colour each): an autoencoder can learn to redraw them.
+    rng = np.random.default_rng(2)
+    bags = [np.broadcast_to(rng.integers(0, 256, (len(bag), 3, 1, 1), dtype=np.uint8),
+                            (len(bag), 3, SIDE, SIDE)).reshape(len(bag), -1) for bag in bags]
+    trained = _model(reconstruction_weight=5.0, max_epochs=30, augment=False).fit(bags, labels)
+    ignored = _model(reconstruction_weight=1e-9, max_epochs=30, augment=False).fit(bags, labels)
+    assert _reconstruction_error(trained, bags) < 0.5 * _reconstruction_error(ignored, bags)
+    # The last step's loss is not kept: the fitted model pickles.
+    assert trained.network_.embed[0].reconstruction_loss is None
+    restored = pickle.loads(pickle.dumps(trained))
+    np.testing.assert_allclose(restored.decision_function(bags), trained.decision_function(bags))
+    with pytest.raises(ValueError, match="conv_ae"):
+        _model(backbone="resnet18", reconstruction_weight=1.0).fit(bags, labels)
+
+
+def test_two_phase_schedule_freezes_the_classifier_during_warmup():
+    bags, labels, clinical = _image_bags()
+    two_phase = {"schedule": "two_phase", "reconstruction_weight": 1.0, "warmup_epochs": 2,
+                 "max_epochs": 2, "encoder_learning_rate": 1e-3}
+    # Only the encoder's optimiser steps in the warmup: the classifier's rate changes nothing.
+    slow = _model(**two_phase, learning_rate=1e-6).fit(bags, labels, clinical)
+    fast = _model(**two_phase, learning_rate=1e-1).fit(bags, labels, clinical)
+    np.testing.assert_array_equal(slow.decision_function(bags, clinical),
+                                  fast.decision_function(bags, clinical))
+    assert {record["trains"] for record in slow.history_} == {"encoder"}
+    # Joint training steps the classifier too, so there the rate matters.
+    joint = {"reconstruction_weight": 1.0, "max_epochs": 2, "encoder_learning_rate": 1e-3}
+    assert not np.array_equal(
+        _model(**joint, learning_rate=1e-6).fit(bags, labels, clinical).decision_function(
+            bags, clinical),
+        _model(**joint, learning_rate=1e-1).fit(bags, labels, clinical).decision_function(
+            bags, clinical))
+    # Then phases alternate which part trains, named in the history.
+    alternating = _model(**{**two_phase, "max_epochs": 6, "phase_epochs": 2}).fit(
+        bags, labels, clinical)
+    assert [(r["phase"], r["trains"]) for r in alternating.history_] == [
+        ("warmup", "encoder"), ("warmup", "encoder"), ("alternating", "classifier"),
+        ("alternating", "classifier"), ("alternating", "encoder"), ("alternating", "encoder")]

@@ -54,7 +54,14 @@ from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_clinical, store_params
 from milbench.models.collate import pad_bags
 from milbench.models.registry import Tag
-from milbench.training import EarlyStopping, index_batches, seeded, torch_threads, train
+from milbench.training import (
+    EarlyStopping,
+    TrainingResult,
+    index_batches,
+    seeded,
+    torch_threads,
+    train,
+)
 from preprocessing.transforms import BagTransform
 
 AGGREGATIONS = ("attention", "gated_attention", "max", "mean", "mean_std")
@@ -210,6 +217,47 @@ def network_settings(model: AttentionDMIL) -> dict:
     return {name: getattr(model, name) for name in names}
 
 
+def check_training_params(model) -> None:
+    """The training options the bag networks share (D-MIL and the image models): batches,
+    epochs, the validation split, class weights, threads and the clinical switch."""
+    if model.use_clinical not in ("auto", True, False):
+        raise ValueError(f"use_clinical must be 'auto', True or False, got {model.use_clinical!r}")
+    if int(model.batch_size) < 2:
+        raise ValueError(f"batch_size must be at least 2 (real batches), got {model.batch_size}")
+    if int(model.max_epochs) < 1:
+        raise ValueError(f"max_epochs must be at least 1, got {model.max_epochs}")
+    if not 0 <= model.validation_fraction < 1:
+        raise ValueError(f"validation_fraction must lie in [0, 1), got {model.validation_fraction}")
+    if model.class_weight not in ("balanced", None):
+        raise ValueError(f"class_weight must be 'balanced' or None, got {model.class_weight!r}")
+    if model.torch_threads is not None and int(model.torch_threads) < 1:
+        raise ValueError(f"torch_threads must be None or at least 1, got {model.torch_threads}")
+
+
+def validation_split(labels: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stratified (train rows, validation rows) split of the training bags for early stopping;
+    everything trains (no validation rows) when ``fraction`` is 0 or a class is too rare for
+    both parts to hold it."""
+    rows = np.arange(len(labels))
+    n_val = math.ceil(fraction * len(labels))
+    counts = np.bincount(labels, minlength=2)
+    if fraction == 0 or n_val < 2 or counts.min() < 2 or len(labels) - n_val < 2:
+        return rows, rows[:0]
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
+    train_rows, val_rows = next(splitter.split(rows.reshape(-1, 1), labels))
+    return np.sort(train_rows), np.sort(val_rows)
+
+
+def balanced_class_weights(labels: np.ndarray, class_weight: str | None) -> np.ndarray:
+    """Per-class loss weights (index = label): ``"balanced"`` from the training prevalence,
+    None → ones."""
+    if class_weight is None:
+        return np.ones(2)
+    counts = np.bincount(labels, minlength=2).astype(float)
+    return len(labels) / (2.0 * np.maximum(counts, 1.0))
+
+
 class AttentionDMIL(BagClassifier):
     """Attention D-MIL with an optional clinical MLP (see the module docstring).
 
@@ -264,24 +312,9 @@ class AttentionDMIL(BagClassifier):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if not self.expert_loss_weight >= 0:
             raise ValueError(f"expert_loss_weight must be >= 0, got {self.expert_loss_weight}")
-        if self.use_clinical not in ("auto", True, False):
-            raise ValueError(
-                f"use_clinical must be 'auto', True or False, got {self.use_clinical!r}"
-            )
-        if int(self.batch_size) < 2:
-            raise ValueError(f"batch_size must be at least 2 (real batches), got {self.batch_size}")
-        if self.torch_threads is not None and int(self.torch_threads) < 1:
-            raise ValueError(f"torch_threads must be None or at least 1, got {self.torch_threads}")
-        if int(self.max_epochs) < 1:
-            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
+        check_training_params(self)
         if not 0 <= self.instance_dropout < 1:
             raise ValueError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(
-                f"validation_fraction must lie in [0, 1), got {self.validation_fraction}"
-            )
-        if self.class_weight not in ("balanced", None):
-            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
 
     def _scale_bags(self, bags: list[np.ndarray]) -> list[np.ndarray]:
         transformed = bags if self.transform_ is None else self.transform_.transform(bags)
@@ -349,7 +382,7 @@ class AttentionDMIL(BagClassifier):
         clinical_inputs = self._clinical_inputs(clinical, len(bags))
 
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        train_rows, val_rows = self._validation_split(labels, seed)
+        train_rows, val_rows = validation_split(labels, self.validation_fraction, seed)
         with seeded(seed, self.torch_threads) as generator:
             self.network_ = self._train(
                 scaled, labels, clinical_inputs, train_rows, val_rows, generator)
@@ -363,28 +396,6 @@ class AttentionDMIL(BagClassifier):
 
     def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
         return DMILNetwork(n_features, n_clinical, **network_settings(self))
-
-    def _validation_split(self, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.arange(len(labels))
-        n_val = math.ceil(self.validation_fraction * len(labels))
-        counts = np.bincount(labels, minlength=2)
-        # A stratified split needs each class in both parts: otherwise train on everything.
-        if (
-            self.validation_fraction == 0
-            or n_val < 2
-            or counts.min() < 2
-            or len(labels) - n_val < 2
-        ):
-            return rows, rows[:0]
-        splitter = StratifiedShuffleSplit(n_splits=1, test_size=n_val, random_state=seed)
-        train_rows, val_rows = next(splitter.split(rows.reshape(-1, 1), labels))
-        return np.sort(train_rows), np.sort(val_rows)
-
-    def _class_weights(self, labels: np.ndarray) -> np.ndarray:
-        if self.class_weight is None:
-            return np.ones(2)
-        counts = np.bincount(labels, minlength=2).astype(float)
-        return len(labels) / (2.0 * np.maximum(counts, 1.0))
 
     def _evaluate(self, network, bags, clinical, labels, class_weights) -> tuple[float, float]:
         logits, _ = self._forward_all(network, bags, clinical)
@@ -408,14 +419,8 @@ class AttentionDMIL(BagClassifier):
     def _train(self, bags, labels, clinical, train_rows, val_rows, generator) -> DMILNetwork:
         network = self._network(bags[0].shape[1], 0 if clinical is None else clinical.shape[1])
         network = network.to(self._device())
-        optimizer = torch.optim.Adam(
-            network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.lr_factor, patience=self.lr_patience
-        )
         train_labels = labels[train_rows]
-        class_weights = self._class_weights(train_labels)
+        class_weights = balanced_class_weights(train_labels, self.class_weight)
         sample_weights = torch.from_numpy(class_weights[labels].astype(np.float32)).to(
             self._device())
         targets = torch.from_numpy(labels.astype(np.float32)).to(self._device())
@@ -444,7 +449,9 @@ class AttentionDMIL(BagClassifier):
                     losses = losses + self.expert_loss_weight * (
                         nn.functional.binary_cross_entropy_with_logits(
                             expert_logits, targets[rows], reduction="none"))
-            return (sample_weights[rows] * losses).mean()
+            loss = (sample_weights[rows] * losses).mean()
+            auxiliary = self._auxiliary_loss(network)
+            return loss if auxiliary is None else loss + auxiliary
 
         def evaluate() -> dict:
             record = {}
@@ -456,17 +463,35 @@ class AttentionDMIL(BagClassifier):
                     network, val_bags, val_clinical, labels[val_rows], class_weights)
             return record
 
-        # Without a validation part: train for max_epochs and keep the last epoch.
-        # (train_loss is the epoch's mean step loss when the training part is not scored.)
-        monitor = "val_loss" if len(val_rows) else "train_loss"
-        result = train(
-            network, optimizer, step, epoch_batches, epochs=self.max_epochs, evaluate=evaluate,
-            scheduler=scheduler, scheduler_monitor=monitor,
-            early_stopping=EarlyStopping("val_loss", self.patience) if len(val_rows) else None)
+        result = self._optimise(network, step, epoch_batches, evaluate, len(val_rows) > 0)
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.n_epochs_ = result.n_epochs
         return network
+
+    def _auxiliary_loss(self, network) -> torch.Tensor | None:
+        """A loss the step adds to the classification loss (image models: reconstruction)."""
+        return None
+
+    def _optimise(self, network, step, batches, evaluate, has_validation: bool) -> TrainingResult:
+        """Adam with the plateau scheduler, early stopping on the validation loss. Without a
+        validation part: train for max_epochs and keep the last epoch (train_loss is then the
+        epoch's mean step loss when the training part is not scored)."""
+        optimizer = torch.optim.Adam(
+            self._parameter_groups(network), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.lr_factor, patience=self.lr_patience
+        )
+        return train(
+            network, optimizer, step, batches, epochs=self.max_epochs, evaluate=evaluate,
+            scheduler=scheduler, scheduler_monitor="val_loss" if has_validation else "train_loss",
+            early_stopping=EarlyStopping("val_loss", self.patience) if has_validation else None)
+
+    def _parameter_groups(self, network) -> list[dict]:
+        """The optimiser's parameter groups (one here; image models may give the encoder its
+        own learning rate)."""
+        return [{"params": list(network.parameters())}]
 
     # -- prediction --------------------------------------------------------------------------
     def decision_function(self, bags, clinical=None) -> np.ndarray:
@@ -485,7 +510,8 @@ class AttentionDMIL(BagClassifier):
         """Per bag, the weight of the image head in the fused logit (gated fusion only)."""
         bags = self._check_predict_bags(bags)
         if self.network_.fusion is None:
-            raise ValueError("fusion_gates needs fusion='gated' and a clinical table at fit")
+            raise ValueError("fusion_gates needs gated fusion (image_mil: mixture_of_experts) "
+                             "and a clinical table at fit")
         scaled, clinical_inputs = self._scale_bags(bags), self._clinical_inputs(clinical, len(bags))
         gates = []
         self.network_.eval()

@@ -28,94 +28,71 @@ image) and augments them with random flips, 90° rotations and a per-image stain
 channel scaled and shifted by up to ``stain_jitter``). ``device="auto"`` trains on CUDA when
 present, with bfloat16 autocast and channels-last convolutions there. Instance scores are the
 aggregation's weights (attention weights; for ``mean``, 1/n).
+
+The autoencoder in the loop (seed §5.2.2(d)), with ``backbone: conv_ae``:
+``reconstruction_weight`` λ > 0 keeps the autoencoder's decoder, and each step's loss becomes
+classification + λ · reconstruction (mean squared error of the step's augmented images).
+``encoder_learning_rate`` gives the encoder (and decoder) its own learning rate.
+``schedule: two_phase`` trains with two Adam optimisers: for ``warmup_epochs`` the classifier
+is frozen and only the encoder's optimiser steps, then phases of ``phase_epochs`` alternate
+which of the two steps (fixed learning rates; ``history_`` names the phase and which part
+trained; early stopping watches the alternating part). The seed's settings: λ > 0, 10 warmup
+epochs, ``learning_rate: 1e-6`` for the classifier, ``encoder_learning_rate: 1e-3``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
-from torch import nn
 
 from milbench.models.base import store_params
-from milbench.models.dmil import AGGREGATIONS, NORMS, AttentionDMIL, DMILNetwork, network_settings
+from milbench.models.dmil import (
+    NORMS,
+    AttentionDMIL,
+    DMILNetwork,
+    check_training_params,
+    network_settings,
+)
+from milbench.models.images import (
+    ImageEncoder,
+    augment,
+    check_image_params,
+    check_pixel_bags,
+    precision,
+    side_of,
+    torch_device,
+)
 from milbench.models.registry import Tag
-from preprocessing.backbones import list_backbones
+from milbench.training import EarlyStopping, TrainingResult, train
 
-BACKBONES = ("conv_ae", *list_backbones())  # the seed's encoder, or a torchvision backbone
 FUSIONS = {"concat": "concat", "mixture_of_experts": "gated"}  # ours → DMILNetwork's
-DEVICES = ("auto", "cpu", "cuda")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PREDICTION_CHUNK = 256  # images per CNN call at prediction: bounds activation memory
+IMAGE_AGGREGATIONS = ("mean", "max", "attention", "gated_attention")
+SCHEDULES = ("joint", "two_phase")
 
 
-def side_of(width: int) -> int:
-    """The image side ``S`` of a pixels row of ``3 * S * S`` values; raises otherwise."""
-    side = int(round(math.sqrt(width / 3)))
-    if side < 1 or 3 * side * side != width:
-        raise ValueError(f"image bags must be pixels-store rows of 3 x S x S values "
-                         f"(features: {{kind: pixels}}), got rows of {width}")
-    return side
+class AlternatingOptimizers:
+    """Two optimisers behind the interface the training loop uses: both are zeroed every step,
+    only the ``active`` one steps, so the other's parameters stay frozen (their batch-norm
+    statistics still move in train mode)."""
 
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+        self.active = next(iter(optimizers))
 
-class ImageEncoder(nn.Module):
-    """uint8 pixel rows ``(m, 3 * S * S)`` → ``(m, dim)``: reshape, scale to [0, 1],
-    ImageNet-normalise for torchvision backbones, CNN."""
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizers[self.active].param_groups
 
-    def __init__(self, backbone: str, side: int, weights: str | None, latent: int) -> None:
-        super().__init__()
-        self.side = side
-        if backbone == "conv_ae":
-            from preprocessing.autoencoder import ConvAutoencoder
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
 
-            self.network = ConvAutoencoder(side, latent).encoder
-            self.dim = int(latent)
-            self.normalize = False
-        else:
-            from preprocessing.backbones import build_backbone
+    def step(self) -> None:
+        self.optimizers[self.active].step()
 
-            self.network = build_backbone(backbone, weights)
-            self.dim = self.network.dim
-            self.normalize = True
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and len(pixels) > PREDICTION_CHUNK:
-            return torch.cat([self(part) for part in pixels.split(PREDICTION_CHUNK)])
-        images = pixels.reshape(-1, 3, self.side, self.side).float() / 255.0
-        if self.normalize:
-            images = (images - self.mean) / self.std
-        if images.is_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.network(images).flatten(1).float()
-
-
-def augment(pixels: torch.Tensor, side: int, stain_jitter: float,
-            generator: torch.Generator) -> torch.Tensor:
-    """Random flips, 90° rotations and per-channel stain jitter, drawn per image, on uint8
-    pixel rows ``(m, 3 * S * S)``; returns uint8 rows of the same shape."""
-    images = pixels.reshape(-1, 3, side, side)
-    count = len(images)
-    draws = torch.rand(count, 3, generator=generator)
-    turns = torch.randint(0, 4, (count,), generator=generator)
-    out = torch.empty_like(images)
-    for index in range(count):
-        image = images[index]
-        if draws[index, 0] < 0.5:
-            image = image.flip(-1)
-        if draws[index, 1] < 0.5:
-            image = image.flip(-2)
-        out[index] = torch.rot90(image, int(turns[index]), dims=(-2, -1))
-    if stain_jitter:
-        scale = 1 + stain_jitter * (2 * torch.rand(count, 3, 1, 1, generator=generator) - 1)
-        shift = 255 * stain_jitter * (2 * torch.rand(count, 3, 1, 1, generator=generator) - 1)
-        out = (out.float() * scale + shift).round_().clamp_(0, 255).to(torch.uint8)
-    return out.reshape(count, -1)
+    def state_dict(self) -> dict:
+        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
 
 
 class ImageMIL(AttentionDMIL):
@@ -146,6 +123,11 @@ class ImageMIL(AttentionDMIL):
         norm: str = "layer",
         use_clinical: bool | str = "auto",
         expert_loss_weight: float = 0.5,
+        reconstruction_weight: float = 0.0,
+        schedule: str = "joint",
+        warmup_epochs: int = 10,
+        phase_epochs: int = 5,
+        encoder_learning_rate: float | None = None,
         learning_rate: float = 3e-4,
         weight_decay: float = 1e-4,
         batch_size: int = 8,
@@ -167,66 +149,41 @@ class ImageMIL(AttentionDMIL):
     instance_dropout = 0.0
 
     def _validate_params(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.aggregation not in AGGREGATIONS or self.aggregation == "mean_std":
-            raise ValueError(f"aggregation must be one of mean, max, attention, gated_attention, "
+        check_training_params(self)
+        check_image_params(self)
+        if self.aggregation not in IMAGE_AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {IMAGE_AGGREGATIONS}, "
                              f"got {self.aggregation!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {tuple(FUSIONS)}, got {self.fusion!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
         if int(self.max_instances) < 1:
             raise ValueError(f"max_instances must be at least 1, got {self.max_instances}")
-        if not 0 <= self.stain_jitter < 1:
-            raise ValueError(f"stain_jitter must lie in [0, 1), got {self.stain_jitter}")
-        if self.use_clinical not in ("auto", True, False):
-            raise ValueError(f"use_clinical must be 'auto', True or False, got {self.use_clinical!r}")
-        if int(self.batch_size) < 2:
-            raise ValueError(f"batch_size must be at least 2 (real batches), got {self.batch_size}")
-        if int(self.max_epochs) < 1:
-            raise ValueError(f"max_epochs must be at least 1, got {self.max_epochs}")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
-        if self.class_weight not in ("balanced", None):
-            raise ValueError(f"class_weight must be 'balanced' or None, got {self.class_weight!r}")
-        if self.torch_threads is not None and int(self.torch_threads) < 1:
-            raise ValueError(f"torch_threads must be None or at least 1, got {self.torch_threads}")
+        if not self.reconstruction_weight >= 0:
+            raise ValueError(f"reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
+        if self.reconstruction_weight and self.backbone != "conv_ae":
+            raise ValueError(f"reconstruction_weight > 0 needs backbone conv_ae (the autoencoder's "
+                             f"encoder), got backbone {self.backbone!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if int(self.warmup_epochs) < 0 or int(self.phase_epochs) < 1:
+            raise ValueError(f"warmup_epochs must be >= 0 and phase_epochs >= 1, got "
+                             f"{self.warmup_epochs} and {self.phase_epochs}")
+        if self.encoder_learning_rate is not None and not self.encoder_learning_rate > 0:
+            raise ValueError(f"encoder_learning_rate must be None or > 0, "
+                             f"got {self.encoder_learning_rate}")
 
     # -- bags --------------------------------------------------------------------------------
-    @staticmethod
-    def _pixel_bags(bags) -> list[np.ndarray]:
-        checked = []
-        for index, bag in enumerate(bags):
-            array = np.asarray(bag)
-            if array.ndim == 2 and len(array) == 0:
-                raise ValueError(f"bag {index} has no instances (images)")
-            if array.dtype != np.uint8 or array.ndim != 2:
-                raise ValueError(f"bag {index}: image_mil reads uint8 pixel rows from a pixels "
-                                 f"store (features: {{kind: pixels}}), got a {array.dtype} array "
-                                 f"of shape {array.shape}")
-            checked.append(array)
-        if not checked:
-            raise ValueError("no bags given")
-        widths = {bag.shape[1] for bag in checked}
-        if len(widths) > 1:
-            raise ValueError(f"bags hold images of different sizes (row widths {sorted(widths)})")
-        side_of(checked[0].shape[1])
-        return checked
-
     def _check_fit_bags(self, bags):
-        bags = self._pixel_bags(bags)
+        bags = check_pixel_bags(bags)
         self.n_features_in_ = bags[0].shape[1]
         self.input_size_ = side_of(self.n_features_in_)
         return bags
 
     def _check_predict_bags(self, bags):
         check_is_fitted(self)
-        bags = self._pixel_bags(bags)
+        bags = check_pixel_bags(bags)
         if bags[0].shape[1] != self.n_features_in_:
             raise ValueError(f"images are {side_of(bags[0].shape[1])} px, the model was fitted "
                              f"on {self.input_size_} px")
@@ -240,14 +197,72 @@ class ImageMIL(AttentionDMIL):
 
     # -- network and batches -------------------------------------------------------------------
     def _device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return torch_device(self.device)
 
     def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
         settings = {**network_settings(self), "fusion": FUSIONS[self.fusion]}
-        encoder = ImageEncoder(self.backbone, self.input_size_, self.weights, int(self.latent))
+        encoder = ImageEncoder(self.backbone, self.input_size_, self.weights, int(self.latent),
+                               reconstruct=self.reconstruction_weight > 0)
         return DMILNetwork(n_features, n_clinical, encoder, **settings)
+
+    # -- optimisation: the autoencoder in the loop, two optimisers -------------------------------
+    @staticmethod
+    def _encoder_split(network) -> tuple[list, list]:
+        """(the image encoder's parameters, decoder included; every other parameter)."""
+        encoder = list(network.embed[0].parameters())
+        owned = {id(parameter) for parameter in encoder}
+        return encoder, [p for p in network.parameters() if id(p) not in owned]
+
+    def _auxiliary_loss(self, network) -> torch.Tensor | None:
+        encoder = network.embed[0]
+        if encoder.decoder is None:
+            return None
+        # Taken and cleared: a fitted model must not hold the last step's autograd graph.
+        loss, encoder.reconstruction_loss = encoder.reconstruction_loss, None
+        return self.reconstruction_weight * loss
+
+    def _parameter_groups(self, network) -> list[dict]:
+        if self.encoder_learning_rate is None:
+            return super()._parameter_groups(network)
+        encoder, rest = self._encoder_split(network)
+        return [{"params": rest}, {"params": encoder, "lr": self.encoder_learning_rate}]
+
+    def _optimise(self, network, step, batches, evaluate, has_validation: bool) -> TrainingResult:
+        if self.schedule == "joint":
+            return super()._optimise(network, step, batches, evaluate, has_validation)
+        # The seed's §5.2.2(d): the classifier frozen for warmup_epochs while the encoder (and
+        # decoder) learn, then phases of phase_epochs alternating which of the two optimisers
+        # steps. Learning rates stay fixed; early stopping watches the alternating part.
+        encoder, rest = self._encoder_split(network)
+        optimizers = AlternatingOptimizers(
+            classifier=torch.optim.Adam(rest, lr=self.learning_rate,
+                                        weight_decay=self.weight_decay),
+            encoder=torch.optim.Adam(encoder, lr=self.encoder_learning_rate or self.learning_rate,
+                                     weight_decay=self.weight_decay))
+        warmup = min(int(self.warmup_epochs), int(self.max_epochs))
+
+        def record() -> dict:
+            return {**evaluate(), "trains": optimizers.active}
+
+        result = TrainingResult()
+        if warmup:
+            optimizers.active = "encoder"
+            train(network, optimizers, step, batches, epochs=warmup, evaluate=record,
+                  phase="warmup", result=result)
+
+        def alternating(epoch: int):
+            phase = (epoch // int(self.phase_epochs)) % 2
+            optimizers.active = ("classifier", "encoder")[phase]
+            return batches(warmup + epoch)
+
+        if int(self.max_epochs) > warmup:
+            train(network, optimizers, step, alternating, epochs=int(self.max_epochs) - warmup,
+                  evaluate=record, phase="alternating", result=result,
+                  early_stopping=EarlyStopping("val_loss", self.patience) if has_validation
+                  else None)
+            if has_validation:  # early stopping numbered the kept epoch within its phase
+                result.best_epoch += warmup
+        return result
 
     def _training_tensors(self, bags, clinical, rows, generator):
         """At most ``max_instances`` images per bag, drawn afresh each step, augmented."""
@@ -269,6 +284,4 @@ class ImageMIL(AttentionDMIL):
         return x, mask, clinical_rows
 
     def _autocast(self):
-        if self._device().type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision(self._device())
