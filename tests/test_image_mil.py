@@ -45,6 +45,8 @@ def test_overfits_a_tiny_set_from_pixels():
     model = _model().fit(bags, labels)
     losses = [record["train_loss"] for record in model.history_]
     assert losses[-1] < 0.5 * losses[0]
+    assert all(record["train_images_per_s"] > 0 for record in model.history_)
+    assert not hasattr(model, "_throughput")  # the counter lives for the fit only
     assert (model.predict(bags) == labels).all()
     weights = model.instance_scores(bags)
     assert all(np.isclose(w.sum(), 1.0) for w in weights)

@@ -21,6 +21,7 @@ def test_learns_a_tiny_set_and_scores_the_marked_images_highest():
     bags, labels, _ = _image_bags()
     model = _model().fit(bags, labels)
     assert (model.predict(bags) == labels).all()
+    assert all(record["train_images_per_s"] > 0 for record in model.history_)
     scores = model.instance_scores(bags)
     for bag, label, image_scores in zip(bags, labels, scores, strict=True):
         assert image_scores.shape == (len(bag),)

@@ -56,6 +56,7 @@ from milbench.models.dmil import (
 )
 from milbench.models.images import (
     ImageEncoder,
+    Throughput,
     augment,
     check_image_params,
     check_pixel_bags,
@@ -228,6 +229,16 @@ class ImageMIL(AttentionDMIL):
         return [{"params": rest}, {"params": encoder, "lr": self.encoder_learning_rate}]
 
     def _optimise(self, network, step, batches, evaluate, has_validation: bool) -> TrainingResult:
+        # The step's image count reaches the history (train_images_per_s) through this.
+        self._throughput = Throughput()
+        try:
+            return self._optimise_schedule(network, step, self._throughput.batches(batches),
+                                           self._throughput.evaluate(evaluate), has_validation)
+        finally:
+            del self._throughput
+
+    def _optimise_schedule(self, network, step, batches, evaluate,
+                           has_validation: bool) -> TrainingResult:
         if self.schedule == "joint":
             return super()._optimise(network, step, batches, evaluate, has_validation)
         # The seed's §5.2.2(d): the classifier frozen for warmup_epochs while the encoder (and
@@ -278,6 +289,7 @@ class ImageMIL(AttentionDMIL):
             stacked = augment(torch.from_numpy(np.concatenate(sampled)), self.input_size_,
                               float(self.stain_jitter), generator)
             sampled = np.split(stacked.numpy(), sizes)
+        self._throughput.count(sum(len(bag) for bag in sampled))
         x, mask, _ = self._tensors(sampled, None, np.arange(len(rows)))
         clinical_rows = None if clinical is None else torch.from_numpy(clinical[rows]).to(
             self._device())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import numpy as np
 import torch
@@ -152,3 +153,28 @@ def precision(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+class Throughput:
+    """Training images per second, per epoch: ``batches`` and ``evaluate`` wrap the training
+    loop's callbacks, ``count`` is told each step's images, and each history record gains
+    ``train_images_per_s`` (the epoch's training steps only; evaluation excluded)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.started = time.perf_counter()
+
+    def count(self, images: int) -> None:
+        self.images += int(images)
+
+    def batches(self, batches):
+        def timed(epoch: int):
+            self.images, self.started = 0, time.perf_counter()
+            return batches(epoch)
+        return timed
+
+    def evaluate(self, evaluate):
+        def timed() -> dict:
+            rate = self.images / max(time.perf_counter() - self.started, 1e-9)
+            return {**evaluate(), "train_images_per_s": rate}
+        return timed

@@ -41,6 +41,7 @@ from milbench.models.boosting import boosted_trees, positive_weight
 from milbench.models.dmil import balanced_class_weights, check_training_params, validation_split
 from milbench.models.images import (
     ImageEncoder,
+    Throughput,
     augment,
     check_image_params,
     check_pixel_bags,
@@ -182,7 +183,10 @@ class InstanceCNN(BagClassifier):
                 order = torch.randperm(len(pairs), generator=generator).numpy()
                 return index_batches(pairs[order], self.batch_size)
 
+            throughput = Throughput()
+
             def step(pairs: np.ndarray) -> torch.Tensor:
+                throughput.count(len(pairs))
                 pixels = torch.from_numpy(np.stack([bags[b][i] for b, i in pairs]))
                 if self.augment:
                     pixels = augment(pixels, self.input_size_, float(self.stain_jitter), generator)
@@ -212,8 +216,9 @@ class InstanceCNN(BagClassifier):
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=self.lr_factor, patience=self.lr_patience)
             result = train(
-                network, optimizer, step, epoch_batches, epochs=int(self.max_epochs),
-                evaluate=evaluate, scheduler=scheduler,
+                network, optimizer, step, throughput.batches(epoch_batches),
+                epochs=int(self.max_epochs), evaluate=throughput.evaluate(evaluate),
+                scheduler=scheduler,
                 scheduler_monitor="val_loss" if has_validation else "train_loss",
                 early_stopping=EarlyStopping("val_loss", self.patience) if has_validation
                 else None)
