@@ -17,6 +17,7 @@ from milbench.bench.mil import (
     paper_method,
     run_mil_benchmark,
     select_models,
+    standing,
     summarize_benchmark,
 )
 from milbench.bench.mil_data import (
@@ -73,7 +74,11 @@ def test_digit_bags_have_consistent_instance_labels():
 def test_the_default_config_loads_its_models_as_specs():
     config = load_mil_bench_config()
     labels = [spec.display_name for spec in config.models]
-    assert labels == ["misvm", "misvm_linear", "mi_svm", "dmil", "meanpool_svm"]
+    assert labels[:5] == ["misvm", "misvm_linear", "mi_svm", "dmil", "meanpool_svm"]
+    assert {"migraph", "transmil", "dsmil", "clam_sb", "dtfd", "mi_net_ds",
+            "torchmil_abmil"} <= set(labels)
+    assert paper_method(select_models(config, ["migraph"])[0]) == "mi-Graph (Zhou 2009)"
+    assert paper_method(select_models(config, ["mi_net_ds"])[0]) == "MI-Net DS (Wang 2018)"
     dmil = select_models(config, ["dmil"])[0]
     assert dmil.params == {"validation_fraction": 0, "max_epochs": 50}
     assert paper_method(dmil) == "Attention MIL (Ilse 2018)"
@@ -160,3 +165,19 @@ def test_command_writes_outputs(tmp_path):
     assert len(written) == 3 and set(written.model) == {"meanpool_svm"}
     assert "| digits30 | meanpool_svm |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "summary.csv").exists()
+
+
+def test_standing_names_the_best_model_the_best_published_row_and_the_peer():
+    def folds_of(model, name, accuracies):
+        return pd.DataFrame({"dataset": "musk2", "model": model, "model_name": name, "params": "",
+                             "repeat": 0, "fold": range(len(accuracies)),
+                             "accuracy": accuracies, "balanced_accuracy": accuracies,
+                             "auc": 0.9, "instance_auc": math.nan, "fit_seconds": 1.0})
+
+    folds = pd.concat([folds_of("meanpool_svm", "meanpool_svm", [0.9, 1.0]),
+                       folds_of("dmil", "dmil", [0.8, 0.9]),
+                       folds_of("torchmil_abmil", "torchmil_abmil", [1.0, 1.0])])
+    lines = standing(summarize_benchmark(folds))
+    assert lines == ["musk2: best milbench model meanpool_svm 0.950 ± 0.050; best published "
+                     "mi-Graph (Zhou 2009) 0.903 (+0.047); torchmil peer 1.000 (-0.050)"]
+    assert "balanced acc" in format_table(folds)

@@ -19,6 +19,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from milbench.models import create_model, list_models, model_class, model_tags
 from milbench.models.base import has_capability
+from milbench.models.pooling import POOLINGS
 from milbench.models.registry import Tag
 
 # Small settings for models that would otherwise be slow on the test fixture; every other
@@ -37,6 +38,12 @@ CASES["stacker_over_instances"] = ("stacker", {"members": ["meanpool_svm", "misv
 # (instance_cnn's XGBoost head is tested on a larger image fixture in test_image_models.py: 3
 # reactive patients are too few for trees.)
 CASES["image_mil"] = ("image_mil", {"validation_fraction": 0})
+# Kernel values are bag averages (at most 1): the 12-bag fixture needs a harder margin than C=1.
+CASES["migraph"] = ("migraph", {"C": 10})
+# The model zoo, as D-MIL aggregations (12 bags: no validation split, as above).
+for _aggregation in POOLINGS:
+    CASES[f"dmil_{_aggregation}"] = ("dmil", {"aggregation": _aggregation,
+                                              "validation_fraction": 0})
 CASES["instance_cnn"] = ("instance_cnn", {"validation_fraction": 0})
 
 

@@ -8,7 +8,10 @@ clinical attributes (age, log lymphocyte count, male) → clinical MLP; both con
 * ``gated_attention``: a_i = softmax_i(wᵀ (tanh(V h_i) ⊙ sigm(U h_i)));
 * ``max``: element-wise max over instances;
 * ``mean``: the instance mean;
-* ``mean_std``: instance mean concatenated with instance standard deviation.
+* ``mean_std``: instance mean concatenated with instance standard deviation;
+* the model zoo (:mod:`milbench.models.pooling`): ``transformer_abmil``, ``transmil``,
+  ``dsmil``, ``clam_sb``, ``dtfd``, ``mi_net``, ``mi_net_ds``, their settings in
+  ``pool_params``, their own losses (deep supervision, instance clustering) added to the bag's.
 
 Clinical fusion, by name (``fusion``):
 
@@ -53,6 +56,7 @@ from torch import nn
 from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_clinical, store_params
 from milbench.models.collate import pad_bags
+from milbench.models.pooling import POOLINGS, pool_parameters
 from milbench.models.registry import Tag
 from milbench.training import (
     EarlyStopping,
@@ -64,7 +68,7 @@ from milbench.training import (
 )
 from preprocessing.transforms import BagTransform
 
-AGGREGATIONS = ("attention", "gated_attention", "max", "mean", "mean_std")
+AGGREGATIONS = ("attention", "gated_attention", "max", "mean", "mean_std", *POOLINGS)
 NORMS = ("layer", "batch", "none")
 FUSIONS = ("concat", "gated")
 # Gate bias at initialisation: sigmoid(-2) ≈ 0.12 of the weight on the image head.
@@ -131,10 +135,12 @@ class DMILNetwork(nn.Module):
         dropout: float,
         norm: str,
         fusion: str,
+        pool_params: dict | None,
     ):
         super().__init__()
         self.aggregation = aggregation
         self.fusion = None
+        self.pool = None
         if encoder is not None:
             n_features = encoder.dim
         self.embed, self.embedding_dim = make_mlp(
@@ -142,12 +148,18 @@ class DMILNetwork(nn.Module):
         )
         if encoder is not None:
             self.embed = nn.Sequential(encoder, self.embed)
+        if aggregation in POOLINGS:  # the model zoo (milbench.models.pooling)
+            self.pool = POOLINGS[aggregation](self.embedding_dim, attention_dim, dropout,
+                                              **(pool_params or {}))
         if aggregation in ("attention", "gated_attention"):
             self.attention_v = nn.Linear(self.embedding_dim, attention_dim)
             self.attention_w = nn.Linear(attention_dim, 1)
         if aggregation == "gated_attention":
             self.attention_u = nn.Linear(self.embedding_dim, attention_dim)
-        pooled_dim = self.embedding_dim * (2 if aggregation == "mean_std" else 1)
+        pooled_dim = (self.pool.out_dim if self.pool is not None
+                      else self.embedding_dim * (2 if aggregation == "mean_std" else 1))
+        if self.pool is not None and self.pool.pools_logits:
+            bag_layers = 0  # already bag logits (mi-Net's): the head only weighs them
         self.bag_mlp, head_dim = make_mlp(pooled_dim, bag_layers, bag_width, dropout, norm)
         self.clinical_mlp = None
         if n_clinical:
@@ -184,7 +196,14 @@ class DMILNetwork(nn.Module):
             features = torch.cat([features, self.clinical_mlp(clinical)], dim=1)
         return self.head(features).squeeze(-1), weights, None
 
+    def auxiliary_loss(self, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """The aggregation's own training loss after a training forward pass (deep
+        supervision, instance clustering), weighted per bag; None for most."""
+        return None if self.pool is None else self.pool.auxiliary_loss(targets, weights)
+
     def _aggregate(self, hidden: torch.Tensor, mask: torch.Tensor):
+        if self.pool is not None:
+            return self.pool(hidden, mask)
         counts = mask.sum(dim=1, keepdim=True).to(hidden.dtype)
         if self.aggregation in ("attention", "gated_attention"):
             gate = torch.tanh(self.attention_v(hidden))
@@ -215,6 +234,20 @@ def network_settings(model: AttentionDMIL) -> dict:
     names = [p.name for p in inspect.signature(DMILNetwork.__init__).parameters.values()
              if p.kind is inspect.Parameter.KEYWORD_ONLY]
     return {name: getattr(model, name) for name in names}
+
+
+def check_pool_params(aggregation: str, pool_params: dict | None) -> None:
+    """``pool_params`` only with a zoo aggregation, and only keys that aggregation takes."""
+    if not pool_params:
+        return
+    if aggregation not in POOLINGS:
+        raise ValueError(f"pool_params is for the zoo aggregations {tuple(POOLINGS)}, "
+                         f"not {aggregation!r}")
+    valid = pool_parameters(aggregation)
+    for key in pool_params:
+        if key not in valid:
+            raise ValueError(f"pool_params: unknown key {key!r} for aggregation "
+                             f"{aggregation!r}; valid keys: {', '.join(valid) or 'none'}")
 
 
 def check_training_params(model) -> None:
@@ -286,6 +319,7 @@ class AttentionDMIL(BagClassifier):
         use_clinical: bool | str = "auto",
         fusion: str = "concat",
         expert_loss_weight: float = 0.5,
+        pool_params: dict | None = None,
         scale: bool = True,
         pca_components: int | None = None,
         learning_rate: float = 1e-3,
@@ -313,6 +347,7 @@ class AttentionDMIL(BagClassifier):
         if not self.expert_loss_weight >= 0:
             raise ValueError(f"expert_loss_weight must be >= 0, got {self.expert_loss_weight}")
         check_training_params(self)
+        check_pool_params(self.aggregation, self.pool_params)
         if not 0 <= self.instance_dropout < 1:
             raise ValueError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
 
@@ -450,7 +485,7 @@ class AttentionDMIL(BagClassifier):
                         nn.functional.binary_cross_entropy_with_logits(
                             expert_logits, targets[rows], reduction="none"))
             loss = (sample_weights[rows] * losses).mean()
-            auxiliary = self._auxiliary_loss(network)
+            auxiliary = self._auxiliary_loss(network, targets[rows], sample_weights[rows])
             return loss if auxiliary is None else loss + auxiliary
 
         def evaluate() -> dict:
@@ -469,9 +504,10 @@ class AttentionDMIL(BagClassifier):
         self.n_epochs_ = result.n_epochs
         return network
 
-    def _auxiliary_loss(self, network) -> torch.Tensor | None:
-        """A loss the step adds to the classification loss (image models: reconstruction)."""
-        return None
+    def _auxiliary_loss(self, network, targets, weights) -> torch.Tensor | None:
+        """A loss the step adds to the bag loss: the aggregation's own (image models add the
+        reconstruction's)."""
+        return network.auxiliary_loss(targets, weights)
 
     def _optimise(self, network, step, batches, evaluate, has_validation: bool) -> TrainingResult:
         """Adam with the plateau scheduler, early stopping on the validation loss. Without a

@@ -148,6 +148,7 @@ class ImageMIL(AttentionDMIL):
     scale = False
     pca_components = None
     instance_dropout = 0.0
+    pool_params = None
 
     def _validate_params(self) -> None:
         check_training_params(self)
@@ -214,10 +215,10 @@ class ImageMIL(AttentionDMIL):
         owned = {id(parameter) for parameter in encoder}
         return encoder, [p for p in network.parameters() if id(p) not in owned]
 
-    def _auxiliary_loss(self, network) -> torch.Tensor | None:
+    def _auxiliary_loss(self, network, targets, weights) -> torch.Tensor | None:
         encoder = network.embed[0]
         if encoder.decoder is None:
-            return None
+            return super()._auxiliary_loss(network, targets, weights)
         # Taken and cleared: a fitted model must not hold the last step's autograd graph.
         loss, encoder.reconstruction_loss = encoder.reconstruction_loss, None
         return self.reconstruction_weight * loss

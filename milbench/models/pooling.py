@@ -1,0 +1,365 @@
+"""The MIL model zoo as D-MIL aggregations: each module pools a padded batch of embedded
+instances into one vector per bag, so every one of them gets D-MIL's batching, clinical fusion
+(concat or gated) and training loop (``dmil`` with ``aggregation:`` its name).
+
+Interface: ``forward(hidden (B, N, D), mask (B, N))`` → ``(pooled (B, out_dim), instance
+scores (B, N))``; after a training forward pass, ``auxiliary_loss(targets, weights)`` gives the
+architecture's own extra loss (deep supervision, instance clustering), weighted per bag, or
+None. Padded rows never change a real bag's output, and every module is invariant to the order
+of a bag's instances.
+
+* ``transformer_abmil``: torchmil's transformer encoder over the bag (padded keys masked), then
+  attention pooling.
+* ``transmil`` (Shao et al. 2021): a class token, a self-attention block, the PPEG positional
+  convolutions on the instances laid out on a square grid, a second block; the class token is
+  the bag. Bags have no spatial layout here, so instances are placed on the grid in the order of
+  a fixed random projection of their embedding (the model is then order-invariant), and full
+  softmax attention replaces the Nyström approximation (bags of hundreds, not tens of thousands).
+* ``dsmil`` (Li et al. 2021): an instance classifier picks the critical instance; attention is
+  each instance's query matched against the critical one's; the bag vector carries the critical
+  instance's logit too, and that logit also learns the bag label (auxiliary loss).
+* ``clam_sb`` (Lu et al. 2021): gated attention pooling, plus instance-level clustering: per
+  bag, the ``k`` most and least attended instances are the positive and negative examples of
+  the bag's class's instance classifier (auxiliary loss, ``instance_weight``).
+* ``dtfd`` (Zhang et al. 2022): each bag is split into ``n_pseudo`` pseudo-bags (at random in
+  training; by attention rank at prediction, so prediction is deterministic and
+  order-invariant); tier 1 attention-pools each pseudo-bag and learns the bag label from it
+  (auxiliary loss); tier 2 attention-pools the pseudo-bag features (AFS distillation).
+* ``mi_net`` (Wang et al. 2018): instance space, an instance logit per instance, max pooled.
+* ``mi_net_ds``: MI-Net with deep supervision: three fully connected levels, each max pooled
+  over the bag into a level logit that learns the bag label (auxiliary loss); the bag vector is
+  the level logits.
+
+torchmil's models end in a logit, leaving no bag vector for the clinical fusion, so the zoo is
+written here as pooling modules; torchmil's modules serve where they fit our padded batches
+(the transformer encoder). TransMIL's blocks are native: they need the class token's attention
+weights, and torchmil's attention returns NaN weights whenever a mask is given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over instances (dim 1) with padded rows at exactly zero."""
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+
+
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """Per-bag weighted mean of the binary cross-entropy (the bag loss's weighting)."""
+    losses = nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), reduction="none")
+    return (weights * losses).mean()
+
+
+class Pooling(nn.Module):
+    """Base: ``out_dim`` and no auxiliary loss. Subclasses keep what their loss needs from the
+    last training forward pass in ``_saved`` (cleared when the loss is taken)."""
+
+    out_dim: int
+    pools_logits = False  # whether the bag vector is already logits (no bag MLP after it)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saved: dict | None = None
+
+    def _save(self, **tensors) -> None:
+        self._saved = tensors if self.training else None
+
+    def auxiliary_loss(self, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def _take(self) -> dict:
+        if self._saved is None:
+            raise RuntimeError("auxiliary_loss needs a training forward pass first")
+        saved, self._saved = self._saved, None
+        return saved
+
+
+class AttentionScores(nn.Module):
+    """Ilse et al.'s attention logits wᵀ tanh(V h) (gated: ⊙ sigm(U h)), one per instance."""
+
+    def __init__(self, dim: int, attention_dim: int, gated: bool = False) -> None:
+        super().__init__()
+        self.attention_v = nn.Linear(dim, attention_dim)
+        self.attention_u = nn.Linear(dim, attention_dim) if gated else None
+        self.attention_w = nn.Linear(attention_dim, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate = torch.tanh(self.attention_v(hidden))
+        if self.attention_u is not None:
+            gate = gate * torch.sigmoid(self.attention_u(hidden))
+        return self.attention_w(gate).squeeze(-1)
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block: x + MHA(LN x) with padded keys masked, then x + MLP(LN x).
+    Real rows never attend to padding, so padding cannot change them."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"the embedding width ({dim}) must be divisible by heads ({heads})")
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                need_weights: bool = False):
+        normed = self.norm1(x)
+        attended, weights = self.attention(
+            normed, normed, normed, key_padding_mask=None if mask is None else ~mask,
+            need_weights=need_weights, average_attn_weights=True)
+        x = x + attended
+        x = x + self.mlp(self.norm2(x))
+        return (x, weights) if need_weights else x
+
+
+class TransformerABMIL(Pooling):
+    def __init__(self, dim: int, attention_dim: int, dropout: float, heads: int = 4,
+                 layers: int = 2) -> None:
+        super().__init__()
+        from torchmil.nn import TransformerEncoder
+
+        if dim % int(heads):
+            raise ValueError(f"the embedding width ({dim}) must be divisible by heads ({heads})")
+        # torchmil's encoder (padded keys masked); its dropout stays 0: torchmil passes it to
+        # the attention kernel in eval mode too, which would make predictions random.
+        self.encoder = TransformerEncoder(in_dim=dim, att_dim=dim, n_heads=int(heads),
+                                          n_layers=int(layers), dropout=0.0)
+        self.scores = AttentionScores(dim, attention_dim)
+        self.out_dim = dim
+
+    def forward(self, hidden, mask):
+        x = self.encoder(hidden, mask)
+        weights = masked_softmax(self.scores(x), mask)
+        return torch.bmm(weights.unsqueeze(1), x).squeeze(1), weights
+
+
+class TransMIL(Pooling):
+    def __init__(self, dim: int, attention_dim: int, dropout: float, heads: int = 4) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.first = SelfAttentionBlock(dim, heads, dropout)
+        self.ppeg = nn.ModuleList(nn.Conv2d(dim, dim, size, padding=size // 2, groups=dim)
+                                  for size in (7, 5, 3))
+        self.second = SelfAttentionBlock(dim, heads, dropout)
+        self.norm = nn.LayerNorm(dim)
+        # Fixed (not trained): only orders instances on the grid.
+        self.register_buffer("layout", torch.randn(dim))
+        self.out_dim = dim
+
+    def _bag(self, instances: torch.Tensor):
+        count = len(instances)
+        order = torch.argsort(instances.detach().float() @ self.layout.float(), stable=True)
+        side = math.ceil(math.sqrt(count))
+        # Sequence squaring: the grid's spare cells repeat the first instances.
+        cells = order[torch.arange(side * side, device=instances.device) % count]
+        tokens = torch.cat([self.cls_token.to(instances.dtype), instances[cells].unsqueeze(0)], 1)
+        tokens = self.first(tokens)
+        grid = tokens[:, 1:].transpose(1, 2).reshape(1, -1, side, side)
+        grid = grid + sum(conv(grid) for conv in self.ppeg)
+        tokens = torch.cat([tokens[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        tokens, attention = self.second(tokens, need_weights=True)
+        # The class token's attention to each cell, summed back onto the instance it holds.
+        weights = torch.zeros(count, dtype=attention.dtype, device=attention.device)
+        weights.index_add_(0, cells, attention[0, 0, 1:])
+        return self.norm(tokens[0, 0]), weights / weights.sum()
+
+    def forward(self, hidden, mask):
+        pooled, weights = [], torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+        for row in range(len(hidden)):
+            bag, bag_weights = self._bag(hidden[row][mask[row]])
+            pooled.append(bag)
+            weights[row, mask[row]] = bag_weights.to(hidden.dtype)
+        return torch.stack(pooled), weights
+
+
+class DSMIL(Pooling):
+    def __init__(self, dim: int, attention_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.instance_classifier = nn.Linear(dim, 1)
+        self.query = nn.Linear(dim, attention_dim)
+        self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.out_dim = dim + 1
+
+    def forward(self, hidden, mask):
+        instance_logits = self.instance_classifier(hidden).squeeze(-1).masked_fill(
+            ~mask, float("-inf"))
+        critical_logit, critical = instance_logits.max(dim=1)
+        queries = self.query(hidden)
+        critical_query = queries[torch.arange(len(hidden)), critical]
+        similarity = torch.einsum("bnd,bd->bn", queries, critical_query) / math.sqrt(
+            queries.shape[-1])
+        weights = masked_softmax(similarity, mask)
+        pooled = torch.bmm(weights.unsqueeze(1), self.value(hidden)).squeeze(1)
+        self._save(critical_logit=critical_logit)
+        return torch.cat([pooled, critical_logit.unsqueeze(1)], dim=1), weights
+
+    def auxiliary_loss(self, targets, weights):
+        return weighted_bce(self._take()["critical_logit"], targets, weights)
+
+
+class CLAMSB(Pooling):
+    def __init__(self, dim: int, attention_dim: int, dropout: float, k: int = 8,
+                 instance_weight: float = 0.3) -> None:
+        super().__init__()
+        self.scores = AttentionScores(dim, attention_dim, gated=True)
+        # One instance classifier per class; a bag trains its own class's.
+        self.instance_classifiers = nn.ModuleList(nn.Linear(dim, 1) for _ in range(2))
+        self.k, self.instance_weight = int(k), float(instance_weight)
+        self.out_dim = dim
+
+    def forward(self, hidden, mask):
+        logits = self.scores(hidden)
+        weights = masked_softmax(logits, mask)
+        self._save(hidden=hidden, logits=logits, mask=mask)
+        return torch.bmm(weights.unsqueeze(1), hidden).squeeze(1), weights
+
+    def auxiliary_loss(self, targets, weights):
+        saved = self._take()
+        losses = []
+        for row, label in enumerate(targets.long().tolist()):
+            real = saved["mask"][row]
+            count = int(real.sum())
+            k = min(self.k, count // 2)
+            if k < 1:
+                continue
+            hidden, logits = saved["hidden"][row][real], saved["logits"][row][real]
+            ranked = torch.argsort(logits, descending=True, stable=True)
+            chosen = torch.cat([ranked[:k], ranked[-k:]])
+            instance_targets = torch.cat([torch.ones(k), torch.zeros(k)]).to(hidden.device)
+            predicted = self.instance_classifiers[label](hidden[chosen]).squeeze(-1)
+            losses.append(weights[row] * nn.functional.binary_cross_entropy_with_logits(
+                predicted.float(), instance_targets))
+        if not losses:
+            return None
+        return self.instance_weight * torch.stack(losses).sum() / len(targets)
+
+
+class DTFD(Pooling):
+    def __init__(self, dim: int, attention_dim: int, dropout: float, n_pseudo: int = 4) -> None:
+        super().__init__()
+        self.tier1 = AttentionScores(dim, attention_dim)
+        self.tier1_head = nn.Linear(dim, 1)
+        self.tier2 = AttentionScores(dim, attention_dim)
+        self.n_pseudo = int(n_pseudo)
+        self.out_dim = dim
+
+    def _groups(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each instance's pseudo-bag: random in training, by attention rank at prediction."""
+        count = len(logits)
+        groups = min(self.n_pseudo, count)
+        if self.training:
+            ranks = torch.randperm(count).to(logits.device)
+        else:
+            ranks = torch.empty(count, dtype=torch.long, device=logits.device)
+            ranks[torch.argsort(logits.detach(), descending=True, stable=True)] = torch.arange(
+                count, device=logits.device)
+        return ranks % groups
+
+    def forward(self, hidden, mask):
+        pooled, tier1_logits = [], []
+        weights = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+        for row in range(len(hidden)):
+            instances = hidden[row][mask[row]]
+            logits = self.tier1(instances)
+            groups = self._groups(logits)
+            features, within = [], torch.zeros_like(logits)
+            for group in range(int(groups.max()) + 1):
+                members = groups == group
+                group_weights = torch.softmax(logits[members], dim=0)
+                within[members] = group_weights
+                features.append(group_weights @ instances[members])
+            features = torch.stack(features)
+            tier1_logits.append(self.tier1_head(features).squeeze(-1))
+            across = torch.softmax(self.tier2(features), dim=0)
+            pooled.append(across @ features)
+            weights[row, mask[row]] = (within * across[groups]).to(hidden.dtype)
+        self._save(tier1_logits=tier1_logits)
+        return torch.stack(pooled), weights
+
+    def auxiliary_loss(self, targets, weights):
+        logits = self._take()["tier1_logits"]
+        losses = [weights[row] * nn.functional.binary_cross_entropy_with_logits(
+            bag.float(), targets[row].float().expand(len(bag))) for row, bag in enumerate(logits)]
+        return torch.stack(losses).mean()
+
+
+class MiNet(Pooling):
+    pools_logits = True
+
+    def __init__(self, dim: int, attention_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.instance_classifier = nn.Linear(dim, 1)
+        self.out_dim = 1
+
+    def forward(self, hidden, mask):
+        logits = self.instance_classifier(hidden).squeeze(-1)
+        pooled = logits.masked_fill(~mask, float("-inf")).max(dim=1).values
+        return pooled.unsqueeze(1), torch.sigmoid(logits) * mask
+
+
+class MiNetDS(Pooling):
+    pools_logits = True
+
+    def __init__(self, dim: int, attention_dim: int, dropout: float,
+                 widths: tuple[int, ...] = (256, 128, 64)) -> None:
+        super().__init__()
+        levels, heads, previous = [], [], dim
+        for width in widths:
+            levels.append(nn.Sequential(nn.Linear(previous, int(width)), nn.ReLU(),
+                                        nn.Dropout(dropout)))
+            heads.append(nn.Linear(int(width), 1))
+            previous = int(width)
+        self.levels, self.heads = nn.ModuleList(levels), nn.ModuleList(heads)
+        self.out_dim = len(widths)
+
+    def forward(self, hidden, mask):
+        level_logits, shares = [], torch.zeros(mask.shape, dtype=hidden.dtype,
+                                               device=hidden.device)
+        x = hidden
+        for level, head in zip(self.levels, self.heads, strict=True):
+            x = level(x)
+            pooled = x.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(dim=1).values
+            level_logits.append(head(pooled).squeeze(-1))
+            # Each dimension's maximum, shared equally among the instances that reach it (ReLU
+            # zeros tie often; sharing keeps the scores independent of instance order).
+            winners = ((x == pooled.unsqueeze(1)) & mask.unsqueeze(-1)).to(hidden.dtype)
+            shares = shares + (winners / winners.sum(dim=1, keepdim=True)).mean(dim=-1)
+        logits = torch.stack(level_logits, dim=1)
+        self._save(level_logits=logits)
+        return logits, shares / len(self.levels)
+
+    def auxiliary_loss(self, targets, weights):
+        logits = self._take()["level_logits"]
+        return torch.stack([weighted_bce(logits[:, level], targets, weights)
+                            for level in range(logits.shape[1])]).mean()
+
+
+# aggregation name → module class; a class's keyword arguments after ``dropout`` are its
+# ``pool_params``.
+POOLINGS: dict[str, type[Pooling]] = {
+    "transformer_abmil": TransformerABMIL,
+    "transmil": TransMIL,
+    "dsmil": DSMIL,
+    "clam_sb": CLAMSB,
+    "dtfd": DTFD,
+    "mi_net": MiNet,
+    "mi_net_ds": MiNetDS,
+}
+
+
+def pool_parameters(aggregation: str) -> tuple[str, ...]:
+    """The ``pool_params`` keys the zoo aggregation accepts."""
+    import inspect
+
+    names = list(inspect.signature(POOLINGS[aggregation].__init__).parameters)
+    return tuple(names[names.index("dropout") + 1:])
