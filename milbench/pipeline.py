@@ -293,8 +293,10 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelSpec
                       data.train_clinical)
     scores = final.predict_proba(test_bags, data.test_clinical)[:, 1]
     predicted = final.predict(test_bags, data.test_clinical)
-    run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(
-        {"patient_id": data.test.ids, "score": scores, "predicted": predicted}))
+    predictions = {"patient_id": data.test.ids, "score": scores, "predicted": predicted}
+    if getattr(final, "gated_fusion_", False):  # each patient's weight on the image expert
+        predictions["image_gate"] = final.fusion_gates(test_bags, data.test_clinical)
+    run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(predictions))
     extra = {}
     if test_truth is not None:
         hidden = binary_metrics(test_truth, predicted, scores)

@@ -122,7 +122,8 @@ def test_a_run_trains_image_mil_on_the_pixels_store(tmp_path):
 
     configs = Path(__file__).resolve().parent.parent / "configs"
     models = ("[{name: clinical_logreg}, {name: image_mil, features: {kind: pixels, input_size: 32},"
-              " params: {backbone: conv_ae, latent: 64, max_epochs: 2, validation_fraction: 0}}]")
+              " params: {backbone: conv_ae, latent: 64, max_epochs: 2, validation_fraction: 0,"
+              " fusion: mixture_of_experts}}]")
     config = load_config(configs / "image_mil.yaml", [
         f"models={models}", "features.extractor=none", "data.synthetic.preset=tiny",
         "evaluation.n_splits=2", "evaluation.n_repeats=1", "evaluation.stratify=[]",
@@ -134,6 +135,11 @@ def test_a_run_trains_image_mil_on_the_pixels_store(tmp_path):
     assert [store["models"] for store in stores.values()] == [["image_mil"]]
     oof = pd.read_csv(outcome.run_dir / "models" / "image_mil" / "oof.csv")
     assert len(oof) == 9 and oof["score"].between(0, 1).all()
+    # The mixture of experts reports each test patient's weight on the image expert.
+    test = pd.read_csv(outcome.run_dir / "models" / "image_mil" / "test_predictions.csv")
+    assert test["image_gate"].between(0, 1, inclusive="neither").all()
+    clinical = pd.read_csv(outcome.run_dir / "models" / "clinical_logreg" / "test_predictions.csv")
+    assert "image_gate" not in clinical.columns
 
 
 def _reconstruction_error(model, bags) -> float:

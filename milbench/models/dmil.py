@@ -421,6 +421,7 @@ class AttentionDMIL(BagClassifier):
         with seeded(seed, self.torch_threads) as generator:
             self.network_ = self._train(
                 scaled, labels, clinical_inputs, train_rows, val_rows, generator)
+        self.gated_fusion_ = self.network_.fusion is not None  # fusion_gates is available
 
     def _fit_transform(self, bags) -> BagTransform | None:
         """Scaler (+ PCA) on the training instances only: inside CV, the training fold's."""
