@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.utils.validation import check_is_fitted
 
 from milbench.models.base import store_params
 from milbench.models.dmil import (
@@ -56,12 +55,11 @@ from milbench.models.dmil import (
 )
 from milbench.models.images import (
     ImageEncoder,
+    PixelBags,
     Throughput,
     augment,
     check_image_params,
-    check_pixel_bags,
     precision,
-    side_of,
     torch_device,
 )
 from milbench.models.registry import Tag
@@ -96,11 +94,10 @@ class AlternatingOptimizers:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
 
 
-class ImageMIL(AttentionDMIL):
+class ImageMIL(PixelBags, AttentionDMIL):
     """End-to-end image-bag MIL with clinical fusion (see the module docstring)."""
 
     capabilities = frozenset({Tag.INSTANCE_SCORES})
-    bag_kind = "pixels"
     evaluates_training_bags = False
 
     def __init__(
@@ -177,20 +174,6 @@ class ImageMIL(AttentionDMIL):
                              f"got {self.encoder_learning_rate}")
 
     # -- bags --------------------------------------------------------------------------------
-    def _check_fit_bags(self, bags):
-        bags = check_pixel_bags(bags)
-        self.n_features_in_ = bags[0].shape[1]
-        self.input_size_ = side_of(self.n_features_in_)
-        return bags
-
-    def _check_predict_bags(self, bags):
-        check_is_fitted(self)
-        bags = check_pixel_bags(bags)
-        if bags[0].shape[1] != self.n_features_in_:
-            raise ValueError(f"images are {side_of(bags[0].shape[1])} px, the model was fitted "
-                             f"on {self.input_size_} px")
-        return bags
-
     def _fit_transform(self, bags):
         return None
 

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from preprocessing.backbones import list_backbones
@@ -127,6 +128,27 @@ def check_pixel_bags(bags) -> list[np.ndarray]:
         raise ValueError(f"bags hold images of different sizes (row widths {sorted(widths)})")
     side_of(checked[0].shape[1])
     return checked
+
+
+class PixelBags:
+    """Mixin of the image models: their bags are pixels-store rows (``bag_kind``), checked at
+    fit (which records the image side, ``input_size_``) and at prediction (same side)."""
+
+    bag_kind = "pixels"
+
+    def _check_fit_bags(self, bags):
+        bags = check_pixel_bags(bags)
+        self.n_features_in_ = bags[0].shape[1]
+        self.input_size_ = side_of(self.n_features_in_)
+        return bags
+
+    def _check_predict_bags(self, bags):
+        check_is_fitted(self)
+        bags = check_pixel_bags(bags)
+        if bags[0].shape[1] != self.n_features_in_:
+            raise ValueError(f"images are {side_of(bags[0].shape[1])} px, the model was fitted "
+                             f"on {self.input_size_} px")
+        return bags
 
 
 def check_image_params(model) -> None:

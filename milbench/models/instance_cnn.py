@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from milbench.core.clinical import clinical_design_matrix
@@ -41,12 +40,11 @@ from milbench.models.boosting import boosted_trees, positive_weight
 from milbench.models.dmil import balanced_class_weights, check_training_params, validation_split
 from milbench.models.images import (
     ImageEncoder,
+    PixelBags,
     Throughput,
     augment,
     check_image_params,
-    check_pixel_bags,
     precision,
-    side_of,
     torch_device,
 )
 from milbench.models.registry import Tag
@@ -70,12 +68,11 @@ class ImageClassifier(nn.Module):
         return self.output(self.dropout(self.encoder(pixels))).squeeze(-1)
 
 
-class InstanceCNN(BagClassifier):
+class InstanceCNN(PixelBags, BagClassifier):
     """Image-level CNN trained with the bag label, bag = mean or max of image probabilities,
     optionally XGBoost over [bag score, clinical] (see the module docstring)."""
 
     capabilities = frozenset({Tag.INSTANCE_SCORES})
-    bag_kind = "pixels"
 
     def __init__(
         self,
@@ -124,20 +121,6 @@ class InstanceCNN(BagClassifier):
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
     # -- bags --------------------------------------------------------------------------------
-    def _check_fit_bags(self, bags):
-        bags = check_pixel_bags(bags)
-        self.n_features_in_ = bags[0].shape[1]
-        self.input_size_ = side_of(self.n_features_in_)
-        return bags
-
-    def _check_predict_bags(self, bags):
-        check_is_fitted(self)
-        bags = check_pixel_bags(bags)
-        if bags[0].shape[1] != self.n_features_in_:
-            raise ValueError(f"images are {side_of(bags[0].shape[1])} px, the model was fitted "
-                             f"on {self.input_size_} px")
-        return bags
-
     # -- fitting -----------------------------------------------------------------------------
     def _fit(self, bags, labels, clinical) -> None:
         if self.use_clinical is True and clinical is None:

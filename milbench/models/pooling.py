@@ -38,6 +38,7 @@ weights, and torchmil's attention returns NaN weights whenever a mask is given.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -359,7 +360,5 @@ POOLINGS: dict[str, type[Pooling]] = {
 
 def pool_parameters(aggregation: str) -> tuple[str, ...]:
     """The ``pool_params`` keys the zoo aggregation accepts."""
-    import inspect
-
     names = list(inspect.signature(POOLINGS[aggregation].__init__).parameters)
     return tuple(names[names.index("dropout") + 1:])
