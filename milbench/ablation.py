@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +40,7 @@ from milbench.core.metrics import (
 from milbench.evaluation.compare import corrected_resampled_ttest
 from milbench.evaluation.cv import cross_validate
 from milbench.evaluation.splits import kfold_splits, train_val_split
+from milbench.execution import ExecutionConfig, Executor, require_ray, with_overrides
 from milbench.progress import progress_bar
 from milbench.runs import Run
 
@@ -62,7 +60,8 @@ class AblationConfig(BaseModel):
     base: str = Field(description="run config file, relative to the ablation file")
     repeats: int = Field(7, ge=1)
     protocol: Protocol = Protocol()
-    n_jobs: int = Field(2, ge=1)
+    execution: ExecutionConfig = Field(ExecutionConfig(jobs=2), description="where the cells run "
+                                       "(--backend / --jobs override it)")
     variants: dict[str, list[str]] = Field(min_length=1)
     reference: str | None = Field(None, description="variant the others are compared with; "
                                   "null: the first")
@@ -100,26 +99,13 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> tuple[Ablation
     return ablation, variants
 
 
-@lru_cache(maxsize=4)
-def _prepared(config_json: str):
-    # One data preparation per distinct data/features config in each worker process.
-    from milbench.preparation import prepare_data
-
-    return prepare_data(RunConfig.model_validate_json(config_json), progress=False)
-
-
-def _data_key(config: RunConfig) -> str:
-    """What a cell's data preparation depends on (models only through their tags)."""
-    return config.model_dump_json(include={"seed", "data", "features", "workdir", "models"})
-
-
 def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any]:
     """Evaluate one (variant, repeat) cell; runs in a worker process."""
-    from milbench.preparation import attach_source_features, stratification
+    from milbench.preparation import attach_source_features, stratification, worker_data
 
     config = RunConfig.model_validate_json(config_json)
     protocol = Protocol.model_validate_json(protocol_json)
-    data = _prepared(_data_key(config))
+    data = worker_data(config)
     attach_source_features(config, progress=False)  # cached after the data preparation
     seed = config.seed + repeat
     started = time.perf_counter()
@@ -151,11 +137,18 @@ def _cell_file(variant: str, repeat: int) -> str:
 
 
 def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path | None = None,
-                 n_jobs: int | None = None, progress: bool = True) -> tuple[Path, pd.DataFrame]:
+                 backend: str | None = None, jobs: int | None = None,
+                 progress: bool = True) -> tuple[Path, pd.DataFrame]:
+    from milbench.preparation import worker_data
+
     ablation, variants = load_ablation(path, overrides)
+    execution = with_overrides(ablation.execution, backend, jobs)
+    require_ray(execution)  # before any work
     base = next(iter(variants.values()))  # its workdir and tracking section hold for the grid
     tracking.require(base)
-    record = {"ablation": ablation.model_dump(mode="json"),
+    # Where the cells run does not change their results, so it is not part of what must match
+    # on resume.
+    record = {"ablation": ablation.model_dump(mode="json", exclude={"execution"}),
               "variants": {name: resolved_dict(c) for name, c in variants.items()}}
     if resume is None:
         run = Run.create(Path(base.workdir) / "ablations", ablation.name)
@@ -166,36 +159,25 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
         if saved != json.loads(json.dumps(record)):
             raise ConfigError(f"{run.path}: the ablation config changed since this grid started; "
                               "start a new grid instead of resuming")
+    run.write_json("execution.json", execution.model_dump(mode="json"))
     cells = [(v, r) for v in variants for r in range(ablation.repeats)]
     todo = [(v, r) for v, r in cells if not (run.path / _cell_file(v, r)).is_file()]
     if len(todo) < len(cells):
         log.info("resuming: %d of %d cells already done", len(cells) - len(todo), len(cells))
     protocol_json = ablation.protocol.model_dump_json()
-    workers = n_jobs or ablation.n_jobs
-    # Data and features are prepared here, once per distinct setting, so that worker processes
-    # only ever read finished feature stores (two extracting into one store would collide).
-    for key in dict.fromkeys(_data_key(variants[v]) for v, _ in todo):
-        _prepared(key)
+    # Data and features are prepared here, once per distinct setting, so that workers only
+    # ever read finished feature stores (two extracting into one store would collide).
+    for config in {v: variants[v] for v, _ in todo}.values():
+        worker_data(config)
+    shared = {Path(base.workdir)} | {Path(worker_data(variants[v]).root) for v, _ in todo}
+    tasks = [(variants[v].model_dump_json(), r, protocol_json) for v, r in todo]
     with progress_bar(f"ablation {ablation.name}", total=len(cells), completed=len(cells) - len(todo),
-                      enabled=progress, unit="cell") as advance:
-        if workers == 1:
-            for variant, repeat in todo:
-                result = run_cell(variants[variant].model_dump_json(), repeat, protocol_json)
-                run.write_json(_cell_file(variant, repeat), {"variant": variant, **result})
-                advance()
-        else:
-            # spawn, not fork: forking a process that already runs OpenMP/torch threads can hang.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-                pending = {pool.submit(run_cell, variants[v].model_dump_json(), r, protocol_json): (v, r)
-                           for v, r in todo}
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        variant, repeat = pending.pop(future)
-                        run.write_json(_cell_file(variant, repeat),
-                                       {"variant": variant, **future.result()})
-                        advance()
+                      enabled=progress, unit="cell") as advance, \
+            Executor(execution, shared_paths=sorted(shared)) as executor:
+        for index, result in executor.map(run_cell, tasks):
+            variant, repeat = todo[index]
+            run.write_json(_cell_file(variant, repeat), {"variant": variant, **result})
+            advance()
     results = [json.loads((run.path / _cell_file(v, r)).read_text()) for v, r in cells]
     table = ablation_table(results, list(variants))
     comparisons = paired_differences(results, list(variants))

@@ -15,6 +15,8 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from milbench.execution import ExecutionError
+
 app = typer.Typer(help="Multiple-instance learning toolkit for the lymphocytosis challenge.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect a challenge folder.", no_args_is_help=True)
@@ -31,7 +33,13 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 # Messages are never hard-wrapped: they name paths that must stay searchable.
 error_console = Console(stderr=True, soft_wrap=True, highlight=False)
 # Errors a user can fix from the message alone: shown without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, KeyError,
+                                               ExecutionError)
+
+Backend = Annotated[str | None, typer.Option(
+    help="Where fits run: local (worker processes) or ray (default: the config's execution.backend).")]
+Jobs = Annotated[int | None, typer.Option(
+    help="Fits at once (default: the config's execution.jobs).")]
 
 
 @app.callback()
@@ -67,6 +75,8 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     resume: Annotated[Path | None, typer.Option(
         help="Continue this interrupted run directory (same config, data and code).")] = None,
+    backend: Backend = None,
+    jobs: Jobs = None,
 ):
     """Train and evaluate the models a config names; write a run directory and submissions."""
     from milbench.config import load_config
@@ -75,6 +85,8 @@ def run(
     overrides = list(set_ or [])
     if data is not None:
         overrides.append(f"data.root={data}")
+    overrides += [f"execution.{key}={value}" for key, value in
+                  (("backend", backend), ("jobs", jobs)) if value is not None]
     try:
         # The config (model parameters included) is checked before the pipeline and its heavy
         # libraries load: a typo fails in about a second.
@@ -118,7 +130,8 @@ def ablate(
     data: Annotated[Path | None, typer.Option(help="Challenge folder; default: a generated cohort.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every variant.")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted grid there.")] = None,
-    jobs: Annotated[int | None, typer.Option(help="Worker processes (default: the config's n_jobs).")] = None,
+    backend: Backend = None,
+    jobs: Jobs = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ):
     """Run an ablation grid; print and save the mean ± std (max) table."""
@@ -128,7 +141,8 @@ def ablate(
     if data is not None:
         overrides.append(f"data.root={data}")
     try:
-        run_dir, _ = run_ablation(config, overrides, resume=resume, n_jobs=jobs, progress=progress)
+        run_dir, _ = run_ablation(config, overrides, resume=resume, backend=backend, jobs=jobs,
+                                  progress=progress)
     except USER_ERRORS as error:
         _fail(error)
     console.print((run_dir / "ablation.md").read_text())
@@ -257,14 +271,15 @@ def bench_mil(
     repeats: Annotated[int | None, typer.Option(help="Repeats (default: the config's).")] = None,
     splits: Annotated[int | None, typer.Option(help="Folds (default: the config's).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the config's).")] = None,
-    n_jobs: Annotated[int, typer.Option(help="Parallel fits.")] = 1,
+    backend: Backend = None,
+    jobs: Jobs = None,
     out: Annotated[Path | None, typer.Option(help="Folder for folds.csv, summary.csv, table.md.")] = None,
 ):
     """Classic MIL benchmarks (MUSK1/2, ELEPHANT, UCSB) and digit bags vs published figures."""
     from milbench.bench.mil import bench_mil_command
 
     try:
-        bench_mil_command(config, datasets, models, repeats, splits, out, seed, n_jobs)
+        bench_mil_command(config, datasets, models, repeats, splits, out, seed, backend, jobs)
     except USER_ERRORS as error:
         _fail(error)
 
@@ -298,16 +313,26 @@ def features(
     batch_size: int = 32,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    shards: Annotated[int, typer.Option(
+        help="Split the forward pass into this many tasks (with --backend ray: over Ray workers, "
+             "one GPU each with --device cuda); the parts are merged into one store.")] = 1,
+    backend: Backend = "local",
+    jobs: Jobs = 1,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ):
     """Extract (or reuse, or resume) the instance features of every image of a challenge folder."""
     from milbench.config import read_extractor
+    from milbench.execution import ExecutionConfig, Executor
     from preprocessing.commands import features_command
 
     try:
         mapping, _ = read_extractor(extractor)
-        store = features_command(root, mapping, cache, seed=seed, batch_size=batch_size,
-                                 progress=progress, device=device)
+        execution = ExecutionConfig(backend=backend or "local", jobs=jobs or 1,
+                                    gpus_per_task=1 if device.startswith("cuda") else 0)
+        with Executor(execution, shared_paths=[root, cache]) as executor:
+            store = features_command(root, mapping, cache, seed=seed, batch_size=batch_size,
+                                     progress=progress, device=device, shards=shards,
+                                     map_tasks=executor.map)
     except USER_ERRORS as error:
         _fail(error)
     console.print(f"feature store: {store.root} ({store.n_rows} images × {store.dim})")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from milbench.execution import ExecutionConfig
 from milbench.models.spec import ModelSpec, check_unique_labels
 
 # The configs/ folder of a source checkout (editable install), for names given without a path.
@@ -55,6 +56,8 @@ class FeaturesConfig(_Strict):
     source: str | None = Field(None, description="the file the extractor mapping was read from")
     batch_size: int = Field(32, ge=1)
     device: str = Field("cpu", description="torch device for extraction and autoencoder training")
+    shards: int = Field(1, ge=1, description="forward-pass parts run as execution tasks (Ray GPU "
+                        "workers), merged into one store")
 
 
 class SourceConfig(_Strict):
@@ -109,6 +112,7 @@ class RunConfig(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     submission: SubmissionConfig = SubmissionConfig()
     tracking: TrackingConfig = TrackingConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
     @field_validator("models")
     @classmethod

@@ -26,14 +26,21 @@ from milbench.ensemble.members import (
     select_best,
 )
 from milbench.evaluation.compare import bootstrap_interval, paired_comparison
-from milbench.evaluation.cv import CVResult, cross_validate, stop_between_folds
-from milbench.evaluation.splits import kfold_splits, save_folds
+from milbench.evaluation.cv import CVResult, FoldOutcome, cross_validate, score_fold, stop_between_folds
+from milbench.evaluation.splits import Fold, kfold_splits, save_folds
+from milbench.execution import Executor, require_ray
 from milbench.instances import write_instance_views
 from milbench.models import model_tags
 from milbench.models.base import with_seed
 from milbench.models.reuse import fit_model, reusing_fits
 from milbench.models.spec import ModelSpec
-from milbench.preparation import PreparedData, hidden_test_labels, prepare_data, stratification
+from milbench.preparation import (
+    PreparedData,
+    hidden_test_labels,
+    prepare_data,
+    stratification,
+    worker_data,
+)
 from milbench.progress import StageTimer
 from milbench.runs import Run, environment_record, git_state
 from milbench.submit import write_submission
@@ -116,7 +123,9 @@ def _resume(path: Path, resolved: dict, fingerprint: str) -> Run:
     """The run directory to continue, once its config, data and code match this run's."""
     run = Run.open(path)
     saved = yaml.safe_load(run.file("config.yaml").read_text(encoding="utf-8"))
-    changed = _differences(saved, json.loads(json.dumps(resolved, default=str)))
+    # Where the fits run does not change their results: a run may resume on another backend.
+    changed = [key for key in _differences(saved, json.loads(json.dumps(resolved, default=str)))
+               if key.split(".")[0] != "execution"]
     if changed:
         raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
     recorded = json.loads(run.file("data_fingerprint.json").read_text(encoding="utf-8"))
@@ -138,9 +147,19 @@ def run_pipeline(config: RunConfig, progress: bool = True, resume: Path | None =
     """Run ``config``; with ``resume``, continue that interrupted run directory: folds it
     finished are read back, the rest are fitted, and the results equal an uninterrupted run's."""
     check_member_selections(config)
+    require_ray(config.execution)  # before any work: the ray backend needs Ray installed
     tracking.require(config)  # before any work: enabled tracking needs MLflow installed
     timer = StageTimer()
-    data = prepare_data(config, progress, timer)
+    # Workers read the data folder and the workdir (its feature stores, a generated cohort).
+    executor = Executor(config.execution,
+                        shared_paths=[path for path in (config.workdir, config.data.root) if path])
+    with executor:
+        return _run(config, progress, resume, timer, executor)
+
+
+def _run(config: RunConfig, progress: bool, resume: Path | None, timer: StageTimer,
+         executor: Executor) -> RunOutcome:
+    data = prepare_data(config, progress, timer, map_tasks=executor.map)
     resolved = resolved_dict(config)
     resolved["data"]["resolved_root"] = str(data.root.resolve())
     fingerprint = data_fingerprint(data)
@@ -152,13 +171,13 @@ def run_pipeline(config: RunConfig, progress: bool = True, resume: Path | None =
         run.write_json("data_fingerprint.json", {"fingerprint": fingerprint})
     try:
         with stop_between_folds():
-            return _run_models(config, progress, timer, data, run)
+            return _run_models(config, progress, timer, data, run, executor)
     except KeyboardInterrupt:
         raise RunInterrupted(run.path) from None
 
 
 def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: PreparedData,
-                run: Run) -> RunOutcome:
+                run: Run, executor: Executor) -> RunOutcome:
     run.write_csv("cohort/patients.csv", data.cohort.frame())
     run.write_csv("cohort/skipped.csv", pd.DataFrame(
         [(s.path, s.reason) for s in data.cohort.skipped], columns=["path", "reason"]))
@@ -192,7 +211,9 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
                 results[name] = cross_validate(
                     entry.build(), train_bags, data.labels, data.train.ids, folds,
                     data.train_clinical, seed=config.seed, description=f"CV {name}",
-                    progress=progress, records=run.file(f"fits/{name}"))
+                    progress=progress, records=run.file(f"fits/{name}"), executor=executor,
+                    remote_fold=PipelineFold(config.model_dump_json(), entry.model_dump_json(),
+                                             config.seed))
             _write_model_results(run, name, results[name])
             rows.append(_summary_row(name, results[name], note, data.features_of(entry)))
             if len(data.test):
@@ -224,6 +245,22 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
     tracking.log_run(config, run.path)  # reads the finished run directory; nothing when disabled
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions,
                       timings=timer.table(), comparisons=comparisons)
+
+
+@dataclass(frozen=True)
+class PipelineFold:
+    """One CV fold of one model as a worker runs it: the bags come from the run's data,
+    prepared in the worker from the feature stores the driver finished."""
+
+    config_json: str
+    entry_json: str
+    seed: int
+
+    def __call__(self, fold: Fold) -> FoldOutcome:
+        data = worker_data(RunConfig.model_validate_json(self.config_json))
+        entry = ModelSpec.model_validate_json(self.entry_json)
+        return score_fold(entry.build(), data.bags_for(entry)[0], data.labels, data.train.ids,
+                          fold, data.train_clinical, self.seed)
 
 
 COMPARISON_COLUMNS = ["model", "reference", "comparison", "metric", "model_mean", "reference_mean",

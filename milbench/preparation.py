@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,8 @@ def resolve_data_root(data: DataConfig, workdir: str | Path, progress: bool = Tr
     return path
 
 
-def feature_store(cohort: Cohort, extractor: dict, config: RunConfig, progress: bool = True):
+def feature_store(cohort: Cohort, extractor: dict, config: RunConfig, progress: bool = True,
+                  map_tasks=None):
     """The feature store of every cohort image (train and test) under ``extractor``, computed
     once and cached under the work directory. An autoencoder extractor trains on all images,
     test images included (unsupervised; its manifest records ``uses_test_images``)."""
@@ -90,7 +92,8 @@ def feature_store(cohort: Cohort, extractor: dict, config: RunConfig, progress: 
 
     return extract_features(cohort, extractor, Path(config.workdir) / "cache", seed=config.seed,
                             progress=progress, batch_size=config.features.batch_size,
-                            device=config.features.device)
+                            device=config.features.device, shards=config.features.shards,
+                            map_tasks=map_tasks)
 
 
 @dataclass
@@ -371,9 +374,10 @@ def _required_views(config: RunConfig) -> dict[str, tuple[dict | str, list[str]]
 
 
 def prepare_data(config: RunConfig, progress: bool = True,
-                 timer: StageTimer | None = None) -> PreparedData:
+                 timer: StageTimer | None = None, map_tasks=None) -> PreparedData:
     """Cohort, bags under every extractor a model reads (each computed once) and clinical
-    tables for ``config`` (source features attached in place)."""
+    tables for ``config`` (source features attached in place). ``map_tasks`` (an executor's
+    ``map``) runs the shards of a sharded extraction (``features.shards``)."""
     timer = timer or StageTimer()
     preflight(config)  # before any data is read
     with timer.stage("data"):
@@ -398,7 +402,7 @@ def prepare_data(config: RunConfig, progress: bool = True,
         name = extractor.get("name") or extractor.get("kind")
         with timer.stage(f"instance features {name}" if len(views) > 1 else "instance features"):
             try:
-                store = feature_store(cohort, extractor, config, progress)
+                store = feature_store(cohort, extractor, config, progress, map_tasks)
             except (ValueError, OSError, RuntimeError) as error:
                 raise ConfigError(f"extractor {name!r} (models {models}) failed: {error}") from error
         views[key] = FeatureView(key, extractor, store.manifest, store.bags(train),
@@ -410,6 +414,23 @@ def prepare_data(config: RunConfig, progress: bool = True,
         test_clinical=test.clinical_table(), features=default.manifest, views=views,
         default_key=default.key,
     )
+
+
+def data_key(config: RunConfig) -> str:
+    """What a config's data preparation depends on (its models only through what they read)."""
+    return config.model_dump_json(include={"seed", "data", "features", "source", "workdir", "models"})
+
+
+@lru_cache(maxsize=4)
+def _prepared_from_key(key: str) -> PreparedData:
+    return prepare_data(RunConfig.model_validate_json(key), progress=False)
+
+
+def worker_data(config: RunConfig) -> PreparedData:
+    """``config``'s prepared data where a task runs (a worker process or a Ray worker), prepared
+    once per distinct data setting in each worker. The driver prepares first, so that workers
+    only read finished feature stores (two extracting into one store would collide)."""
+    return _prepared_from_key(data_key(config))
 
 
 def hidden_test_labels(root: Path, test_ids: list[str]) -> np.ndarray | None:

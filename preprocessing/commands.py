@@ -63,15 +63,18 @@ def features_command(root: str | os.PathLike,
                      extractor_config: str | os.PathLike | dict[str, Any],
                      cache_dir: str | os.PathLike = DEFAULT_CACHE, *, seed: int = 0,
                      batch_size: int = 32, num_workers: int | None = None,
-                     progress: bool = True, device: str = "cpu") -> FeatureStore:
+                     progress: bool = True, device: str = "cpu", shards: int = 1,
+                     map_tasks=None) -> FeatureStore:
     """Extract (or reuse, or resume) the features of every image in ``root``.
 
-    ``extractor_config`` is a YAML path (``configs/features/*.yaml``) or a dict.
+    ``extractor_config`` is a YAML path (``configs/features/*.yaml``) or a dict; ``shards``
+    parts run as ``map_tasks`` tasks (see ``extract_features``).
     """
     cohort = _load_cohort(root)
     return extract_features(cohort, load_extractor_config(extractor_config), cache_dir,
                             seed=seed, progress=progress, batch_size=batch_size,
-                            num_workers=num_workers, device=device)
+                            num_workers=num_workers, device=device, shards=shards,
+                            map_tasks=map_tasks)
 
 
 def pretrain_command(root: str | os.PathLike, out: str | os.PathLike, *,

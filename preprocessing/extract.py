@@ -25,8 +25,9 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,13 @@ import numpy as np
 import torch
 import torchvision
 
-from milbench.io import atomic_write_json, file_sha256
+from milbench.io import atomic_write, atomic_write_json, file_sha256
 from preprocessing.images import Preprocessor
 from preprocessing.segmentation import VARIANTS
 from preprocessing.stain import StainReference, image_set_paths, reference_from_images
 from preprocessing.store import (
     FeatureStore,
+    StoreIntegrityError,
     StoreWriter,
     exclusive,
     hash_key,
@@ -269,8 +271,17 @@ def extract_features(
     commit_seconds: float = 2.0,
     on_batch: Callable[[int], None] | None = None,
     device: str = "cpu",
+    shards: int = 1,
+    map_tasks: Callable[[Callable, list[tuple]], Iterable[tuple[int, Any]]] | None = None,
 ) -> FeatureStore:
     """Features of every cohort image under ``extractor_config``, computed once and cached.
+
+    With ``shards`` > 1 and ``map_tasks`` (an executor's ``map``: ``milbench.execution``), the
+    model's forward pass over the rows is split into that many parts, run as tasks (Ray GPU
+    workers, say) that each write a part file next to the store; this process then merges the
+    parts into the store and only then marks it complete. A part already written is kept, so
+    an interrupted sharded extraction resumes. Parts start on multiples of ``batch_size``:
+    every batch is the one a serial extraction forms, so the store is the same.
 
     Returns the complete :class:`FeatureStore` at ``<cache_dir>/features/<key>``; an existing
     complete store is returned without work, an interrupted one is resumed, losing at most
@@ -283,11 +294,13 @@ def extract_features(
         return _extract_locked(cohort, extractor_config, cache_dir, seed=seed, progress=progress,
                                batch_size=batch_size, num_workers=num_workers,
                                channels_last=channels_last, commit_seconds=commit_seconds,
-                               on_batch=on_batch, device=device)
+                               on_batch=on_batch, device=device, shards=shards,
+                               map_tasks=map_tasks)
 
 
 def _extract_locked(cohort, extractor_config, cache_dir, *, seed, progress, batch_size,
-                    num_workers, channels_last, commit_seconds, on_batch, device) -> FeatureStore:
+                    num_workers, channels_last, commit_seconds, on_batch, device, shards=1,
+                    map_tasks=None) -> FeatureStore:
     torch.manual_seed(seed)
     prepared = prepare(cohort, extractor_config, cache_dir, seed=seed, progress=progress,
                        num_workers=num_workers, device=device)
@@ -307,6 +320,11 @@ def _extract_locked(cohort, extractor_config, cache_dir, *, seed, progress, batc
                 "pixels_key": prepared.pixels_key}  # the pixels store it read (kept by prune)
     # The pixels store first, outside this store's error handling: its own errors name it.
     source = prepared.pixels() if prepared.pixels is not None else list(prepared.sources["path"])
+    if shards > 1 and map_tasks is not None and prepared.model is not None:
+        return _extract_sharded(cohort, extractor_config, cache_dir, root, manifest, prepared,
+                                seed=seed, progress=progress, batch_size=batch_size,
+                                channels_last=channels_last, device=device, shards=shards,
+                                map_tasks=map_tasks)
     try:
         writer = StoreWriter(root, manifest, prepared.sources, commit_seconds=commit_seconds)
         started = time.perf_counter()
@@ -333,17 +351,23 @@ def run_model_into(writer: StoreWriter, source: list[str] | FeatureStore,
                    preprocessor: Preprocessor, model: torch.nn.Module | None, *,
                    batch_size: int, num_workers: int, channels_last: bool, progress: bool,
                    on_batch: Callable[[int], None] | None = None,
-                   description: str = "features", device: str = "cpu") -> None:
+                   description: str = "features", device: str = "cpu",
+                   stop: int | None = None) -> None:
     """The whole path: images (decoded and preprocessed in loader workers from a list of paths,
     or read from a pixels store) → forward → durable write. ``model=None`` writes the uint8
-    images themselves (the pixels extractor)."""
+    images themselves (the pixels extractor). ``stop`` ends early (a shard: pixels store only)."""
     from milbench.progress import progress_bar
 
     total = source.n_rows if isinstance(source, FeatureStore) else len(source)
+    if stop is not None:
+        if not isinstance(source, FeatureStore):
+            raise ValueError("a shard of an extraction reads a pixels store")
+        total = stop
     if writer.rows_written >= total:
         return
     if isinstance(source, FeatureStore):
-        batches = stored_batches(source, preprocessor.input_size, writer.rows_written, batch_size)
+        batches = stored_batches(source, preprocessor.input_size, writer.rows_written, batch_size,
+                                 total)
     else:
         batches = decoded_batches(source, preprocessor, writer.rows_written, batch_size,
                                   num_workers)
@@ -380,10 +404,93 @@ def decoded_batches(paths: list[str], preprocessor: Preprocessor, start: int, ba
         yield int(rows[0]), raw
 
 
-def stored_batches(pixels: FeatureStore, input_size: int, start: int, batch_size: int
-                   ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first row, uint8 images)`` from row ``start`` on, read from a pixels store."""
+def stored_batches(pixels: FeatureStore, input_size: int, start: int, batch_size: int,
+                   stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, uint8 images)`` of rows ``start`` to ``stop`` (default: the last), read
+    from a pixels store."""
     matrix = pixels.features()
-    for first in range(start, pixels.n_rows, batch_size):
-        block = np.array(matrix[first:first + batch_size])
+    stop = pixels.n_rows if stop is None else stop
+    for first in range(start, stop, batch_size):
+        block = np.array(matrix[first:min(first + batch_size, stop)])
         yield first, torch.from_numpy(block).view(len(block), 3, input_size, input_size)
+
+
+def shard_ranges(n_rows: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """``shards`` row ranges covering ``n_rows``, each starting on a multiple of
+    ``batch_size`` (fewer when there are fewer batches than shards)."""
+    batches = -(-n_rows // batch_size)
+    per_shard = -(-batches // max(1, shards))
+    return [(first * batch_size, min(n_rows, (first + per_shard) * batch_size))
+            for first in range(0, batches, per_shard)]
+
+
+class _RowsInMemory:
+    """The writer interface of ``run_model_into`` over an in-memory block of rows (a shard)."""
+
+    def __init__(self, start: int, stop: int, dim: int):
+        self.start, self.rows_written, self.rows_done = start, start, start
+        self.block = np.empty((stop - start, dim), dtype=np.float32)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        if start != self.rows_written:
+            raise ValueError(f"rows must be written in order: expected {self.rows_written}, "
+                             f"got {start}")
+        if not np.all(np.isfinite(block)):
+            raise ValueError(f"non-finite features in rows {start}..{start + len(block) - 1}")
+        self.block[start - self.start:start - self.start + len(block)] = block
+        self.rows_written = self.rows_done = start + len(block)
+
+
+def extract_part(cohort, extractor_config, cache_dir: str, seed: int, batch_size: int,
+                 channels_last: bool, device: str, start: int, stop: int, part: str) -> str:
+    """One shard of an extraction, as a worker runs it: rows ``start`` to ``stop`` of the
+    store, written (atomically) to the ``part`` file. The driver trained the autoencoder and
+    built the pixels store first; here both are read from the shared cache."""
+    torch.manual_seed(seed)
+    prepared = prepare(cohort, extractor_config, cache_dir, seed=seed, progress=False,
+                       device=device)
+    rows = _RowsInMemory(start, stop, prepared.dim)
+    run_model_into(rows, prepared.pixels(), prepared.preprocessor, prepared.model,
+                   batch_size=batch_size, num_workers=0, channels_last=channels_last,
+                   progress=False, device=device, stop=stop)
+    def save(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a handle: np.save would append .npy to a name
+            np.save(handle, rows.block, allow_pickle=False)
+
+    atomic_write(Path(part), save)
+    return part
+
+
+def _extract_sharded(cohort, extractor_config, cache_dir, root: Path, manifest: dict,
+                     prepared: Prepared, *, seed, progress, batch_size, channels_last, device,
+                     shards, map_tasks) -> FeatureStore:
+    from milbench.progress import progress_bar
+
+    prepared.pixels()  # built here, once: every shard reads it
+    n_rows = manifest["n_rows"]
+    ranges = shard_ranges(n_rows, shards, batch_size)
+    parts_dir = root / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    parts = [str(parts_dir / f"rows-{start}-{stop}-batch-{batch_size}.npy") for start, stop in ranges]
+    todo = [i for i, part in enumerate(parts) if not Path(part).is_file()]
+    started = time.perf_counter()
+    tasks = [(cohort, extractor_config, str(cache_dir), seed, batch_size, channels_last, device,
+              *ranges[i], parts[i]) for i in todo]
+    with progress_bar(f"features ({prepared.config.kind}:{prepared.config.name}), {len(ranges)} "
+                      "shards", total=len(ranges), completed=len(ranges) - len(todo),
+                      enabled=progress, unit="shard") as advance:
+        for _ in map_tasks(extract_part, tasks):
+            advance()
+    # Complete only once every part is in: the merge reads them all, then marks the store.
+    writer = StoreWriter(root, manifest, prepared.sources)
+    for (start, stop), part in zip(ranges, parts, strict=True):
+        block = np.load(part, allow_pickle=False)
+        if block.shape != (stop - start, prepared.dim):
+            raise StoreIntegrityError(f"{part}: shape {block.shape}, expected "
+                                      f"{(stop - start, prepared.dim)}")
+        if writer.rows_written < stop:  # a merge that was interrupted resumes after its last part
+            writer.write(start, block)
+    store = writer.finish({"seconds": time.perf_counter() - started, "shards": len(ranges),
+                           "images_per_second": n_rows / max(time.perf_counter() - started, 1e-9)})
+    shutil.rmtree(parts_dir)
+    return store

@@ -22,7 +22,7 @@ def grid(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump({
         "name": "tiny-grid", "base": str(CONFIGS / "clinical.yaml"), "repeats": 3,
-        "protocol": {"kind": "split", "val_fraction": 0.3}, "n_jobs": 1,
+        "protocol": {"kind": "split", "val_fraction": 0.3}, "execution": {"jobs": 1},
         "variants": {"logreg": ["models=[{name: clinical_logreg}]"],
                      "xgb": ["models=[{name: clinical_xgb, params: {n_estimators: 20}}]"]},
     }))
@@ -92,8 +92,8 @@ def test_interrupted_grid_resumes_without_redoing_cells(grid, monkeypatch):
 
 def test_parallel_workers_give_the_serial_table(grid):
     path, overrides = grid
-    _, serial = ablation.run_ablation(path, overrides, n_jobs=1, progress=False)
-    _, parallel = ablation.run_ablation(path, overrides, n_jobs=2, progress=False)
+    _, serial = ablation.run_ablation(path, overrides, jobs=1, progress=False)
+    _, parallel = ablation.run_ablation(path, overrides, jobs=2, progress=False)
     pd.testing.assert_frame_equal(serial.drop(columns="seconds_per_cell"),
                                   parallel.drop(columns="seconds_per_cell"))
 

@@ -103,7 +103,7 @@ def test_ablation_logs_one_child_per_variant(tmp_path):
     challenge = write_challenge(tmp_path / "challenge", default_rows(n_train=20, n_test=2))
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({
-        "name": "tiny-grid", "base": str(CONFIGS / "clinical.yaml"), "repeats": 2, "n_jobs": 1,
+        "name": "tiny-grid", "base": str(CONFIGS / "clinical.yaml"), "repeats": 2, "execution": {"jobs": 1},
         "variants": {"logreg": ["models=[{name: clinical_logreg}]"],
                      "xgb": ["models=[{name: clinical_xgb, params: {n_estimators: 10}}]"]}}))
     store = tmp_path / "store"

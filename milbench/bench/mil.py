@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,12 @@ from sklearn.model_selection import StratifiedKFold
 
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
 from milbench.evaluation.cv import fit_fold
+from milbench.execution import ExecutionConfig, Executor, require_ray, with_overrides
 from milbench.io import atomic_write, atomic_write_text
 from milbench.models.base import has_capability
 from milbench.models.registry import Tag
 from milbench.models.spec import ModelSpec, check_unique_labels
+from milbench.progress import progress_bar
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "mil.yaml"
 DEFAULT_DATASETS = ("musk1", "musk2", "elephant", "ucsb", "digits")
@@ -86,6 +88,8 @@ class MILBenchConfig(BaseModel):
     n_repeats: int = Field(5, ge=1)
     n_splits: int = Field(10, ge=2)
     seed: int = 0
+    execution: ExecutionConfig = Field(ExecutionConfig(), description="where the fits run "
+                                       "(--backend / --jobs override it)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -198,14 +202,14 @@ def run_mil_benchmark(
     n_splits: int = 10,
     seed: int = 0,
     progress: bool = True,
-    n_jobs: int = 1,
+    execution: ExecutionConfig | None = None,
 ) -> pd.DataFrame:
     """Run the protocol; one row per (dataset, model, repeat, fold) (see the module docstring).
 
     ``datasets`` are names for :func:`load_benchmark_dataset` (``digits`` / ``digitsN`` are
     generated with ``seed``) or ready :class:`MILDataset` objects; ``models`` are model specs.
-    ``n_jobs`` > 1 runs folds in parallel processes (joblib); every fit then uses one torch
-    thread.
+    ``execution`` says where the fits run (default: here, one after another); every fit uses
+    one torch thread wherever it runs (small networks: threads cost more than they give).
     """
     specs = [ModelSpec.coerce(m) for m in models]
     loaded = [
@@ -221,35 +225,13 @@ def run_mil_benchmark(
                 for fold, (train, test) in enumerate(folds):
                     fold_seed = seed + 1000 * repeat + fold
                     tasks.append((dataset, spec, repeat, fold, train, test, fold_seed))
-    rows = list(_execute(tasks, progress, n_jobs))
-    return pd.DataFrame(rows)
-
-
-def _execute(tasks, progress: bool, n_jobs: int) -> Iterable[dict]:
-    from milbench.progress import progress_bar
-    from milbench.training import torch_threads
-
-    # Small networks: threads cost more than they give.
-    with torch_threads(1), progress_bar("MIL benchmark", len(tasks), enabled=progress,
-                                        unit="fits") as advance:
-        if n_jobs == 1:
-            results = (_run_fold(*task) for task in tasks)
-        else:
-            from joblib import Parallel, delayed
-
-            results = Parallel(n_jobs=n_jobs, return_as="generator")(
-                delayed(_run_fold_one_thread)(*task) for task in tasks
-            )
-        for row in results:
+    rows: list[dict | None] = [None] * len(tasks)
+    with progress_bar("MIL benchmark", len(tasks), enabled=progress, unit="fits") as advance, \
+            Executor(execution or ExecutionConfig()) as executor:
+        for index, row in executor.map(_run_fold, tasks):
+            rows[index] = row
             advance(1)
-            yield row
-
-
-def _run_fold_one_thread(*task) -> dict:
-    from milbench.training import torch_threads
-
-    with torch_threads(1):
-        return _run_fold(*task)
+    return pd.DataFrame(rows)
 
 
 def _standard_error(values: np.ndarray) -> float:
@@ -394,7 +376,8 @@ def bench_mil_command(
     splits: int | None = None,
     out: Path | None = None,
     seed: int | None = None,
-    n_jobs: int = 1,
+    backend: str | None = None,
+    jobs: int | None = None,
 ) -> pd.DataFrame:
     """CLI entry: run the suite of ``config`` (``configs/bench/mil.yaml`` by default; options
     given here override it), print a rich table, write ``folds.csv``, ``summary.csv`` and
@@ -408,7 +391,9 @@ def bench_mil_command(
     repeats = settings.n_repeats if repeats is None else repeats
     splits = settings.n_splits if splits is None else splits
     seed = settings.seed if seed is None else seed
-    folds = run_mil_benchmark(dataset_names, chosen, repeats, splits, seed, True, n_jobs)
+    execution = with_overrides(settings.execution, backend, jobs)
+    require_ray(execution)  # before any work
+    folds = run_mil_benchmark(dataset_names, chosen, repeats, splits, seed, True, execution)
     summary = summarize_benchmark(folds)
     table = Table(title=f"MIL benchmark: {repeats} x {splits}-fold CV (seed {seed})")
     for column in TABLE_COLUMNS:

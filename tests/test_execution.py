@@ -1,0 +1,180 @@
+"""Execution backends: the same run, ablation and extraction on ``local`` and on a local Ray
+instance (started here, 2 CPUs, no dashboard) give identical results; a crashed task is retried;
+an unreachable cluster, a missing Ray and a worker that cannot see the store fail clearly."""
+
+from __future__ import annotations
+
+import operator
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import yaml
+from challenge_layout import default_rows, write_challenge
+
+from milbench import ablation
+from milbench.config import load_config
+from milbench.execution import (
+    FAIL_ONCE_VARIABLE,
+    ExecutionConfig,
+    ExecutionError,
+    Executor,
+    connect_ray,
+    require_ray,
+)
+from milbench.pipeline import run_pipeline
+from preprocessing.extract import extract_features, shard_ranges
+from preprocessing.toy import write_toy_cohort
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RAY = ExecutionConfig(backend="ray", jobs=2)
+RESNET = "{kind: backbone, name: resnet18, weights: null, input_size: 32, segmentation: null}"
+MODELS = ("[{name: clinical_logreg}, {name: meanpool_svm},"
+          " {name: dmil, params: {max_epochs: 4, validation_fraction: 0}}]")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One local Ray instance for the module; the executors find it and leave it running."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_tasks_come_back_by_index_on_every_backend():
+    tasks = [(i, i) for i in range(7)]  # a library function: workers import it by name
+    for config in (ExecutionConfig(), ExecutionConfig(jobs=2), RAY):
+        with Executor(config) as executor:
+            results = dict(executor.map(operator.mul, tasks))
+        assert results == {i: i * i for i in range(7)}, config
+
+
+def _run_tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    tables = {"metrics": pd.read_csv(run_dir / "metrics.csv").drop(columns=["seconds_per_fit"])}
+    for oof in sorted(run_dir.glob("models/*/oof.csv")):
+        tables[oof.parent.name] = pd.read_csv(oof)
+    for test in sorted(run_dir.glob("models/*/test_predictions.csv")):
+        tables[f"{test.parent.name} test"] = pd.read_csv(test)
+    return tables
+
+
+def test_a_run_gives_the_same_tables_on_local_and_on_ray(tmp_path):
+    workdir = tmp_path / "work"  # one cohort and one feature store for the three runs
+    outcomes = {}
+    for label, backend, jobs in (("serial", "local", 1), ("pool", "local", 2), ("ray", "ray", 2)):
+        config = load_config(CONFIGS / "pipeline.yaml", [
+            f"models={MODELS}", f"features.extractor={RESNET}", "data.synthetic.preset=tiny",
+            "evaluation.n_splits=2", "evaluation.n_repeats=2", f"workdir={workdir}",
+            "submission.enabled=false", f"execution.backend={backend}", f"execution.jobs={jobs}"])
+        outcomes[label] = _run_tables(run_pipeline(config, progress=False).run_dir)
+    assert {"clinical_logreg", "meanpool_svm", "dmil"} <= set(outcomes["ray"])
+    for label in ("pool", "ray"):
+        for name, table in outcomes["serial"].items():
+            pd.testing.assert_frame_equal(outcomes[label][name], table, obj=f"{label} {name}")
+
+
+@pytest.fixture
+def grid(tmp_path):
+    challenge = write_challenge(tmp_path / "challenge", default_rows(n_train=20, n_test=2))
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny-grid", "base": str(CONFIGS / "clinical.yaml"), "repeats": 3,
+        "protocol": {"kind": "cv", "n_splits": 3},
+        "variants": {"logreg": ["models=[{name: clinical_logreg}]"],
+                     "xgb": ["models=[{name: clinical_xgb, params: {n_estimators: 20}}]"]},
+    }))
+    return path, [f"data.root={challenge}", f"workdir={tmp_path / 'work'}"]
+
+
+def _ablation_tables(run_dir: Path) -> list[pd.DataFrame]:
+    table = pd.read_csv(run_dir / "ablation.csv").drop(columns=["seconds_per_cell"])
+    return [table, pd.read_csv(run_dir / "comparisons.csv")]
+
+
+def test_an_ablation_gives_the_same_tables_on_local_and_on_ray(grid):
+    path, overrides = grid
+    local, _ = ablation.run_ablation(path, overrides, backend="local", jobs=2, progress=False)
+    on_ray, _ = ablation.run_ablation(path, overrides, backend="ray", jobs=2, progress=False)
+    for expected, actual in zip(_ablation_tables(local), _ablation_tables(on_ray), strict=True):
+        pd.testing.assert_frame_equal(actual, expected)
+    assert yaml.safe_load((on_ray / "execution.json").read_text())["backend"] == "ray"
+
+
+def test_a_task_whose_worker_dies_is_retried_and_the_grid_completes(grid, tmp_path, monkeypatch):
+    path, overrides = grid
+    reference, _ = ablation.run_ablation(path, overrides, backend="local", jobs=1, progress=False)
+    marker = tmp_path / "fault-injected"
+    monkeypatch.setenv(FAIL_ONCE_VARIABLE, str(marker))
+    retried, _ = ablation.run_ablation(path, overrides, backend="ray", jobs=2, progress=False)
+    assert marker.is_file()  # one worker did die mid-task
+    assert len(list((retried / "cells").rglob("*.json"))) == 6
+    for expected, actual in zip(_ablation_tables(reference), _ablation_tables(retried), strict=True):
+        pd.testing.assert_frame_equal(actual, expected)
+
+
+def test_an_unreachable_cluster_fails_fast_naming_the_address():
+    started = time.monotonic()
+    with pytest.raises(ExecutionError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:9"):
+        connect_ray(ExecutionConfig(backend="ray", address="127.0.0.1:9"))
+    assert time.monotonic() - started < 10
+    with pytest.raises(ExecutionError, match="must look like host:port"):
+        connect_ray(ExecutionConfig(backend="ray", address="nowhere"))
+
+
+def test_a_worker_that_cannot_see_the_store_fails_naming_the_path(tmp_path):
+    missing = tmp_path / "not-mounted" / "cache"
+    for config in (RAY, ExecutionConfig(jobs=2)):
+        with Executor(config, shared_paths=[tmp_path, missing]) as executor:
+            with pytest.raises(ExecutionError, match=rf"cannot see {missing}.*shared|mounts"):
+                list(executor.map(operator.mul, [(1, 1), (2, 2)]))
+
+
+def test_the_ray_backend_without_ray_stops_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(ExecutionError, match=r'pip install "milbench\[ray\]"'):
+        require_ray(RAY)
+    config = load_config(CONFIGS / "clinical.yaml", [f"workdir={tmp_path / 'work'}",
+                                                      "execution.backend=ray"])
+    with pytest.raises(ExecutionError, match="Ray is not installed"):
+        run_pipeline(config, progress=False)
+    assert not (tmp_path / "work").exists()
+
+
+def test_shards_start_on_batch_boundaries_and_cover_every_row():
+    ranges = shard_ranges(23, 3, 4)
+    assert ranges == [(0, 8), (8, 16), (16, 23)]
+    assert shard_ranges(5, 4, 8) == [(0, 5)]
+    rows = [row for start, stop in shard_ranges(1000, 7, 32) for row in range(start, stop)]
+    assert rows == list(range(1000))
+
+
+CONFIG = {"kind": "backbone", "name": "resnet18", "weights": None, "input_size": 32}
+
+
+def test_sharded_extraction_on_ray_gives_the_serial_store(tmp_path):
+    cohort = write_toy_cohort(tmp_path / "toy", n_patients=5, images_per_patient=3, size=48,
+                              n_test=1)
+    serial = extract_features(cohort, CONFIG, tmp_path / "serial", progress=False, batch_size=4,
+                              num_workers=0)
+
+    def one_part_then_stop(function, tasks):  # an extraction interrupted after one part
+        yield 0, function(*tasks[0])
+        raise KeyboardInterrupt
+
+    cache = tmp_path / "sharded"
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(cohort, CONFIG, cache, progress=False, batch_size=4, num_workers=0,
+                         shards=3, map_tasks=one_part_then_stop)
+    store_root = cache / "features" / serial.root.name
+    assert len(list((store_root / "parts").glob("*.npy"))) == 1
+    assert not (store_root / "complete.json").exists()  # incomplete until every part is in
+    with Executor(RAY, shared_paths=[tmp_path]) as executor:
+        sharded = extract_features(cohort, CONFIG, cache, progress=False, batch_size=4,
+                                   num_workers=0, shards=3, map_tasks=executor.map)
+    assert sharded.root.name == serial.root.name and sharded.is_complete
+    assert sharded.verify() == [] and not (sharded.root / "parts").exists()
+    np.testing.assert_array_equal(np.asarray(sharded.features()), np.asarray(serial.features()))
