@@ -108,3 +108,42 @@ def test_benchmark_names_the_wrapped_models_paper():
         "model": "dmil", "params": {"max_epochs": 50, "validation_fraction": 0},
         "grid": {"norm": ["layer", "none"]}})
     assert paper_method(spec) == "Attention MIL (Ilse 2018)"
+
+
+def test_optuna_search_draws_trials_from_the_space_and_refits_the_best(data):
+    bags, labels, clinical = data
+    space = {"gamma": {"low": 1e-3, "high": 1e3, "log": True}, "C": [0.5, 1.0]}
+    selector = _selector(grid=None, search="optuna", space=space, n_trials=6).fit(
+        bags, labels, clinical)
+    results = selector.cv_results_
+    assert len(results) == 6 and all(len(scores) == 3 for scores in results["scores"])
+    assert all(1e-3 <= row["gamma"] <= 1e3 and row["C"] in (0.5, 1.0) for row in results["params"])
+    best = int(np.argmax(results["mean"].to_numpy()))
+    assert selector.best_params_ == results["params"][best]
+    assert results["mean"].max() > 0.7 > results["mean"].min()  # the search tells them apart
+    direct = create_model("meanpool_svm", random_state=0, **selector.best_params_).fit(
+        bags, labels, clinical)
+    np.testing.assert_array_equal(selector.predict_proba(bags), direct.predict_proba(bags))
+    again = _selector(grid=None, search="optuna", space=space, n_trials=6).fit(bags, labels, clinical)
+    assert again.cv_results_["params"].tolist() == results["params"].tolist()  # seeded
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"search": "optuna", "space": {"gamma": [1.0, "scale"]}}, "grid must be empty"),
+    ({"grid": None, "search": "optuna", "space": {"gama": [1.0]}}, r"space\.gama: .*no parameter"),
+    ({"grid": None, "search": "optuna", "space": {"C": {"low": 2, "high": 1}}}, r"space\.C: low"),
+    ({"grid": None, "search": "optuna", "space": {"C": {"low": 0, "high": 1, "log": True}}},
+     "log range needs low > 0"),
+    ({"grid": None, "search": "random"}, "search must be one of"),
+    ({"space": {"C": [1.0]}}, "space is read by search 'optuna' only"),
+])
+def test_a_bad_search_fails_before_training_naming_the_key(data, params, message):
+    bags, labels, clinical = data
+    with pytest.raises(ValueError, match=message):
+        _selector(**params).fit(bags, labels, clinical)
+
+
+def test_a_misspelled_space_parameter_fails_when_the_config_loads():
+    with pytest.raises(ValueError, match=r"model 'inner_cv': space\.gama"):
+        ModelSpec(name="inner_cv", params={"model": "meanpool_svm", "search": "optuna",
+                                           "space": {"gama": {"low": 0.1, "high": 1.0}}})

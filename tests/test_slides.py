@@ -53,7 +53,7 @@ def test_assignment_one_to_one_then_replicated():
         assign_clusters(costs, "greedy")
 
 
-@pytest.mark.parametrize("search", ["grid", "bayes"])
+@pytest.mark.parametrize("search", ["grid", "bayes", "tpe"])
 def test_dbscan_and_assignment_recover_toy_slide(search):
     rng = np.random.default_rng(1)
     clusterer = SlideClusterer(_references(rng), disagreement_cutoff=None, random_state=0)

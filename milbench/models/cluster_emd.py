@@ -69,7 +69,7 @@ BAG_FEATURES = (
 # The bag probability uses the method's own outputs; the rest are offered to the stacker.
 MODEL_FEATURES = ("tumoral_cluster_fraction", "tumoral_fraction", "emd_reactive", "emd_tumoral")
 HEADS = ("logreg", "mlp")
-SEARCHES = ("grid", "bayes")
+SEARCHES = ("grid", "bayes", "tpe")  # bayes: Optuna's GP sampler; tpe: its TPE sampler
 
 
 MIN_BAGS_PER_CLASS_PER_FOLD = 4

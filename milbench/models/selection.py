@@ -10,6 +10,10 @@ setting picked by looking at the outer folds.
 ``grid`` is a mapping of parameter name to a list of values (every combination is a candidate)
 or a list of such mappings, as scikit-learn's ``ParameterGrid`` reads it; ``params`` are fixed
 parameters applied to every candidate. ``cv_results_`` keeps each candidate's inner scores.
+
+With ``search: optuna`` the candidates are ``n_trials`` points of ``space`` (ranges, see
+``milbench.core.search``) drawn by Optuna's ``sampler`` (TPE or Gaussian process, seeded with
+``random_state``), each scored by the same inner CV; the best is refitted as above.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from sklearn.model_selection import ParameterGrid
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.core.metrics import METRICS, binary_metrics
+from milbench.core.search import check_space, suggest
+from milbench.core.search import sampler as optuna_sampler
 from milbench.models.base import (
     BagClassifier,
     check_bags,
@@ -30,7 +36,9 @@ from milbench.models.base import (
     with_seed,
 )
 from milbench.models.registry import Tag
-from milbench.models.spec import ModelSpec
+from milbench.models.spec import ModelSpec, constructor_parameters
+
+SEARCHES = ("grid", "optuna")
 
 
 class InnerCVSelection(BagClassifier):
@@ -43,15 +51,32 @@ class InnerCVSelection(BagClassifier):
         grid: dict | list | None = None,
         inner_splits: int = 3,
         metric: str = "balanced_accuracy",
+        search: str = "grid",
+        space: dict | None = None,
+        n_trials: int = 20,
+        sampler: str = "tpe",
         random_state: int | None = None,
     ):
         store_params(self, locals())
 
-    def _candidates(self) -> list[dict]:
+    def _check(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if int(self.inner_splits) < 2:
             raise ValueError(f"inner_splits must be at least 2, got {self.inner_splits}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {self.search!r}")
+        if self.search == "optuna":
+            if self.grid:
+                raise ValueError("inner_cv: search 'optuna' draws from space; grid must be empty")
+            check_space(self.space, self.model, constructor_parameters(self.model), "space")
+            if int(self.n_trials) < 1:
+                raise ValueError(f"n_trials must be at least 1, got {self.n_trials}")
+            optuna_sampler(self.sampler, 0)  # a bad sampler name fails before any training
+        elif self.space:
+            raise ValueError("inner_cv: space is read by search 'optuna' only; use grid")
+
+    def _candidates(self) -> list[dict]:
         candidates = list(ParameterGrid(self.grid or {}))
         for candidate in candidates:  # unknown names or bad values fail before any training
             self._build(candidate)
@@ -77,6 +102,9 @@ class InnerCVSelection(BagClassifier):
         return check_bags(bags, allow_empty_features=True)  # the wrapped model checks its own
 
     def _fit(self, bags, labels, clinical) -> None:
+        self._check()
+        if self.search == "optuna":
+            return self._fit_optuna(bags, labels, clinical)
         candidates = self._candidates()
         rows = []
         if len(candidates) > 1:
@@ -88,8 +116,31 @@ class InnerCVSelection(BagClassifier):
             best = int(np.nanargmax([row["mean"] for row in rows]))  # first of equal means
         else:
             best = 0
+        self._refit_best(rows, candidates[best], bags, labels, clinical)
+
+    def _fit_optuna(self, bags, labels, clinical) -> None:
+        import optuna
+
+        folds = inner_folds(labels, self.inner_splits, self.random_state, "inner_cv")
+        rows = []
+
+        def objective(trial) -> float:
+            candidate = suggest(trial, self.space)
+            scores = self._inner_score(candidate, bags, labels, clinical, folds)
+            rows.append({"params": candidate, "mean": float(np.nanmean(scores)),
+                         "std": float(np.nanstd(scores)), "scores": scores})
+            return rows[-1]["mean"]
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not one line per trial
+        seed = None if self.random_state is None else int(self.random_state)
+        study = optuna.create_study(direction="maximize", sampler=optuna_sampler(self.sampler, seed))
+        study.optimize(objective, n_trials=int(self.n_trials))
+        best = int(np.nanargmax([row["mean"] for row in rows]))  # first of equal means
+        self._refit_best(rows, rows[best]["params"], bags, labels, clinical)
+
+    def _refit_best(self, rows: list[dict], best_params: dict, bags, labels, clinical) -> None:
         self.cv_results_ = pd.DataFrame(rows, columns=["params", "mean", "std", "scores"])
-        self.best_params_ = candidates[best]
+        self.best_params_ = best_params
         self.best_estimator_ = self._build(self.best_params_).fit(bags, labels, clinical)
         if hasattr(self.best_estimator_, "n_features_in_"):
             self.n_features_in_ = self.best_estimator_.n_features_in_

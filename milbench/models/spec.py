@@ -176,3 +176,8 @@ def check_params(name: str, params: dict[str, Any]) -> None:
         grid = params.get("grid") or {}
         for candidate in grid if isinstance(grid, list) else [grid]:
             check_params(params["model"], {key: None for key in candidate})
+        if params.get("space") is not None:
+            from milbench.core.search import check_space
+
+            check_space(params["space"], params["model"], constructor_parameters(params["model"]),
+                        f"model {name!r}: space")

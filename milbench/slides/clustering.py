@@ -20,14 +20,14 @@ For one slide (``n`` latent vectors plus the instance classifier's labels):
 4. Disagreement cutoff: if the proposal differs from the classifier on more than
    ``disagreement_cutoff`` images, the slide keeps the classifier's labels.
 
-Searches: a grid of 20 configurations; Bayesian optimisation (scikit-optimize's Gaussian
-process, 10 random then 10 guided evaluations); and "optimal with hindsight", which picks the
-grid configuration with the fewest errors against the true labels (analysis only).
+Searches: a grid of 20 configurations; Bayesian optimisation on Optuna, with its Gaussian-process
+sampler (``bayes``) or its TPE sampler (``tpe``), 10 random then 10 guided evaluations; and
+"optimal with hindsight", which picks the grid configuration with the fewest errors against the
+true labels (analysis only).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,9 +35,10 @@ import numpy as np
 from scipy.spatial.distance import pdist
 from sklearn.cluster import DBSCAN
 
+from milbench.core.search import sampler as optuna_sampler
 from milbench.slides.emd import assign_clusters, emd, mean_point_distances
 
-SEARCH_MODES = ("grid", "bayes", "optimal")
+SEARCH_MODES = ("grid", "bayes", "tpe", "optimal")
 DEFAULT_EPS_QUANTILES = (0.05, 0.1, 0.2, 0.3, 0.45)
 DEFAULT_MIN_SAMPLES = (2, 3, 5, 8)
 
@@ -224,14 +225,14 @@ class SlideClusterer:
         )
 
     def classify(self, latent, classifier_labels, search: str = "grid", truth=None) -> SlideResult:
-        """Classify one slide; ``search`` is ``"grid"``, ``"bayes"`` or ``"optimal"`` (needs
-        ``truth``)."""
+        """Classify one slide; ``search`` is ``"grid"``, ``"bayes"`` (Gaussian process),
+        ``"tpe"`` or ``"optimal"`` (needs ``truth``)."""
         slide = self._prepare(latent, classifier_labels)
         if search == "grid":
             history = [slide.evaluate(q, m) for q, m in self.grid]
             best = min(history, key=lambda e: e.objective)  # first minimum: deterministic ties
-        elif search == "bayes":
-            history = self._bayes(slide)
+        elif search in ("bayes", "tpe"):
+            history = self._bayes(slide, search)
             best = min(history, key=lambda e: e.objective)
         elif search == "optimal":
             if truth is None:
@@ -247,35 +248,23 @@ class SlideClusterer:
         result = self._finish(slide, evaluation, [])
         return int((result.labels != truth).sum())
 
-    def _bayes(self, slide: _Slide) -> list[Evaluation]:
-        # Imported here: scikit-optimize is only needed when Bayesian search is asked for.
-        from skopt import gp_minimize
-        from skopt.space import Integer, Real
+    def _bayes(self, slide: _Slide, sampler: str) -> list[Evaluation]:
+        # Imported here: Optuna is only needed when a guided search is asked for.
+        import optuna
 
         low_q, high_q = self.eps_quantile_range
         low_m, high_m = self.min_samples_range
         history: list[Evaluation] = []
 
-        def objective(point) -> float:
-            evaluation = slide.evaluate(float(point[0]), int(point[1]))
+        def objective(trial) -> float:
+            evaluation = slide.evaluate(trial.suggest_float("eps_quantile", low_q, high_q),
+                                        trial.suggest_int("min_samples", low_m, high_m))
             history.append(evaluation)
             return evaluation.objective
 
-        with warnings.catch_warnings():
-            # The GP often re-proposes a configuration already tried (DBSCAN's response is a
-            # step function); skopt warns about it, which is expected here, not a problem.
-            warnings.simplefilter("ignore")
-            gp_minimize(
-                objective,
-                [
-                    Real(low_q, high_q, name="eps_quantile"),
-                    Integer(low_m, high_m, name="min_samples"),
-                ],
-                n_calls=self.bayes_random + self.bayes_guided,
-                n_initial_points=self.bayes_random,
-                initial_point_generator="random",
-                acq_optimizer="sampling",  # 5x faster than lbfgs here, same optimum quality
-                n_points=1000,
-                random_state=self.random_state,
-            )
+        chosen = optuna_sampler("gp" if sampler == "bayes" else "tpe", int(self.random_state),
+                                self.bayes_random)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not one line per evaluation
+        study = optuna.create_study(direction="minimize", sampler=chosen)
+        study.optimize(objective, n_trials=self.bayes_random + self.bayes_guided)
         return history
