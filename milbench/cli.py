@@ -150,6 +150,43 @@ def ablate(
 
 
 @app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML run config with a tune.<label> search space.")],
+    model: Annotated[str, typer.Option(help="Label of the model to tune.")],
+    trials: Annotated[int, typer.Option(help="Completed trials in all (a resumed study included).")]
+    = 20,
+    data: Annotated[Path | None, typer.Option(help="Challenge folder; default: a generated cohort.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.sub=value")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue the study in this directory.")] = None,
+    backend: Backend = None,
+    jobs: Jobs = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Optuna study over a model's parameters, scored by the run's repeated CV; resumable."""
+    from milbench.config import load_config
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.root={data}")
+    overrides += [f"execution.{key}={value}" for key, value in
+                  (("backend", backend), ("jobs", jobs)) if value is not None]
+    try:
+        resolved = load_config(config, overrides)
+        from milbench.tune import TuneInterrupted, run_tune
+
+        outcome = run_tune(resolved, model, trials, resume=resume, progress=progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    except TuneInterrupted as stopped:
+        command = [arg for arg in sys.argv if arg not in ("--resume", str(resume))]
+        error_console.print(f"{stopped}. Resume with:\n  {' '.join(command)} --resume "
+                            f"{stopped.run_dir}")
+        raise typer.Exit(130) from None
+    console.print((outcome.run_dir / "tune.md").read_text())
+    console.print(f"tuning directory: {outcome.run_dir}")
+
+
+@app.command()
 def synth(
     preset: Annotated[str, typer.Argument(
         help="tiny, small, challenge, realistic, realistic_small, or allidb2")],

@@ -113,6 +113,8 @@ class RunConfig(_Strict):
     submission: SubmissionConfig = SubmissionConfig()
     tracking: TrackingConfig = TrackingConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    tune: dict[str, dict[str, Any]] = Field(
+        {}, description="search spaces of `milbench tune`: model label -> {parameter: range}")
 
     @field_validator("models")
     @classmethod
@@ -125,6 +127,20 @@ class RunConfig(_Strict):
         if self.evaluation.baseline is not None and self.evaluation.baseline not in names:
             raise ValueError(f"evaluation.baseline {self.evaluation.baseline!r} is not one of the "
                              f"models {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_tuned_models(self) -> RunConfig:
+        from milbench.core.search import check_space
+        from milbench.models.spec import constructor_parameters
+
+        entries = {m.display_name: m for m in self.models}
+        for label, space in self.tune.items():
+            if label not in entries:
+                raise ValueError(f"tune.{label}: no model has the label {label!r} (models: "
+                                 f"{list(entries)})")
+            name = entries[label].name
+            check_space(space, name, constructor_parameters(name), f"tune.{label}")
         return self
 
 

@@ -24,7 +24,7 @@ from milbench.io import atomic_write, atomic_write_json, atomic_write_text, writ
 
 RECORDED_LIBRARIES = (
     "numpy", "pandas", "scikit-learn", "scipy", "torch", "torchvision", "xgboost", "lightgbm",
-    "opencv-python-headless", "pillow", "pot", "matplotlib",
+    "opencv-python-headless", "pillow", "pot", "matplotlib", "torchmil", "optuna", "ray",
 )
 
 

@@ -26,7 +26,9 @@ from milbench.execution import (
     connect_ray,
     require_ray,
 )
+from milbench.evaluation.splits import load_folds
 from milbench.pipeline import run_pipeline
+from milbench.tune import run_tune, score_trial
 from preprocessing.extract import extract_features, shard_ranges
 from preprocessing.toy import write_toy_cohort
 
@@ -178,3 +180,20 @@ def test_sharded_extraction_on_ray_gives_the_serial_store(tmp_path):
     assert sharded.root.name == serial.root.name and sharded.is_complete
     assert sharded.verify() == [] and not (sharded.root / "parts").exists()
     np.testing.assert_array_equal(np.asarray(sharded.features()), np.asarray(serial.features()))
+
+
+def test_tune_on_ray_runs_trials_two_at_a_time_with_the_local_scores(tmp_path):
+    config = load_config(CONFIGS / "clinical.yaml", [
+        "models=[{name: clinical_logreg}]", "data.synthetic.preset=small", "evaluation.n_splits=3",
+        "evaluation.n_repeats=1", f"workdir={tmp_path / 'work'}", "execution.backend=ray",
+        "execution.jobs=2", "tune.clinical_logreg={C: {low: 0.001, high: 10.0, log: true}}"])
+    outcome = run_tune(config, "clinical_logreg", trials=4, progress=False)
+    trials = pd.read_csv(outcome.run_dir / "trials.csv", parse_dates=["started", "completed"])
+    assert (trials["state"] == "COMPLETE").sum() == 4
+    # Asked in pairs: the second of each pair started before the first one finished.
+    assert trials.loc[1, "started"] < trials.loc[0, "completed"]
+    folds = load_folds(outcome.run_dir / "splits" / "folds.csv")
+    for _, trial in trials.iterrows():
+        entry = config.models[0].model_copy(update={"params": {"C": float(trial["param_C"])}})
+        local = score_trial(config.model_dump_json(), entry.model_dump_json(), folds)
+        assert local["value"] == trial["value"]
