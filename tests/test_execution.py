@@ -18,6 +18,7 @@ from challenge_layout import default_rows, write_challenge
 
 from milbench import ablation
 from milbench.config import load_config
+from milbench.evaluation.splits import load_folds
 from milbench.execution import (
     FAIL_ONCE_VARIABLE,
     ExecutionConfig,
@@ -26,7 +27,6 @@ from milbench.execution import (
     connect_ray,
     require_ray,
 )
-from milbench.evaluation.splits import load_folds
 from milbench.pipeline import run_pipeline
 from milbench.tune import run_tune, score_trial
 from preprocessing.extract import extract_features, shard_ranges
