@@ -297,6 +297,22 @@ def bench_slides(
         _fail(error)
 
 
+@bench_app.command("execution")
+def bench_execution(
+    tasks: Annotated[int, typer.Option(help="Tasks per grid.")] = 200,
+    jobs: Annotated[int, typer.Option(help="Worker processes / Ray CPUs.")] = 2,
+    task_seconds: Annotated[float, typer.Option(help="Length of a task of the second grid.")] = 0.05,
+    out: Annotated[Path | None, typer.Option(help="Folder for execution.md.")] = None,
+):
+    """Per-task overhead and parallel efficiency of the local pool and of Ray."""
+    from milbench.bench.execution import bench_execution_command
+
+    try:
+        bench_execution_command(tasks, jobs, task_seconds, out=out)
+    except USER_ERRORS as error:
+        _fail(error)
+
+
 @bench_app.command("mil")
 def bench_mil(
     config: Annotated[Path | None, typer.Argument(help="Benchmark YAML (default configs/bench/mil.yaml).")]

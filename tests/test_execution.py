@@ -197,3 +197,12 @@ def test_tune_on_ray_runs_trials_two_at_a_time_with_the_local_scores(tmp_path):
         entry = config.models[0].model_copy(update={"params": {"C": float(trial["param_C"])}})
         local = score_trial(config.model_dump_json(), entry.model_dump_json(), folds)
         assert local["value"] == trial["value"]
+
+
+def test_the_overhead_bench_measures_every_backend(tmp_path):
+    from milbench.bench.execution import bench_execution_command
+
+    frame = bench_execution_command(tasks=6, jobs=2, task_seconds=0.01, out=tmp_path)
+    assert list(frame["backend"]) == ["local", "local", "ray"]
+    assert (frame["no_op_ms_per_task"] > 0).all() and (frame["efficiency"] > 0).all()
+    assert "| ray" in (tmp_path / "execution.md").read_text()

@@ -5,6 +5,8 @@ are in the contract suite."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,18 @@ def test_torchmil_peer_is_torchmils_own_abmil():
     model = create_model("torchmil_abmil", epochs=5, random_state=0).fit(bags, labels)
     assert type(model.network_).__module__.startswith("torchmil.")
     assert all(np.isclose(s.sum(), 1.0) for s in model.instance_scores(bags))
+
+
+def test_pool_params_are_checked_when_the_config_loads():
+    from milbench.config import ConfigError, load_config
+    from milbench.models.spec import ModelSpec
+
+    with pytest.raises(ValueError, match=r"model 'dmil': pool_params: unknown key 'headz' for "
+                                         r"aggregation 'transmil'"):
+        ModelSpec(name="dmil", params={"aggregation": "transmil", "pool_params": {"headz": 2}})
+    with pytest.raises(ValueError, match=r"pool_params is for the zoo aggregations"):
+        ModelSpec(name="dmil", params={"pool_params": {"heads": 2}})  # default: attention
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    with pytest.raises(ConfigError, match="unknown key 'headz'"):
+        load_config(configs / "dmil.yaml", ["models.0.params.aggregation=transmil",
+                                            "models.0.params.pool_params={headz: 2}"])

@@ -165,6 +165,14 @@ def check_params(name: str, params: dict[str, Any]) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"model {name!r}: unknown parameter {key!r}{hint}; valid parameters: "
                              f"{', '.join(valid)}")
+    if params.get("pool_params"):  # the zoo aggregations' own keys (imports torch: only then)
+        from milbench.models.dmil import check_pool_params
+
+        try:
+            check_pool_params(params.get("aggregation", constructor_defaults(name).get("aggregation")),
+                              params["pool_params"])
+        except ValueError as error:
+            raise ValueError(f"model {name!r}: {error}") from None
     tags = model_tags(name)
     members = params.get("members")
     if Tag.ENSEMBLE.value in tags and isinstance(members, list | tuple):
