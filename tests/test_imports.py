@@ -159,10 +159,11 @@ LAYERS = [
     ("models", ("milbench.models", "milbench.slides", "milbench.semisup")),
     ("evaluation", ("milbench.evaluation",)),
     ("ensemble", ("milbench.ensemble",)),
+    ("execution", ("milbench.execution",)),
     ("configuration and records", ("milbench.config", "milbench.runs", "milbench.submit")),
     ("run support", ("milbench.preparation", "milbench.instances", "milbench.report",
                      "milbench.tracking")),
-    ("orchestration", ("milbench.pipeline", "milbench.ablation", "milbench.bench")),
+    ("orchestration", ("milbench.pipeline", "milbench.ablation", "milbench.tune", "milbench.bench")),
     ("wiring", ("milbench.cli", "milbench.__main__")),
 ]
 

@@ -140,7 +140,7 @@ def tiny_run(tmp_path_factory):
     })
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(preparation, "feature_store",
-                      lambda cohort, extractor, config, progress=True: TruthFeatures(root))
+                      lambda cohort, extractor, config, progress=True, map_tasks=None: TruthFeatures(root))
         outcome = pipeline.run_pipeline(config, progress=False)
     return outcome
 

@@ -5,7 +5,14 @@ here. After an intended change, rerun with MILBENCH_REPIN=1 and commit the new p
 Bit for bit across machines: every numeric library dispatches kernels by the CPU it finds
 (AVX-512 here, AVX2 there), and the sums come out in a different order. So the pipeline runs in
 a fresh process with each library held to one common x86-64 code path and one thread (torch's
-ATen kernels and oneDNN, MKL, OpenBLAS, NumPy and OpenCV); the pin was made the same way."""
+ATen kernels and oneDNN, MKL, OpenBLAS, NumPy and OpenCV); the pin was made the same way.
+
+Even so, training the demo autoencoder is not reproducible across CPUs: with every setting above,
+an Intel Xeon and an AMD EPYC (both AVX-512) trained different encoders (oneDNN partitions a
+convolution's backward reductions by the cache sizes it detects), so every model reading its
+features moved, while the models reading the random ResNet-18 features (inference only) matched
+bit for bit. The pinned run therefore gives every model those ResNet-18 features of the
+segmented cells; the autoencoder has its own tests (test_autoencoder.py, test_feature_store.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +51,9 @@ configs, workdir = sys.argv[1], sys.argv[2]
 config = load_config(configs + "/pipeline.yaml", [
     "data.synthetic.preset=tiny", "data.synthetic.knobs={n_train_tumoral: 8, n_train_reactive: 6}",
     "evaluation.n_splits=2", "evaluation.n_repeats=1", "workdir=" + workdir,
-    "submission.enabled=false"])
+    "submission.enabled=false",
+    "features.extractor={kind: backbone, name: resnet18, weights: null, input_size: 64, "
+    "segmentation: kmeans_saturation_hue}"])
 outcome = run_pipeline(config, progress=False)
 oof = {}
 for entry in config.models:
