@@ -3,8 +3,9 @@ Ray instance, or an existing cluster). The same config and seed give the same re
 
 Orchestration (run, ablate, bench mil, tune) hands an :class:`Executor` a picklable function and
 one argument tuple per task; ``map`` yields ``(index, result)`` as tasks finish and the caller
-(the driver) alone writes the run directory. Each task runs with one torch thread per CPU it
-declares, in the pool and on Ray alike, so a result does not depend on where it ran.
+(the driver) alone writes the run directory. Each task runs with one thread per CPU it declares
+(torch, BLAS and OpenMP), here, in the pool and on Ray alike, so a result does not depend on
+where it ran.
 
 On a cluster every worker must see the paths the tasks read (the workdir with its feature
 stores, the data folder): ``shared_paths`` are checked on the worker before the task runs, and a
@@ -89,9 +90,14 @@ def _run_task(function: Callable, threads: int, shared_paths: Sequence[str], fai
             os._exit(1)  # the injected fault: this worker dies mid-task
         except FileExistsError:
             pass
+    from threadpoolctl import threadpool_limits
+
     from milbench.training import torch_threads
 
-    with torch_threads(threads):
+    # BLAS and OpenMP pools too: two workers with two BLAS threads each oversubscribed 2 cores
+    # (the pool ran a D-MIL grid 24 % slower than Ray, whose workers get one OpenMP thread) and
+    # a thread count can change a sum's order, hence a score.
+    with threadpool_limits(limits=threads), torch_threads(threads):
         return function(*arguments)
 
 
