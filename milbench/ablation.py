@@ -167,13 +167,12 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
     protocol_json = ablation.protocol.model_dump_json()
     # Data and features are prepared here, once per distinct setting, so that workers only
     # ever read finished feature stores (two extracting into one store would collide).
-    for config in {v: variants[v] for v, _ in todo}.values():
-        worker_data(config)
-    shared = {Path(base.workdir)} | {Path(worker_data(variants[v]).root) for v, _ in todo}
+    roots = {Path(worker_data(variants[v]).root) for v in dict.fromkeys(v for v, _ in todo)}
+    shared = sorted({Path(base.workdir)} | roots)  # what every worker must see
     tasks = [(variants[v].model_dump_json(), r, protocol_json) for v, r in todo]
     with progress_bar(f"ablation {ablation.name}", total=len(cells), completed=len(cells) - len(todo),
                       enabled=progress, unit="cell") as advance, \
-            Executor(execution, shared_paths=sorted(shared)) as executor:
+            Executor(execution, shared_paths=shared) as executor:
         for index, result in executor.map(run_cell, tasks):
             variant, repeat = todo[index]
             run.write_json(_cell_file(variant, repeat), {"variant": variant, **result})

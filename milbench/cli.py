@@ -58,6 +58,16 @@ def _fail(error: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
+def _overrides(set_: list[str] | None, data: Path | None, backend: str | None = None,
+               jobs: int | None = None) -> list[str]:
+    """``--set`` items, then ``--data`` and ``--backend`` / ``--jobs`` as config overrides."""
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.root={data}")
+    return overrides + [f"execution.{key}={value}" for key, value in
+                        (("backend", backend), ("jobs", jobs)) if value is not None]
+
+
 def _print_table(frame, title: str) -> None:
     table = Table(title=title)
     for column in frame.columns:
@@ -82,11 +92,7 @@ def run(
     from milbench.config import load_config
     from milbench.core.metrics import format_intervals
 
-    overrides = list(set_ or [])
-    if data is not None:
-        overrides.append(f"data.root={data}")
-    overrides += [f"execution.{key}={value}" for key, value in
-                  (("backend", backend), ("jobs", jobs)) if value is not None]
+    overrides = _overrides(set_, data, backend, jobs)
     try:
         # The config (model parameters included) is checked before the pipeline and its heavy
         # libraries load: a typo fails in about a second.
@@ -137,9 +143,7 @@ def ablate(
     """Run an ablation grid; print and save the mean ± std (max) table."""
     from milbench.ablation import run_ablation
 
-    overrides = list(set_ or [])
-    if data is not None:
-        overrides.append(f"data.root={data}")
+    overrides = _overrides(set_, data)  # the grid's own execution section takes --backend/--jobs
     try:
         run_dir, _ = run_ablation(config, overrides, resume=resume, backend=backend, jobs=jobs,
                                   progress=progress)
@@ -165,11 +169,7 @@ def tune(
     """Optuna study over a model's parameters, scored by the run's repeated CV; resumable."""
     from milbench.config import load_config
 
-    overrides = list(set_ or [])
-    if data is not None:
-        overrides.append(f"data.root={data}")
-    overrides += [f"execution.{key}={value}" for key, value in
-                  (("backend", backend), ("jobs", jobs)) if value is not None]
+    overrides = _overrides(set_, data, backend, jobs)
     try:
         resolved = load_config(config, overrides)
         from milbench.tune import TuneInterrupted, run_tune
@@ -308,9 +308,10 @@ def bench_execution(
     from milbench.bench.execution import bench_execution_command
 
     try:
-        bench_execution_command(tasks, jobs, task_seconds, out=out)
+        frame = bench_execution_command(tasks, jobs, task_seconds, out=out)
     except USER_ERRORS as error:
         _fail(error)
+    _print_table(frame, f"Execution overhead: {tasks} tasks per grid")
 
 
 @bench_app.command("mil")

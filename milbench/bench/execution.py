@@ -42,18 +42,11 @@ def measure(backend: str, jobs: int, tasks: int, task_seconds: float) -> dict:
 def bench_execution_command(tasks: int = 200, jobs: int = 2, task_seconds: float = 0.05,
                             backends: tuple[str, ...] = ("local", "ray"),
                             out: Path | None = None) -> pd.DataFrame:
-    from rich.console import Console
-    from rich.table import Table
-
+    """One row per backend (this process, then each of ``backends`` with ``jobs``); with ``out``,
+    ``execution.md`` holds the table and the command."""
     rows = [measure("local", 1, tasks, task_seconds)]
     rows += [measure(backend, jobs, tasks, task_seconds) for backend in backends]
     frame = pd.DataFrame(rows)
-    table = Table(title=f"Execution overhead: {tasks} tasks per grid")
-    for column in frame.columns:
-        table.add_column(column)
-    for row in frame.itertuples(index=False):
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
     if out is not None:
         command = (f"milbench bench execution --tasks {tasks} --jobs {jobs} "
                    f"--task-seconds {task_seconds}")
