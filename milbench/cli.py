@@ -327,7 +327,9 @@ def bench_mil(
     seed: Annotated[int | None, typer.Option(help="Seed (default: the config's).")] = None,
     backend: Backend = None,
     jobs: Jobs = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for folds.csv, summary.csv, table.md.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Folder for folds.csv, summary.csv, table.md and each fit as it ends "
+             "(rerun into it to resume).")] = None,
 ):
     """Classic MIL benchmarks (MUSK1/2, ELEPHANT, UCSB) and digit bags vs published figures."""
     from milbench.bench.mil import bench_mil_command

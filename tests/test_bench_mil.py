@@ -181,3 +181,41 @@ def test_standing_names_the_best_model_the_best_published_row_and_the_peer():
     assert lines == ["musk2: best milbench model meanpool_svm 0.950 ± 0.050; best published "
                      "mi-Graph (Zhou 2009) 0.903 (+0.047); torchmil peer 1.000 (-0.050)"]
     assert "balanced acc" in format_table(folds)
+
+
+def test_a_rerun_into_the_same_folder_reads_back_recorded_fits(tmp_path, monkeypatch):
+    import milbench.bench.mil as bench
+
+    first = run_mil_benchmark(["digits30"], ["meanpool_svm"], n_repeats=1, n_splits=3,
+                              progress=False, records=tmp_path)
+    recorded = sorted(tmp_path.rglob("*.json"))
+    assert len(recorded) == 3
+    # One fit lost (a crash while it ran), one record damaged: only those two run again.
+    recorded[0].unlink()
+    recorded[1].write_text("{not json")
+    fitted = []
+    real_run_fold = bench._run_fold
+
+    def counting(*task):
+        fitted.append(task[2:4])  # (repeat, fold)
+        return real_run_fold(*task)
+
+    monkeypatch.setattr(bench, "_run_fold", counting)
+    again = run_mil_benchmark(["digits30"], ["meanpool_svm"], n_repeats=1, n_splits=3,
+                              progress=False, records=tmp_path)
+    assert len(fitted) == 2
+    timeless = ["fit_seconds"]  # the refitted fits took their own time
+    pd.testing.assert_frame_equal(first.drop(columns=timeless), again.drop(columns=timeless))
+    assert (again.fit_seconds[2:] == first.fit_seconds[2:]).all()  # read back exactly
+    # More repeats: only the new repeat's fits run.
+    fitted.clear()
+    extended = run_mil_benchmark(["digits30"], ["meanpool_svm"], n_repeats=2, n_splits=3,
+                                 progress=False, records=tmp_path)
+    assert sorted(fitted) == [(1, 0), (1, 1), (1, 2)]
+    pd.testing.assert_frame_equal(extended[extended.repeat == 0].reset_index(drop=True), again)
+    # Other parameters under the same label are another model: nothing is read back.
+    fitted.clear()
+    run_mil_benchmark(["digits30"], [{"name": "meanpool_svm", "label": "meanpool_svm",
+                                      "params": {"C": 1.0}}],
+                      n_repeats=1, n_splits=3, progress=False, records=tmp_path)
+    assert len(fitted) == 3

@@ -12,6 +12,11 @@ witness scores) against the known instance labels.
 Standard error: with several repeats, over the per-repeat means (each the mean over its folds,
 as in Ilse et al. 2018); with one repeat, over the folds.
 
+With an output folder, each finished fit is recorded there at once (``fits/``, one JSON file per
+fit, written atomically); a rerun into the same folder reads back every fit whose dataset, model
+(name, label and parameters), repeat, fold and protocol match and fits only the rest, so an
+interrupted or extended benchmark (more repeats, more models) resumes where it stopped.
+
 Models are :class:`~milbench.models.spec.ModelSpec` entries of a YAML config
 (``configs/bench/mil.yaml`` by default: ``datasets``, ``models``, ``n_repeats``, ``n_splits``,
 ``seed``), as in a run config: a registered name, or ``{name, params, label}``. Each fold is fit
@@ -20,6 +25,9 @@ by the project's fold runner, :func:`milbench.evaluation.cv.fit_fold`.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -35,11 +43,13 @@ from sklearn.model_selection import StratifiedKFold
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
 from milbench.evaluation.cv import fit_fold
 from milbench.execution import ExecutionConfig, Executor, require_ray, with_overrides
-from milbench.io import atomic_write, atomic_write_text
+from milbench.io import atomic_write, atomic_write_json, atomic_write_text
 from milbench.models.base import has_capability
 from milbench.models.registry import Tag
 from milbench.models.spec import ModelSpec, check_unique_labels
 from milbench.progress import progress_bar
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "mil.yaml"
 DEFAULT_DATASETS = ("musk1", "musk2", "elephant", "ucsb", "digits")
@@ -168,6 +178,11 @@ def _instance_auc(model, bags, instance_labels) -> float:
     return float(roc_auc_score(truth, np.concatenate(model.instance_scores(bags))))
 
 
+# One row per fit, in this column order (recorded fits are read back in any key order).
+FOLD_COLUMNS = ("dataset", "model", "model_name", "params", "repeat", "fold", "n_train", "n_test",
+                "accuracy", "balanced_accuracy", "auc", "instance_auc", "fit_seconds")
+
+
 def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, seed) -> dict:
     # A seed set in the spec's parameters wins over the fold's.
     fitted = fit_fold(spec.build(), dataset.bags, dataset.labels, list(train), list(test),
@@ -195,6 +210,25 @@ def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, s
     }
 
 
+def fit_record_path(records: Path, dataset: str, spec: ModelSpec, repeat: int, fold: int,
+                    n_splits: int, seed: int) -> Path:
+    """Where one fit's row is recorded: named by dataset, label, repeat and fold, with a digest
+    of everything else that decides the fit (model name and parameters, the protocol)."""
+    decided_by = json.dumps({"name": spec.name, "params": spec.params, "n_splits": n_splits,
+                             "seed": seed}, sort_keys=True, default=str)
+    digest = hashlib.sha256(decided_by.encode()).hexdigest()[:12]
+    return records / dataset / spec.display_name / f"r{repeat}-f{fold}-{digest}.json"
+
+
+def _read_fit_record(path: Path) -> dict | None:
+    """A recorded fit's row; None (logged, then refitted) for a file that cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning("fit record %s is unreadable (%s); that fit runs again", path, error)
+        return None
+
+
 def run_mil_benchmark(
     datasets: Sequence[str | MILDataset],
     models: Sequence[str | dict | ModelSpec],
@@ -203,6 +237,7 @@ def run_mil_benchmark(
     seed: int = 0,
     progress: bool = True,
     execution: ExecutionConfig | None = None,
+    records: Path | None = None,
 ) -> pd.DataFrame:
     """Run the protocol; one row per (dataset, model, repeat, fold) (see the module docstring).
 
@@ -210,13 +245,15 @@ def run_mil_benchmark(
     generated with ``seed``) or ready :class:`MILDataset` objects; ``models`` are model specs.
     ``execution`` says where the fits run (default: here, one after another); every fit uses
     one torch thread wherever it runs (small networks: threads cost more than they give).
+    With ``records`` (a folder), each finished fit is saved there as it ends and a fit already
+    recorded there is read back instead of run.
     """
     specs = [ModelSpec.coerce(m) for m in models]
     loaded = [
         d if isinstance(d, MILDataset) else load_benchmark_dataset(d, random_state=seed)
         for d in datasets
     ]
-    tasks = []
+    tasks, paths = [], []
     for dataset in loaded:
         for repeat in range(n_repeats):
             splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed + repeat)
@@ -225,13 +262,24 @@ def run_mil_benchmark(
                 for fold, (train, test) in enumerate(folds):
                     fold_seed = seed + 1000 * repeat + fold
                     tasks.append((dataset, spec, repeat, fold, train, test, fold_seed))
-    rows: list[dict | None] = [None] * len(tasks)
-    with progress_bar("MIL benchmark", len(tasks), enabled=progress, unit="fits") as advance, \
-            Executor(execution or ExecutionConfig()) as executor:
-        for index, row in executor.map(_run_fold, tasks):
-            rows[index] = row
-            advance(1)
-    return pd.DataFrame(rows)
+                    paths.append(None if records is None else fit_record_path(
+                        records, dataset.name, spec, repeat, fold, n_splits, seed))
+    rows: list[dict | None] = [
+        _read_fit_record(path) if path is not None and path.is_file() else None for path in paths]
+    todo = [index for index, row in enumerate(rows) if row is None]
+    if records is not None and len(todo) < len(tasks):
+        logger.info("%d of %d fits read back from %s", len(tasks) - len(todo), len(tasks), records)
+    if todo:
+        with progress_bar("MIL benchmark", len(tasks), completed=len(tasks) - len(todo),
+                          enabled=progress, unit="fits") as advance, \
+                Executor(execution or ExecutionConfig()) as executor:
+            for position, row in executor.map(_run_fold, [tasks[index] for index in todo]):
+                index = todo[position]
+                rows[index] = row
+                if paths[index] is not None:  # floats round-trip exactly through JSON
+                    atomic_write_json(paths[index], row)
+                advance(1)
+    return pd.DataFrame(rows, columns=list(FOLD_COLUMNS))
 
 
 def _standard_error(values: np.ndarray) -> float:
@@ -381,7 +429,8 @@ def bench_mil_command(
 ) -> pd.DataFrame:
     """CLI entry: run the suite of ``config`` (``configs/bench/mil.yaml`` by default; options
     given here override it), print a rich table, write ``folds.csv``, ``summary.csv`` and
-    ``table.md`` (atomically) to ``out`` if given. Returns the summary."""
+    ``table.md`` (atomically) to ``out`` if given, recording each fit there as it finishes
+    (``fits/``: a rerun into ``out`` resumes). Returns the summary."""
     from rich.console import Console
     from rich.table import Table
 
@@ -393,7 +442,8 @@ def bench_mil_command(
     seed = settings.seed if seed is None else seed
     execution = with_overrides(settings.execution, backend, jobs)
     require_ray(execution)  # before any work
-    folds = run_mil_benchmark(dataset_names, chosen, repeats, splits, seed, True, execution)
+    folds = run_mil_benchmark(dataset_names, chosen, repeats, splits, seed, True, execution,
+                              records=None if out is None else Path(out) / "fits")
     summary = summarize_benchmark(folds)
     table = Table(title=f"MIL benchmark: {repeats} x {splits}-fold CV (seed {seed})")
     for column in TABLE_COLUMNS:
