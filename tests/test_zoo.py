@@ -13,7 +13,16 @@ import torch
 from bag_fixtures import make_tiny_bags
 
 from milbench.models import create_model
-from milbench.models.pooling import CLAMSB, DSMIL, DTFD, POOLINGS, MiNetDS, TransMIL
+from milbench.models.pooling import (
+    CLAMSB,
+    DSMIL,
+    DTFD,
+    POOLINGS,
+    MiNetDS,
+    TransMIL,
+    by_size,
+    size_groups,
+)
 
 
 @pytest.mark.parametrize("aggregation", list(POOLINGS))
@@ -47,6 +56,32 @@ def test_padding_never_reaches_a_real_bag(aggregation):
     torch.testing.assert_close(pooled, pooled_noisy)
     torch.testing.assert_close(weights, weights_noisy)
     assert torch.all(weights[~mask] == 0)
+
+
+def test_size_groups_keep_a_large_bag_apart_and_small_bags_together():
+    assert size_groups([3, 40, 1044, 35, 2]) == [[2], [1, 3], [0, 4]]
+    assert size_groups([5, 30, 2, 9]) == [[1, 3, 0, 2]]  # all small: one sub-batch
+
+
+@pytest.mark.parametrize("aggregation", ["transformer_abmil", "transmil"])
+def test_sub_batches_by_size_give_the_whole_batch_result(aggregation):
+    """Bags of 150, 3, 40 and 1 instances (one with a hole, as instance dropout makes): the
+    self-attention pools split the batch by size, and the result is the padded batch's."""
+    torch.manual_seed(0)
+    pool = POOLINGS[aggregation](8, 4, 0.0).eval()
+    hidden = torch.randn(4, 150, 8)
+    mask = torch.arange(150)[None] < torch.tensor([150, 3, 40, 1])[:, None]
+    mask[2, 5] = False
+    assert len(size_groups(mask.sum(1).tolist())) > 1
+    pooled, weights = pool(hidden, mask)
+    whole_pooled, whole_weights = pool._pool(hidden, mask)
+    torch.testing.assert_close(pooled, whole_pooled, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights, whole_weights, atol=1e-6, rtol=1e-4)
+    assert torch.all(weights[~mask] == 0)
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(4))
+    # The same function works for any (hidden, mask) → (pooled, weights) pool.
+    same = by_size(pool._pool, hidden[:2], mask[:2])
+    torch.testing.assert_close(same[0], pooled[:2], atol=1e-5, rtol=1e-4)
 
 
 def test_dsmil_attends_from_the_critical_instance_and_learns_its_logit():

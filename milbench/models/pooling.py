@@ -6,7 +6,9 @@ Interface: ``forward(hidden (B, N, D), mask (B, N))`` → ``(pooled (B, out_dim)
 scores (B, N))``; after a training forward pass, ``auxiliary_loss(targets, weights)`` gives the
 architecture's own extra loss (deep supervision, instance clustering), weighted per bag, or
 None. Padded rows never change a real bag's output, and every module is invariant to the order
-of a bag's instances.
+of a bag's instances. The two self-attention pools (``transformer_abmil``, ``transmil``) run a
+batch as sub-batches of similar bag size (:func:`by_size`): attention costs n² per bag, and one
+bag of a thousand instances would otherwise pad every bag of its batch to a thousand.
 
 * ``transformer_abmil``: torchmil's transformer encoder over the bag (padded keys masked), then
   attention pooling.
@@ -82,6 +84,53 @@ class Pooling(nn.Module):
         return saved
 
 
+# Sub-batches by size (self-attention costs n² per bag): a bag joins a sub-batch while padding it
+# to the sub-batch's largest bag costs at most SIZE_WASTE times the sub-batch's own n² work;
+# bags of at most SMALL_BAG instances always share one (there the per-call overhead dominates).
+SIZE_WASTE = 1.25
+SMALL_BAG = 32
+
+
+def size_groups(counts: list[int]) -> list[list[int]]:
+    """Rows of a batch grouped into sub-batches of similar bag size (largest first)."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(counts)), key=lambda r: -counts[r]):
+        if groups:
+            group = groups[-1]
+            largest = counts[group[0]]
+            work = sum(counts[r] ** 2 for r in group) + counts[row] ** 2
+            if largest <= SMALL_BAG or (len(group) + 1) * largest**2 <= SIZE_WASTE * work:
+                group.append(row)
+                continue
+        groups.append([row])
+    return groups
+
+
+def by_size(forward, hidden: torch.Tensor, mask: torch.Tensor):
+    """``forward(hidden, mask) → (pooled, weights)`` run on sub-batches of similar bag size,
+    each compacted to its own largest bag, and reassembled in the batch's order. Bags never
+    see each other or padding, so the result is the whole batch's, for a fraction of the
+    self-attention work when bag sizes vary widely."""
+    counts = mask.sum(dim=1).tolist()
+    groups = size_groups(counts)
+    if len(groups) == 1 and max(counts) == mask.shape[1]:
+        return forward(hidden, mask)
+    # Real instances first, in their order (instance dropout leaves holes in a mask).
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    pooled_rows, weights = [None] * len(counts), torch.zeros(
+        mask.shape, dtype=hidden.dtype, device=hidden.device)
+    for group in groups:
+        rows = torch.tensor(group, device=hidden.device)
+        kept = order[rows, :max(counts[r] for r in group)]
+        group_hidden = torch.gather(hidden[rows], 1,
+                                    kept.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        pooled, group_weights = forward(group_hidden, torch.gather(mask[rows], 1, kept))
+        weights[rows] = weights[rows].scatter(1, kept, group_weights.to(hidden.dtype))
+        for position, row in enumerate(group):
+            pooled_rows[row] = pooled[position]
+    return torch.stack(pooled_rows), weights
+
+
 class AttentionScores(nn.Module):
     """Ilse et al.'s attention logits wᵀ tanh(V h) (gated: ⊙ sigm(U h)), one per instance."""
 
@@ -139,6 +188,9 @@ class TransformerABMIL(Pooling):
         self.out_dim = dim
 
     def forward(self, hidden, mask):
+        return by_size(self._pool, hidden, mask)
+
+    def _pool(self, hidden, mask):
         x = self.encoder(hidden, mask)
         weights = masked_softmax(self.scores(x), mask)
         return torch.bmm(weights.unsqueeze(1), x).squeeze(1), weights
@@ -157,30 +209,47 @@ class TransMIL(Pooling):
         self.register_buffer("layout", torch.randn(dim))
         self.out_dim = dim
 
-    def _bag(self, instances: torch.Tensor):
-        count = len(instances)
-        order = torch.argsort(instances.detach().float() @ self.layout.float(), stable=True)
-        side = math.ceil(math.sqrt(count))
-        # Sequence squaring: the grid's spare cells repeat the first instances.
-        cells = order[torch.arange(side * side, device=instances.device) % count]
-        tokens = torch.cat([self.cls_token.to(instances.dtype), instances[cells].unsqueeze(0)], 1)
-        tokens = self.first(tokens)
-        grid = tokens[:, 1:].transpose(1, 2).reshape(1, -1, side, side)
-        grid = grid + sum(conv(grid) for conv in self.ppeg)
-        tokens = torch.cat([tokens[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
-        tokens, attention = self.second(tokens, need_weights=True)
-        # The class token's attention to each cell, summed back onto the instance it holds.
-        weights = torch.zeros(count, dtype=attention.dtype, device=attention.device)
-        weights.index_add_(0, cells, attention[0, 0, 1:])
-        return self.norm(tokens[0, 0]), weights / weights.sum()
-
     def forward(self, hidden, mask):
-        pooled, weights = [], torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
-        for row in range(len(hidden)):
-            bag, bag_weights = self._bag(hidden[row][mask[row]])
-            pooled.append(bag)
-            weights[row, mask[row]] = bag_weights.to(hidden.dtype)
-        return torch.stack(pooled), weights
+        return by_size(self._pool, hidden, mask)
+
+    def _pool(self, hidden, mask):
+        """A padded batch at once: each bag's cells fill the first ``side²`` positions of
+        its token row, and its ``side × side`` grid the top-left corner of a zero canvas, so
+        the convolutions see exactly the zero border a grid of its own would have."""
+        batch, _, dim = hidden.shape
+        counts = mask.sum(dim=1)
+        sides = torch.ceil(torch.sqrt(counts.double())).long()
+        longest, canvas_side = int((sides * sides).max()), int(sides.max())
+        # Instances ordered by the fixed projection; padded rows sort last.
+        projection = (hidden.detach().float() @ self.layout.float()).masked_fill(
+            ~mask, float("inf"))
+        order = torch.argsort(projection, dim=1, stable=True)
+        # Sequence squaring: a grid's spare cells repeat its bag's first instances.
+        positions = torch.arange(longest, device=hidden.device).expand(batch, -1)
+        real_cells = positions < (sides * sides).unsqueeze(1)
+        cells = torch.gather(order, 1, positions % counts.unsqueeze(1))
+        tokens = torch.cat([self.cls_token.to(hidden.dtype).expand(batch, -1, -1),
+                            torch.gather(hidden, 1, cells.unsqueeze(-1).expand(-1, -1, dim))], 1)
+        token_mask = torch.cat([real_cells.new_ones(batch, 1), real_cells], dim=1)
+        tokens = self.first(tokens, token_mask)
+        # Cell j of a bag sits at (j // side, j % side) of the canvas; other cells go to a
+        # spare slot past the canvas that is dropped.
+        flat = torch.where(real_cells, positions // sides.unsqueeze(1) * canvas_side
+                           + positions % sides.unsqueeze(1), canvas_side * canvas_side)
+        canvas = tokens.new_zeros(batch, canvas_side * canvas_side + 1, dim).scatter(
+            1, flat.unsqueeze(-1).expand(-1, -1, dim), tokens[:, 1:])
+        grid = canvas[:, :-1].transpose(1, 2).reshape(batch, dim, canvas_side, canvas_side)
+        grid = grid + sum(conv(grid) for conv in self.ppeg)
+        canvas = grid.flatten(2).transpose(1, 2)
+        within = flat.clamp(max=canvas_side * canvas_side - 1)
+        tokens = torch.cat([tokens[:, :1], torch.gather(
+            canvas, 1, within.unsqueeze(-1).expand(-1, -1, dim))], dim=1)
+        tokens, attention = self.second(tokens, token_mask, need_weights=True)
+        # The class token's attention to each cell, summed back onto the instance it holds.
+        to_cells = (attention[:, 0, 1:] * real_cells).to(hidden.dtype)
+        weights = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device)
+        weights = weights.scatter_add(1, cells, to_cells)
+        return self.norm(tokens[:, 0]), weights / weights.sum(dim=1, keepdim=True)
 
 
 class DSMIL(Pooling):
