@@ -74,7 +74,10 @@ def test_digit_bags_have_consistent_instance_labels():
 def test_the_default_config_loads_its_models_as_specs():
     config = load_mil_bench_config()
     labels = [spec.display_name for spec in config.models]
-    assert labels[:5] == ["misvm", "misvm_linear", "mi_svm", "dmil", "meanpool_svm"]
+    assert labels[:6] == ["misvm", "misvm_linear", "mi_svm", "dmil", "dmil_nested",
+                          "meanpool_svm"]
+    nested = select_models(config, ["dmil_nested"])[0].build()
+    assert nested.model == "dmil" and len(nested._candidates()) == 4
     assert {"migraph", "transmil", "dsmil", "clam_sb", "dtfd", "mi_net_ds",
             "torchmil_abmil"} <= set(labels)
     assert paper_method(select_models(config, ["migraph"])[0]) == "mi-Graph (Zhou 2009)"
@@ -219,3 +222,14 @@ def test_a_rerun_into_the_same_folder_reads_back_recorded_fits(tmp_path, monkeyp
                                       "params": {"C": 1.0}}],
                       n_repeats=1, n_splits=3, progress=False, records=tmp_path)
     assert len(fitted) == 3
+
+
+def test_each_fit_row_says_what_a_selection_model_chose():
+    folds = run_mil_benchmark(
+        ["digits30"],
+        ["meanpool_svm", {"name": "inner_cv", "label": "svm_nested",
+                          "params": {"model": "meanpool_svm", "grid": {"C": [0.1, 10]}}}],
+        n_repeats=1, n_splits=3, progress=False)
+    chosen = folds.set_index("model")["chosen_params"]
+    assert set(chosen["svm_nested"]) <= {"{C: 0.1}", "{C: 10}"}
+    assert (chosen["meanpool_svm"] == "").all()

@@ -180,7 +180,8 @@ def _instance_auc(model, bags, instance_labels) -> float:
 
 # One row per fit, in this column order (recorded fits are read back in any key order).
 FOLD_COLUMNS = ("dataset", "model", "model_name", "params", "repeat", "fold", "n_train", "n_test",
-                "accuracy", "balanced_accuracy", "auc", "instance_auc", "fit_seconds")
+                "accuracy", "balanced_accuracy", "auc", "instance_auc", "fit_seconds",
+                "chosen_params")
 
 
 def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, seed) -> dict:
@@ -207,6 +208,8 @@ def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, s
         "instance_auc": _instance_auc(fitted.estimator, [dataset.bags[i] for i in test],
                                       test_instances),
         "fit_seconds": fitted.fit_seconds,
+        # What a selection model (inner_cv) chose on this fold's training bags.
+        "chosen_params": params_text(getattr(fitted.estimator, "best_params_", None) or {}),
     }
 
 
