@@ -159,6 +159,34 @@ def test_voting_soft_hard_and_tie_rule(test_models):
     even = [members[2], {"name": "constant", "params": {"value": 0.7}, "label": "x"}]
     assert (create_model("voting", members=even, voting="hard").fit(bags, y).predict(bags) == 1).all()
 
+class SeededVote(ConstantVote):
+    """Votes its seed's share: tumoral probability (seed mod 10) / 10."""
+
+    def predict_proba(self, bags, clinical=None):
+        check_is_fitted(self)
+        value = (self.random_state % 10) / 10
+        return np.tile([1 - value, value], (len(bags), 1))
+
+
+def test_voting_over_seeds_averages_each_members_copies(test_models, monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "seeded", SeededVote)
+    monkeypatch.setitem(registry._TAGS, "seeded", frozenset())
+    bags, y, _ = data(6)
+    members = ["seeded", {"name": "constant", "params": {"value": 0.9}, "label": "c"}]
+    model = create_model("voting", members=members, seeds=3, random_state=4).fit(bags, y)
+    # Member-major copies, seeded 4, 5, 6: the seeded member's mean is 0.5, the constant's 0.9.
+    assert [copy.random_state for copy in model.members_] == [4, 5, 6, 4, 5, 6]
+    assert np.allclose(model.predict_proba(bags)[:, 1], (0.5 + 0.9) / 2)
+    hard = create_model("voting", members=members, voting="hard", seeds=3, weights=[1, 0],
+                        random_state=4).fit(bags, y)
+    assert np.allclose(hard.predict_proba(bags)[:, 1], 2 / 3)  # copies 5, 6 (0.5, 0.6) vote 1
+    # One seed: as before, the ensemble's seed for every member.
+    single = create_model("voting", members=members, random_state=4).fit(bags, y)
+    assert [copy.random_state for copy in single.members_] == [4, 4]
+    with pytest.raises(ValueError, match="seeds must be a positive integer, got 0"):
+        create_model("voting", members=members, seeds=0).fit(bags, y)
+
+
 def test_ensemble_member_errors(test_models):
     bags, y, clinical = data(6)
     with pytest.raises(ValueError, match="members: model names/labels must be unique"):

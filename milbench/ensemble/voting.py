@@ -5,6 +5,10 @@
 tumoral votes. Tie rule (an exact 50 % vote share, possible with an even number of members or
 with weights): the soft average decides, and an exact 0.5 there too goes to tumoral (1), the
 majority class of the challenge.
+
+``seeds`` > 1 ensembles over seeds too: each member is fitted that many times, copy k seeded
+``random_state + k`` (0 + k without a random_state), and a member's output is the mean over its
+copies (its soft probability, or its share of tumoral votes) before the members are weighed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from milbench.models.base import BagClassifier, store_params
 
 class VotingEnsemble(BagClassifier):
     def __init__(self, members=("clinical_logreg",), voting: str = "soft", weights=None,
-                 random_state=None):
+                 seeds: int = 1, random_state=None):
         store_params(self, locals())
 
     def _weights(self, n: int) -> np.ndarray:
@@ -34,31 +38,45 @@ class VotingEnsemble(BagClassifier):
         if self.voting not in ("soft", "hard"):
             raise ValueError(f"voting must be 'soft' or 'hard', got {self.voting!r}")
         self._weights(len(check_members(self.members)))
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {self.seeds!r}")
 
     def _check_fit_bags(self, bags):
         return bags  # passed on unchanged: each member checks its own (and fits stay shareable)
 
+    def _copy_seeds(self) -> list[int | None]:
+        if self.seeds == 1:
+            return [self.random_state]  # None leaves each member its own seed
+        return [(self.random_state or 0) + copy for copy in range(self.seeds)]
+
     def _fit(self, bags, labels, clinical) -> None:
         members = check_members(self.members)
-        self.members_ = [fit_member(m, self.random_state, bags, labels, clinical) for m in members]
+        # Member-major: member i's copies are members_[i * seeds:(i + 1) * seeds].
+        self.members_ = [fit_member(m, seed, bags, labels, clinical)
+                         for m in members for seed in self._copy_seeds()]
 
     def _fitted_members(self, bags):
-        """(fitted member, the bags it reads) per member."""
+        """(fitted copy, the bags it reads) per member copy, member-major."""
+        specs = [spec for spec in check_members(self.members) for _ in range(self.seeds)]
         return [(model, member_bags(spec, bags))
-                for spec, model in zip(check_members(self.members), self.members_, strict=True)]
+                for spec, model in zip(specs, self.members_, strict=True)]
+
+    def _per_member(self, columns: list[np.ndarray]) -> np.ndarray:
+        """(bags, members): each member's mean over its copies."""
+        return np.column_stack(columns).reshape(len(columns[0]), -1, self.seeds).mean(axis=2)
 
     def _member_probabilities(self, bags, clinical) -> np.ndarray:
-        return np.column_stack([model.predict_proba(own, clinical)[:, 1]
-                                for model, own in self._fitted_members(bags)])
+        return self._per_member([model.predict_proba(own, clinical)[:, 1]
+                                 for model, own in self._fitted_members(bags)])
 
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
         check_is_fitted(self)
-        weights = self._weights(len(self.members_))
+        weights = self._weights(len(self.members))
         if self.voting == "soft":
             tumoral = self._member_probabilities(bags, clinical) @ weights
         else:
-            votes = np.column_stack([model.predict(own, clinical)
-                                     for model, own in self._fitted_members(bags)])
+            votes = self._per_member([model.predict(own, clinical)
+                                      for model, own in self._fitted_members(bags)])
             tumoral = votes @ weights
         return np.column_stack([1 - tumoral, tumoral])
 
@@ -67,7 +85,7 @@ class VotingEnsemble(BagClassifier):
         share = self.predict_proba(bags, clinical)[:, 1]
         if self.voting == "soft":
             return (share >= 0.5).astype(int)
-        soft = self._member_probabilities(bags, clinical) @ self._weights(len(self.members_))
+        soft = self._member_probabilities(bags, clinical) @ self._weights(len(self.members))
         tie = np.isclose(share, 0.5)
         soft_tumoral = (soft > 0.5) | np.isclose(soft, 0.5)
         return np.where(tie, soft_tumoral, share > 0.5).astype(int)
