@@ -74,10 +74,15 @@ def test_digit_bags_have_consistent_instance_labels():
 def test_the_default_config_loads_its_models_as_specs():
     config = load_mil_bench_config()
     labels = [spec.display_name for spec in config.models]
-    assert labels[:6] == ["misvm", "misvm_linear", "mi_svm", "dmil", "dmil_nested",
-                          "meanpool_svm"]
+    assert labels[:8] == ["misvm", "misvm_linear", "mi_svm", "dmil", "dmil_nested",
+                          "dmil_nested_x5", "dmil_x5", "meanpool_svm"]
     nested = select_models(config, ["dmil_nested"])[0].build()
     assert nested.model == "dmil" and len(nested._candidates()) == 4
+    ensemble = select_models(config, ["dmil_nested_x5"])[0]
+    assert ensemble.build().seeds == 5
+    # The same nested selection as dmil_nested, in each of the five copies.
+    assert ensemble.params["members"][0]["params"]["grid"] == nested.grid
+    assert paper_method(ensemble) == "Attention MIL (Ilse 2018)"
     assert {"migraph", "transmil", "dsmil", "clam_sb", "dtfd", "mi_net_ds",
             "torchmil_abmil"} <= set(labels)
     assert paper_method(select_models(config, ["migraph"])[0]) == "mi-Graph (Zhou 2009)"
