@@ -17,6 +17,7 @@ from milbench.bench.mil import (
     paper_method,
     run_mil_benchmark,
     select_models,
+    selection_choices,
     standing,
     summarize_benchmark,
 )
@@ -238,3 +239,6 @@ def test_each_fit_row_says_what_a_selection_model_chose():
     chosen = folds.set_index("model")["chosen_params"]
     assert set(chosen["svm_nested"]) <= {"{C: 0.1}", "{C: 10}"}
     assert (chosen["meanpool_svm"] == "").all()
+    (line,) = selection_choices(folds)
+    assert line.startswith("digits30 / svm_nested: {C: ")
+    assert sum(int(part.rsplit("× ", 1)[1]) for part in line.split("; ")) == 3

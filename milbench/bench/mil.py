@@ -422,6 +422,17 @@ def standing(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
+def selection_choices(folds: pd.DataFrame) -> list[str]:
+    """Per (dataset, selection model): how often each setting was chosen over the fits."""
+    chosen = folds[folds["chosen_params"].fillna("") != ""]
+    lines = []
+    for (dataset, model), group in chosen.groupby(["dataset", "model"], sort=False):
+        counts = group["chosen_params"].value_counts()
+        lines.append(f"{dataset} / {model}: " + "; ".join(
+            f"{params} × {count}" for params, count in counts.items()))
+    return lines
+
+
 def bench_mil_command(
     config: Path | None = None,
     datasets: str | None = None,
@@ -458,7 +469,7 @@ def bench_mil_command(
         table.add_row(*row)
     Console().print(table)
     statement = standing(summary)
-    for line in statement:
+    for line in statement + selection_choices(folds):
         Console().print(line)
     if out is not None:
         out = Path(out)
@@ -472,11 +483,15 @@ def bench_mil_command(
         )
         models_text = "\n".join(f"- `{spec.display_name}`: {spec.name} "
                                  f"{params_text(spec.params) or '(defaults)'}" for spec in chosen)
+        choices_text = "".join(f"- {line}\n" for line in selection_choices(folds))
+        if choices_text:
+            choices_text = ("\nSettings chosen on each fit's training bags (nested, never on "
+                            "its test fold):\n\n" + choices_text)
         standing_text = "".join(f"- {line}\n" for line in statement)
         if standing_text:  # the best of many models, picked on these folds
             standing_text = ("\nWhere milbench stands (its best model picked on these folds: "
                              "selection-optimistic):\n\n" + standing_text)
         atomic_write_text(out / "table.md",
                           f"`{command}`\n\n{models_text}\n\n{format_table(summary)}"
-                          f"{standing_text}")
+                          f"{standing_text}{choices_text}")
     return summary
