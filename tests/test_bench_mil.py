@@ -181,7 +181,8 @@ def test_standing_names_the_best_model_the_best_published_row_and_the_peer():
         return pd.DataFrame({"dataset": "musk2", "model": model, "model_name": name, "params": "",
                              "repeat": 0, "fold": range(len(accuracies)),
                              "accuracy": accuracies, "balanced_accuracy": accuracies,
-                             "auc": 0.9, "instance_auc": math.nan, "fit_seconds": 1.0})
+                             "auc": 0.9, "instance_auc": math.nan, "fit_seconds": 1.0,
+                             "n_train": 90, "n_test": 10})
 
     folds = pd.concat([folds_of("meanpool_svm", "meanpool_svm", [0.9, 1.0]),
                        folds_of("dmil", "dmil", [0.8, 0.9]),
@@ -190,6 +191,12 @@ def test_standing_names_the_best_model_the_best_published_row_and_the_peer():
     assert lines == ["musk2: best milbench model meanpool_svm 0.950 ± 0.050; best published "
                      "mi-Graph (Zhou 2009) 0.903 (+0.047); torchmil peer 1.000 (-0.050)"]
     assert "balanced acc" in format_table(folds)
+    # With the folds: the paired difference from the peer, fold by fold (-0.1 and 0), under
+    # the corrected resampled t-test (scale sqrt((1/2 + 10/90) * 0.005), t quantile 12.706).
+    (paired,) = standing(summarize_benchmark(folds), folds)
+    half_width = 12.706 * math.sqrt((0.5 + 10 / 90) * 0.005)
+    assert paired.endswith(f"torchmil peer 1.000 (-0.050, paired 95 % CI "
+                           f"[{-0.05 - half_width:+.3f}, {-0.05 + half_width:+.3f}])")
 
 
 def test_a_rerun_into_the_same_folder_reads_back_recorded_fits(tmp_path, monkeypatch):

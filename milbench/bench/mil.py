@@ -41,6 +41,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 from sklearn.model_selection import StratifiedKFold
 
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
+from milbench.evaluation.compare import corrected_resampled_ttest
 from milbench.evaluation.cv import fit_fold
 from milbench.execution import ExecutionConfig, Executor, require_ray, with_overrides
 from milbench.io import atomic_write, atomic_write_json, atomic_write_text
@@ -398,10 +399,21 @@ def format_table(df: pd.DataFrame) -> str:
 PEER = "torchmil_abmil"
 
 
-def standing(summary: pd.DataFrame) -> list[str]:
+def paired_accuracy(folds: pd.DataFrame, dataset: str, model: str, other: str) -> dict:
+    """``model`` minus ``other`` in accuracy over the same (repeat, fold)s of ``dataset``, with
+    the corrected resampled t-test's 95 % interval."""
+    rows = folds[folds["dataset"] == dataset]
+    pairs = rows[rows["model"] == model].merge(rows[rows["model"] == other],
+                                               on=["repeat", "fold"], suffixes=("", "_other"))
+    ratio = float((pairs["n_test"] / pairs["n_train"]).mean())
+    return corrected_resampled_ttest(pairs["accuracy"] - pairs["accuracy_other"], ratio)
+
+
+def standing(summary: pd.DataFrame, folds: pd.DataFrame | None = None) -> list[str]:
     """Per dataset with a published row: milbench's best model by mean accuracy (the peer
-    excluded) against the best published row and against the torchmil peer. The best of
-    several models is picked on the same folds that score it: selection-optimistic."""
+    excluded) against the best published row and against the torchmil peer (with ``folds``,
+    the paired difference over the same folds and its 95 % interval). The best of several
+    models is picked on the same folds that score it: selection-optimistic."""
     lines = []
     for dataset, group in summary.groupby("dataset", sort=False):
         if dataset not in BEST_PUBLISHED:
@@ -417,7 +429,12 @@ def standing(summary: pd.DataFrame) -> list[str]:
         peer = group[group["model_name"] == PEER]
         if not peer.empty:
             peer_accuracy = float(peer["accuracy"].iloc[0])
-            line += f"; torchmil peer {peer_accuracy:.3f} ({best['accuracy'] - peer_accuracy:+.3f})"
+            line += f"; torchmil peer {peer_accuracy:.3f} ({best['accuracy'] - peer_accuracy:+.3f}"
+            if folds is not None:
+                paired = paired_accuracy(folds, dataset, best["model"], peer["model"].iloc[0])
+                line += (f", paired 95 % CI [{paired['ci_low']:+.3f}, "
+                         f"{paired['ci_high']:+.3f}]")
+            line += ")"
         lines.append(line)
     return lines
 
@@ -468,7 +485,7 @@ def bench_mil_command(
     for row in table_rows(summary):
         table.add_row(*row)
     Console().print(table)
-    statement = standing(summary)
+    statement = standing(summary, folds)
     for line in statement + selection_choices(folds):
         Console().print(line)
     if out is not None:
