@@ -15,7 +15,8 @@ as in Ilse et al. 2018); with one repeat, over the folds.
 With an output folder, each finished fit is recorded there at once (``fits/``, one JSON file per
 fit, written atomically); a rerun into the same folder reads back every fit whose dataset, model
 (name, label and parameters), repeat, fold and protocol match and fits only the rest, so an
-interrupted or extended benchmark (more repeats, more models) resumes where it stopped.
+interrupted or extended benchmark (more repeats, more models) resumes where it stopped. Records
+are not keyed by code version: after changing a model's code, remove its folder under ``fits/``.
 
 Models are :class:`~milbench.models.spec.ModelSpec` entries of a YAML config
 (``configs/bench/mil.yaml`` by default: ``datasets``, ``models``, ``n_repeats``, ``n_splits``,
