@@ -486,8 +486,8 @@ def bench_mil_command(
     for row in table_rows(summary):
         table.add_row(*row)
     Console().print(table)
-    statement = standing(summary, folds)
-    for line in statement + selection_choices(folds):
+    statement, choices = standing(summary, folds), selection_choices(folds)
+    for line in statement + choices:
         Console().print(line)
     if out is not None:
         out = Path(out)
@@ -501,7 +501,7 @@ def bench_mil_command(
         )
         models_text = "\n".join(f"- `{spec.display_name}`: {spec.name} "
                                  f"{params_text(spec.params) or '(defaults)'}" for spec in chosen)
-        choices_text = "".join(f"- {line}\n" for line in selection_choices(folds))
+        choices_text = "".join(f"- {line}\n" for line in choices)
         if choices_text:
             choices_text = ("\nSettings chosen on each fit's training bags (nested, never on "
                             "its test fold):\n\n" + choices_text)
