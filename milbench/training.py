@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from milbench.io import atomic_write
 
@@ -116,6 +117,7 @@ def train(
     max_steps: int | None = None,
     phase: str | None = None,
     result: TrainingResult | None = None,
+    average_last: int = 0,
 ) -> TrainingResult:
     """Train ``network`` for up to ``epochs`` epochs; the network ends in eval mode.
 
@@ -127,8 +129,15 @@ def train(
     saved epoch (identically when ``batches(epoch)`` depends on the epoch alone, not on a
     generator carried across epochs). ``phase`` labels the records; pass the previous
     ``result`` to continue its history across phases (two optimisers, a frozen then an
-    unfrozen network).
+    unfrozen network). ``average_last`` > 0: the network ends with the mean of its weights at
+    the end of each of the last that many epochs (stochastic weight averaging, by torch's
+    ``AveragedModel``); it needs a fixed number of epochs, so not early stopping, and no
+    checkpoint (the running average is not saved).
     """
+    if average_last and (early_stopping is not None or checkpoint is not None):
+        raise ValueError("average_last trains a fixed number of epochs: it does not go with "
+                         "early_stopping or a checkpoint")
+    averaged = AveragedModel(network) if average_last else None
     result = result if result is not None else TrainingResult()
     first_epoch = 0
     checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -165,6 +174,8 @@ def train(
         result.history.append(record)
         if scheduler is not None:
             scheduler.step(record[scheduler_monitor])
+        if averaged is not None and epoch >= int(epochs) - int(average_last):
+            averaged.update_parameters(network)
         if checkpoint is not None:
             payload = {"model": network.state_dict(), "optimizer": optimizer.state_dict(),
                        "losses": result.step_losses, "history": result.history,
@@ -183,6 +194,11 @@ def train(
                     break
     if best_state is not None:
         network.load_state_dict(best_state)
+    elif averaged is not None and int(averaged.n_averaged):
+        with torch.no_grad():
+            for weight, mean in zip(network.parameters(), averaged.module.parameters(), strict=True):
+                weight.copy_(mean)
+        result.best_epoch = len(result.history)
     else:
         result.best_epoch = len(result.history)
     network.eval()

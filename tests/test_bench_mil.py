@@ -75,8 +75,12 @@ def test_digit_bags_have_consistent_instance_labels():
 def test_the_default_config_loads_its_models_as_specs():
     config = load_mil_bench_config()
     labels = [spec.display_name for spec in config.models]
-    assert labels[:8] == ["misvm", "misvm_linear", "mi_svm", "dmil", "dmil_nested",
-                          "dmil_nested_x5", "dmil_x5", "meanpool_svm"]
+    assert labels[:11] == ["misvm", "misvm_linear", "mi_svm", "dmil", "dmil_nested",
+                           "dmil_nested_x5", "dmil_x5", "dmil_skip", "dmil_swa", "dmil_paper",
+                           "meanpool_svm"]
+    # The paper's network builds with its tapering widths.
+    paper = select_models(config, ["dmil_paper"])[0].build()
+    assert paper.embedding_width == [256, 128, 64] and paper.bag_layers == 0
     nested = select_models(config, ["dmil_nested"])[0].build()
     assert nested.model == "dmil" and len(nested._candidates()) == 4
     ensemble = select_models(config, ["dmil_nested_x5"])[0]

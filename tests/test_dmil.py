@@ -248,3 +248,55 @@ def test_gated_fusion_trains_overfits_and_reports_gates(tiny):
     concat = AttentionDMIL(random_state=0, max_epochs=2).fit(bags, labels, clinical)
     with pytest.raises(ValueError, match="gated fusion"):
         concat.fusion_gates(bags, clinical)
+
+
+@pytest.mark.parametrize("aggregation", ["attention", "max", "transmil"])
+def test_mean_skip_adds_the_instance_mean_and_ignores_padding(aggregation):
+    torch.manual_seed(0)
+    settings = network_settings(AttentionDMIL(aggregation=aggregation, mean_skip=True))
+    network = DMILNetwork(5, 0, **settings).eval()
+    plain = DMILNetwork(5, 0, **{**settings, "mean_skip": False})
+    assert network.bag_mlp[0].in_features == plain.bag_mlp[0].in_features + network.embedding_dim
+    rng = np.random.default_rng(0)
+    x, mask = (torch.from_numpy(a) for a in pad_bags([rng.normal(size=(n, 5)) for n in (2, 7)]))
+    noisy = x.clone()
+    noisy[~mask] = 1e3
+    with torch.no_grad():
+        torch.testing.assert_close(network(noisy, mask)[0], network(x, mask)[0])
+        alone = network(x[:1, :2], mask[:1, :2])[0]
+    torch.testing.assert_close(alone[0], network(x, mask)[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_mean_skip_trains_and_needs_a_pooled_vector(tiny):
+    bags, labels, _, _ = tiny
+    model = AttentionDMIL(mean_skip=True, random_state=0, **OVERFIT).fit(bags, labels)
+    np.testing.assert_array_equal(model.predict(bags), labels)
+    with pytest.raises(ValueError, match="mean_skip"):
+        AttentionDMIL(aggregation="mi_net", mean_skip=True).fit(bags, labels)
+
+
+def test_embedding_widths_one_per_layer(tiny):
+    bags, labels, _, _ = tiny
+    model = AttentionDMIL(embedding_layers=3, embedding_width=[32, 16, 8], max_epochs=2,
+                          random_state=0).fit(bags, labels)
+    linears = [m for m in model.network_.embed if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [32, 16, 8]
+    assert model.network_.attention_v.in_features == 8
+    with pytest.raises(ValueError, match="embedding_width: 2 widths"):
+        AttentionDMIL(embedding_layers=3, embedding_width=[32, 16]).fit(bags, labels)
+
+
+def test_weight_averaging_over_the_last_epochs(tiny):
+    bags, labels, _, _ = tiny
+    params = {**OVERFIT, "max_epochs": 40}
+    averaged = AttentionDMIL(swa_epochs=10, random_state=0, **params).fit(bags, labels)
+    again = AttentionDMIL(swa_epochs=10, random_state=0, **params).fit(bags, labels)
+    last = AttentionDMIL(random_state=0, **params).fit(bags, labels)
+    np.testing.assert_array_equal(averaged.decision_function(bags), again.decision_function(bags))
+    assert not np.allclose(averaged.decision_function(bags), last.decision_function(bags))
+    np.testing.assert_array_equal(averaged.predict(bags), labels)  # the average still fits
+    assert averaged.n_epochs_ == 40
+    for bad, message in [({"validation_fraction": 0.2}, "validation_fraction 0"),
+                         ({"norm": "batch"}, "batch"), ({"swa_epochs": 41}, "swa_epochs")]:
+        with pytest.raises(ValueError, match=message):
+            AttentionDMIL(**{**params, "swa_epochs": 10, **bad}).fit(bags, labels)

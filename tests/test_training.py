@@ -98,3 +98,28 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     assert torch.equal(straight.weight, resumed.weight)
     assert straight_result.step_losses == resumed_result.step_losses
     assert [r["epoch"] for r in resumed_result.history] == [1, 2, 3, 4, 5]
+
+
+def test_average_last_ends_on_the_mean_of_the_last_epochs_weights():
+    snapshots = []
+
+    def evaluate():  # runs after each epoch, on the epoch's final weights
+        snapshots.append(network_holder[0].weight.detach().clone())
+        return {}
+
+    inputs, targets = regression_problem()
+    with seeded(0) as generator:
+        network = nn.Linear(3, 1)
+        network_holder = [network]
+        result = train(
+            network, torch.optim.SGD(network.parameters(), lr=0.05),
+            lambda rows: nn.functional.mse_loss(network(inputs[rows]).squeeze(-1), targets[rows]),
+            lambda epoch: shuffled_batches(len(inputs), 8, generator),
+            epochs=6, evaluate=evaluate, average_last=3)
+    torch.testing.assert_close(network.weight.detach(), torch.stack(snapshots[3:]).mean(dim=0))
+    assert not torch.equal(network.weight.detach(), snapshots[-1])
+    assert result.best_epoch == 6 and result.n_epochs == 6
+    with pytest.raises(ValueError, match="early_stopping"):
+        train(network, torch.optim.SGD(network.parameters(), lr=0.05), lambda rows: None,
+              lambda epoch: [], epochs=2, average_last=1,
+              early_stopping=EarlyStopping("val_loss", 2))

@@ -35,8 +35,12 @@ Training: class-weighted BCE (weights from the training prevalence), Adam, Reduc
 bags (``validation_fraction``), early stopping that restores the best epoch; per-epoch loss and
 balanced accuracy (train and validation) are kept in ``history_``. ``instance_dropout`` hides
 each real instance of a training batch with that probability (a bag augmentation; never at
-prediction). Everything random runs under a forked torch RNG seeded from ``random_state``, so
-fits are reproducible on CPU and do not disturb the caller's global torch RNG.
+prediction). ``swa_epochs`` > 0 averages the weights of the last that many epochs (stochastic
+weight averaging, Izmailov et al. 2018, through torch's ``AveragedModel``); ``mean_skip`` puts
+the instance mean beside the learned pooling in the bag vector (a skip past the attention: the
+mean-pooled bag is a strong baseline on the classic benchmarks). Everything random runs under a
+forked torch RNG seeded from ``random_state``, so fits are reproducible on CPU and do not disturb
+the caller's global torch RNG.
 """
 
 from __future__ import annotations
@@ -75,19 +79,32 @@ FUSIONS = ("concat", "gated")
 INITIAL_GATE_BIAS = -2.0
 
 
+def layer_widths(layers: int, width) -> list[int]:
+    """The widths of an MLP's ``layers`` layers: ``width`` is one int for all, or one per layer
+    (a tapering network such as Ilse et al.'s 256 → 128 → 64)."""
+    if isinstance(width, (int, np.integer)):
+        return [int(width)] * int(layers)
+    widths = [int(w) for w in width]
+    if len(widths) != int(layers):
+        raise ValueError(f"{len(widths)} widths {widths} for {layers} layers: give one width, "
+                         f"or one per layer")
+    return widths
+
+
 def make_mlp(
-    in_dim: int, layers: int, width: int, dropout: float, norm: str
+    in_dim: int, layers: int, width, dropout: float, norm: str
 ) -> tuple[nn.Module, int]:
-    """``layers`` × (Linear → norm → ReLU → Dropout); returns the module and its output width."""
+    """``layers`` × (Linear → norm → ReLU → Dropout), ``width`` one int or one per layer (see
+    :func:`layer_widths`); returns the module and its output width."""
     blocks: list[nn.Module] = []
-    for _ in range(layers):
-        blocks.append(nn.Linear(in_dim, width))
+    for out_dim in layer_widths(layers, width):
+        blocks.append(nn.Linear(in_dim, out_dim))
         if norm == "layer":
-            blocks.append(nn.LayerNorm(width))
+            blocks.append(nn.LayerNorm(out_dim))
         elif norm == "batch":
-            blocks.append(nn.BatchNorm1d(width))
+            blocks.append(nn.BatchNorm1d(out_dim))
         blocks += [nn.ReLU(), nn.Dropout(dropout)]
-        in_dim = width
+        in_dim = out_dim
     return (nn.Sequential(*blocks) if blocks else nn.Identity()), in_dim
 
 
@@ -136,9 +153,11 @@ class DMILNetwork(nn.Module):
         norm: str,
         fusion: str,
         pool_params: dict | None,
+        mean_skip: bool,
     ):
         super().__init__()
         self.aggregation = aggregation
+        self.mean_skip = bool(mean_skip)
         self.fusion = None
         self.pool = None
         if encoder is not None:
@@ -159,7 +178,12 @@ class DMILNetwork(nn.Module):
         pooled_dim = (self.pool.out_dim if self.pool is not None
                       else self.embedding_dim * (2 if aggregation == "mean_std" else 1))
         if self.pool is not None and self.pool.pools_logits:
+            if self.mean_skip:
+                raise ValueError(f"mean_skip needs a pooled bag vector; {aggregation} pools "
+                                 f"instance logits")
             bag_layers = 0  # already bag logits (mi-Net's): the head only weighs them
+        if self.mean_skip:
+            pooled_dim += self.embedding_dim
         self.bag_mlp, head_dim = make_mlp(pooled_dim, bag_layers, bag_width, dropout, norm)
         self.clinical_mlp = None
         if n_clinical:
@@ -188,6 +212,9 @@ class DMILNetwork(nn.Module):
         hidden = embedded.new_zeros(*mask.shape, self.embedding_dim)
         hidden[mask] = embedded
         pooled, weights = self._aggregate(hidden, mask)
+        if self.mean_skip:  # the instance mean beside the learned pooling
+            counts = mask.sum(dim=1, keepdim=True).to(hidden.dtype)
+            pooled = torch.cat([pooled, hidden.sum(dim=1) / counts], dim=1)
         features = self.bag_mlp(pooled)
         if self.fusion is not None:
             fused, *experts = self.fusion(features, self.clinical_mlp(clinical))
@@ -267,6 +294,23 @@ def check_training_params(model) -> None:
         raise ValueError(f"torch_threads must be None or at least 1, got {model.torch_threads}")
 
 
+def check_weight_averaging(model) -> None:
+    """``swa_epochs`` (average the weights of the last epochs) needs a fixed number of epochs
+    (no early stopping) and no batch norm (averaged weights would need fresh batch statistics)."""
+    swa_epochs = int(model.swa_epochs)
+    if swa_epochs == 0:
+        return
+    if not 1 <= swa_epochs <= int(model.max_epochs):
+        raise ValueError(f"swa_epochs must lie in [0, max_epochs={model.max_epochs}], "
+                         f"got {model.swa_epochs}")
+    if model.validation_fraction:
+        raise ValueError("swa_epochs needs validation_fraction 0: weight averaging trains a fixed "
+                         "number of epochs, early stopping would pick one epoch instead")
+    if model.norm == "batch":
+        raise ValueError("swa_epochs does not go with norm 'batch': the averaged weights' batch "
+                         "statistics would need recomputing")
+
+
 def validation_split(labels: np.ndarray, fraction: float,
                      seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A stratified (train rows, validation rows) split of the training bags for early stopping;
@@ -320,6 +364,7 @@ class AttentionDMIL(BagClassifier):
         fusion: str = "concat",
         expert_loss_weight: float = 0.5,
         pool_params: dict | None = None,
+        mean_skip: bool = False,
         scale: bool = True,
         pca_components: int | None = None,
         learning_rate: float = 1e-3,
@@ -330,6 +375,7 @@ class AttentionDMIL(BagClassifier):
         validation_fraction: float = 0.2,
         lr_factor: float = 0.8,
         lr_patience: int = 4,
+        swa_epochs: int = 0,
         class_weight: str | None = "balanced",
         torch_threads: int | None = 1,
         random_state: int | None = None,
@@ -350,6 +396,15 @@ class AttentionDMIL(BagClassifier):
         check_pool_params(self.aggregation, self.pool_params)
         if not 0 <= self.instance_dropout < 1:
             raise ValueError(f"instance_dropout must lie in [0, 1), got {self.instance_dropout}")
+        try:
+            layer_widths(self.embedding_layers, self.embedding_width)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"embedding_width: {error}") from None
+        pool = POOLINGS.get(self.aggregation)
+        if self.mean_skip and pool is not None and pool.pools_logits:
+            raise ValueError(f"mean_skip needs a pooled bag vector; aggregation "
+                             f"{self.aggregation!r} pools instance logits")
+        check_weight_averaging(self)
 
     def _scale_bags(self, bags: list[np.ndarray]) -> list[np.ndarray]:
         transformed = bags if self.transform_ is None else self.transform_.transform(bags)
@@ -523,7 +578,8 @@ class AttentionDMIL(BagClassifier):
         return train(
             network, optimizer, step, batches, epochs=self.max_epochs, evaluate=evaluate,
             scheduler=scheduler, scheduler_monitor="val_loss" if has_validation else "train_loss",
-            early_stopping=EarlyStopping("val_loss", self.patience) if has_validation else None)
+            early_stopping=EarlyStopping("val_loss", self.patience) if has_validation else None,
+            average_last=int(self.swa_epochs))
 
     def _parameter_groups(self, network) -> list[dict]:
         """The optimiser's parameter groups (one here; image models may give the encoder its

@@ -146,6 +146,8 @@ class ImageMIL(PixelBags, AttentionDMIL):
     pca_components = None
     instance_dropout = 0.0
     pool_params = None
+    mean_skip = False
+    swa_epochs = 0
 
     def _validate_params(self) -> None:
         check_training_params(self)
