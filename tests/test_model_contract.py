@@ -45,6 +45,8 @@ for _aggregation in POOLINGS:
     CASES[f"dmil_{_aggregation}"] = ("dmil", {"aggregation": _aggregation,
                                               "validation_fraction": 0})
 CASES["instance_cnn"] = ("instance_cnn", {"validation_fraction": 0})
+# D-MIL with the mean-pool skip and weight averaging (both off in the registered defaults).
+CASES["dmil_skip_swa"] = ("dmil", {"mean_skip": True, "swa_epochs": 10, "validation_fraction": 0})
 
 
 def _make(case: str, **extra):
