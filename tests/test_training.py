@@ -66,28 +66,33 @@ def test_the_loss_falls_and_history_has_one_record_per_epoch():
     assert result.best_epoch == 6 and not network.training
 
 
-def test_early_stopping_restores_the_best_epoch():
-    # A monitored value that is best at epoch 2 and worse afterwards.
-    values = iter([3.0, 1.0, 2.0, 2.5, 4.0, 5.0])
-    snapshots = {}
-
-    def evaluate():
-        value = next(values)
-        snapshots[len(snapshots) + 1] = network_holder[0].weight.detach().clone()
-        return {"val_loss": value}
-
+def fit_with_snapshots(monitored=(), **options):
+    """Six epochs on the regression problem with a generator carried across epochs; the weights
+    are snapshot after each epoch, and ``evaluate`` reports ``monitored`` as ``val_loss``."""
+    values, snapshots = iter(monitored), []
     inputs, targets = regression_problem()
     with seeded(0) as generator:
         network = nn.Linear(3, 1)
-        network_holder = [network]
+
+        def evaluate():
+            snapshots.append(network.weight.detach().clone())
+            return {"val_loss": next(values)} if monitored else {}
+
         result = train(
             network, torch.optim.SGD(network.parameters(), lr=0.05),
             lambda rows: nn.functional.mse_loss(network(inputs[rows]).squeeze(-1), targets[rows]),
             lambda epoch: shuffled_batches(len(inputs), 8, generator),
-            epochs=6, evaluate=evaluate, early_stopping=EarlyStopping("val_loss", patience=2))
+            epochs=6, evaluate=evaluate, **options)
+    return network, result, snapshots
+
+
+def test_early_stopping_restores_the_best_epoch():
+    # A monitored value that is best at epoch 2 and worse afterwards.
+    network, result, snapshots = fit_with_snapshots(
+        [3.0, 1.0, 2.0, 2.5, 4.0, 5.0], early_stopping=EarlyStopping("val_loss", patience=2))
     assert result.n_epochs == 4  # epochs 3 and 4 did not improve on epoch 2
     assert result.best_epoch == 2
-    assert torch.equal(network.weight, snapshots[2])
+    assert torch.equal(network.weight, snapshots[1])  # epoch 2's
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
@@ -101,21 +106,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_
 
 
 def test_average_last_ends_on_the_mean_of_the_last_epochs_weights():
-    snapshots = []
-
-    def evaluate():  # runs after each epoch, on the epoch's final weights
-        snapshots.append(network_holder[0].weight.detach().clone())
-        return {}
-
-    inputs, targets = regression_problem()
-    with seeded(0) as generator:
-        network = nn.Linear(3, 1)
-        network_holder = [network]
-        result = train(
-            network, torch.optim.SGD(network.parameters(), lr=0.05),
-            lambda rows: nn.functional.mse_loss(network(inputs[rows]).squeeze(-1), targets[rows]),
-            lambda epoch: shuffled_batches(len(inputs), 8, generator),
-            epochs=6, evaluate=evaluate, average_last=3)
+    network, result, snapshots = fit_with_snapshots(average_last=3)
     torch.testing.assert_close(network.weight.detach(), torch.stack(snapshots[3:]).mean(dim=0))
     assert not torch.equal(network.weight.detach(), snapshots[-1])
     assert result.best_epoch == 6 and result.n_epochs == 6

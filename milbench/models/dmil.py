@@ -400,10 +400,6 @@ class AttentionDMIL(BagClassifier):
             layer_widths(self.embedding_layers, self.embedding_width)
         except (TypeError, ValueError) as error:
             raise ValueError(f"embedding_width: {error}") from None
-        pool = POOLINGS.get(self.aggregation)
-        if self.mean_skip and pool is not None and pool.pools_logits:
-            raise ValueError(f"mean_skip needs a pooled bag vector; aggregation "
-                             f"{self.aggregation!r} pools instance logits")
         check_weight_averaging(self)
 
     def _scale_bags(self, bags: list[np.ndarray]) -> list[np.ndarray]:
