@@ -102,11 +102,11 @@ class RunInterrupted(Exception):
         self.run_dir = run_dir
 
 
-def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+def config_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     """Dotted keys where two resolved configs differ."""
     if isinstance(saved, dict) and isinstance(now, dict):
         return [difference for key in sorted(set(saved) | set(now), key=str)
-                for difference in _differences(saved.get(key), now.get(key),
+                for difference in config_differences(saved.get(key), now.get(key),
                                                f"{prefix}.{key}" if prefix else str(key))]
     return [] if saved == now else [prefix or "(top level)"]
 
@@ -124,7 +124,7 @@ def _resume(path: Path, resolved: dict, fingerprint: str) -> Run:
     run = Run.open(path)
     saved = yaml.safe_load(run.file("config.yaml").read_text(encoding="utf-8"))
     # Where the fits run does not change their results: a run may resume on another backend.
-    changed = [key for key in _differences(saved, json.loads(json.dumps(resolved, default=str)))
+    changed = [key for key in config_differences(saved, json.loads(json.dumps(resolved, default=str)))
                if key.split(".")[0] != "execution"]
     if changed:
         raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed)}")

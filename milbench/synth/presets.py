@@ -169,6 +169,23 @@ def _check_bag_sizes(name: str, value: Any) -> BagSizes:
                     _check_unit(f"{name}.sigma", value["sigma"]), low, high)
 
 
+def parse_knob_assignments(assignments) -> dict[str, Any]:
+    """``["key=value", ...]`` (values read as YAML, e.g. ``site_mix_test=[1,1,1]``) → knobs; the
+    names are checked by :func:`resolve_knobs`."""
+    import yaml
+
+    knobs: dict[str, Any] = {}
+    for assignment in assignments or ():
+        key, separator, raw = assignment.partition("=")
+        if not separator or not key.strip():
+            raise ValueError(f"--knob {assignment!r} must look like key=value")
+        try:
+            knobs[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(f"--knob {assignment!r}: the value is not valid YAML ({error})") from None
+    return knobs
+
+
 def resolve_knobs(preset: str | SynthPreset, knobs: dict[str, Any] | None = None) -> SynthPreset:
     """The preset with ``knobs`` (any field but ``name``) replaced, every value checked; an
     unknown knob or a bad value is an error that names it."""
