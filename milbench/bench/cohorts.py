@@ -301,6 +301,7 @@ def run_cohorts_bench(config_path: Path, out: Path, preset: str = "realistic",
     identity = _bench_identity(first, preset)
     _check_out(out, identity)
     out.mkdir(parents=True, exist_ok=True)
+    Path(first.workdir).mkdir(parents=True, exist_ok=True)  # workers check that they see it
     atomic_write_json(out / "bench.json", {"identity": identity, "config_path": str(config_path),
                                            "overrides": list(overrides)})
     todo = [i for i, c in enumerate(cohorts)
