@@ -36,3 +36,20 @@ def test_bad_parameters_are_refused():
                             ({"delta": -1}, "delta")):
         with pytest.raises(ValueError, match=message):
             create_model("migraph", **params).fit(bags, labels)
+
+
+def test_mi_kernel_is_the_normalised_set_kernel():
+    bags, labels, _, _ = make_tiny_bags()
+    model = create_model("mi_kernel", C=10).fit(bags, labels)
+    gram = model._kernel(model.train_bags_, model.train_bags_)
+    np.testing.assert_allclose(gram, gram.T, atol=1e-12)
+    assert np.all(np.linalg.eigvalsh(gram) > -1e-9)  # a valid (PSD) kernel
+    np.testing.assert_allclose(np.diag(gram), 1.0)  # every bag, whatever its size
+    np.testing.assert_allclose(model._kernel(model.train_bags_), gram)  # stored training side
+    # The set kernel sums the instance kernel over all pairs, then normalises in feature space.
+    x, y = model.train_bags_[0], model.train_bags_[1]
+    pair = lambda a, b: np.exp(-model.gamma_ * ((a[:, None] - b[None]) ** 2).sum(-1)).sum()  # noqa: E731
+    assert gram[0, 1] == pytest.approx(pair(x, y) / np.sqrt(pair(x, x) * pair(y, y)))
+    # A bag with its instances repeated is the same set to the normalised kernel.
+    assert model._kernel([np.vstack([x, x])], [x])[0, 0] == pytest.approx(1.0)
+    assert (model.predict(bags) == labels).all()

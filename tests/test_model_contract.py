@@ -38,8 +38,9 @@ CASES["stacker_over_instances"] = ("stacker", {"members": ["meanpool_svm", "misv
 # (instance_cnn's XGBoost head is tested on a larger image fixture in test_image_models.py: 3
 # reactive patients are too few for trees.)
 CASES["image_mil"] = ("image_mil", {"validation_fraction": 0})
-# Kernel values are bag averages (at most 1): the 12-bag fixture needs a harder margin than C=1.
+# Kernel values are bag averages or cosines (at most 1): the 12-bag fixture needs a harder margin than C=1.
 CASES["migraph"] = ("migraph", {"C": 10})
+CASES["mi_kernel"] = ("mi_kernel", {"C": 10})
 # The model zoo, as D-MIL aggregations (12 bags: no validation split, as above).
 for _aggregation in POOLINGS:
     CASES[f"dmil_{_aggregation}"] = ("dmil", {"aggregation": _aggregation,

@@ -45,6 +45,8 @@ BUILTIN: dict[str, tuple[str, tuple[Tag, ...]]] = {
     "mi_svm": ("milbench.models.misvm:MiSVM", (Tag.INSTANCES,)),
     "meanpool_svm": ("milbench.models.misvm:MeanPoolSVM", (Tag.INSTANCES,)),
     "migraph": ("milbench.models.migraph:MIGraph", (Tag.INSTANCES,)),
+    "mi_kernel": ("milbench.models.migraph:MIKernel", (Tag.INSTANCES,)),
+    "mifv": ("milbench.models.mifv:MIFisherVector", (Tag.INSTANCES,)),
     "dmil": ("milbench.models.dmil:AttentionDMIL", (Tag.INSTANCES, Tag.CLINICAL_OPTIONAL)),
     "semisup": ("milbench.models.semisup:SemiSupervisedCNN", (Tag.INSTANCES, Tag.CLINICAL)),
     "cluster_emd": ("milbench.models.cluster_emd:ClusterEMDClassifier", (Tag.INSTANCES,)),
