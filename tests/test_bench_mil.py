@@ -91,6 +91,8 @@ def test_the_default_config_loads_its_models_as_specs():
     assert {"migraph", "transmil", "dsmil", "clam_sb", "dtfd", "mi_net_ds",
             "torchmil_abmil"} <= set(labels)
     assert paper_method(select_models(config, ["migraph"])[0]) == "mi-Graph (Zhou 2009)"
+    assert paper_method(select_models(config, ["mifv"])[0]) == "miFV (Wei 2017)"
+    assert select_models(config, ["mi_kernel"])[0].build().model == "mi_kernel"
     assert paper_method(select_models(config, ["mi_net_ds"])[0]) == "MI-Net DS (Wang 2018)"
     dmil = select_models(config, ["dmil"])[0]
     assert dmil.params == {"validation_fraction": 0, "max_epochs": 50}

@@ -158,6 +158,8 @@ def paper_method(spec: ModelSpec) -> str | None:
         return "mi-SVM (Andrews 2002)"
     if spec.name == "migraph":
         return "mi-Graph (Zhou 2009)"
+    if spec.name == "mifv":
+        return "miFV (Wei 2017)"
     if spec.name in ("dmil", "torchmil_abmil"):
         default = "gated_attention" if params.get("gated") else "attention"
         return AGGREGATION_PAPERS.get(params.get("aggregation", default))
