@@ -9,12 +9,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from milbench.config import ConfigError, load_config
+from milbench.core.clinical import clinical_design_matrix
+from milbench.data import load_challenge
 from milbench.synth import KNOBS, PRESETS, generate_cohort, resolve_knobs
 from milbench.synth import cohort as cohort_module
-from milbench.synth.difficulty import best_threshold
+from milbench.synth.cohort import AGE_REFERENCE_DATE
+from milbench.synth.difficulty import best_threshold, clinical_only, combined_oracle
 from milbench.synth.render import TRAITS, render_cell, sample_stain
 
 SMALL_BAGS = {"tumoral_median": 5, "reactive_median": 4, "sigma": 0.2, "low": 3, "high": 7}
@@ -181,8 +187,34 @@ def test_difficulty_agrees_with_the_truth_files(shrunk: Path) -> None:
             rows = patients[(patients["split"] == split) & (patients["site"] == int(site))]
             assert counts == {"patients": len(rows), "tumoral": int(rows["label"].sum())}
     assert 0 <= difficulty["clinical_only"]["cv_balanced_accuracy_mean"] <= 1
+    # The combined oracle: the clinical-only CV with the true witness fraction beside the
+    # attributes, and the same model fitted on every training patient, scored on the test set.
+    combined = difficulty["combined_oracle"]
+    train_ids = train_csv["ID"].tolist()
+    table = load_challenge(shrunk, AGE_REFERENCE_DATE).clinical_table()
+    witness = patients.set_index("patient_id")["witness_fraction"]
+    design = lambda ids: np.column_stack([  # noqa: E731
+        clinical_design_matrix(table.loc[ids].to_numpy(dtype=float)), witness.loc[ids]])
+    model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
+    model.fit(design(train_ids), train_csv.set_index("ID").loc[train_ids, "LABEL"])
+    test_ids = test_labels["ID"].tolist()
+    assert combined["hidden_test_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(
+        test_labels["LABEL"], model.predict(design(test_ids))))
+    assert combined["n_splits"] == difficulty["clinical_only"]["n_splits"]
 
 
 def test_best_threshold_by_hand() -> None:
     assert best_threshold([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == (1.0, 0.3)
     assert best_threshold([0.1, 0.3, 0.2, 0.4], [0, 0, 1, 1]) == (0.75, 0.2)
+
+
+def test_the_combined_oracle_shares_the_clinical_folds() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 15)
+    design = np.column_stack([rng.normal(size=30), rng.normal(size=30) + labels, rng.integers(0, 2, 30)])
+    # A witness fraction that says nothing (constant) leaves every fold's model as it was.
+    assert combined_oracle(design, np.full(30, 0.2), labels) == clinical_only(design, labels)
+    # One that separates the classes lifts every fold to the top.
+    perfect = combined_oracle(design, 0.3 * labels, labels)
+    assert perfect["cv_balanced_accuracy_mean"] == 1.0
+    assert perfect["cv_balanced_accuracy_mean"] > clinical_only(design, labels)["cv_balanced_accuracy_mean"]
