@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from milbench.bench import cohorts as bench
@@ -74,7 +75,15 @@ def test_records_agree_with_each_cohorts_run(three):
                            f"{record.model}.json").read_text())["model"] == record.model
     assert (out / "forest.png").stat().st_size > 5000
     table = (out / "table.md").read_text()
-    assert "meanpool_svm" in table and "## default (3 cohorts; baseline clinical_logreg)" in table
+    assert "meanpool_svm" in table and "## default (3 cohorts; baseline clinical_logreg; mean room" in table
+    # The room of each cohort: its combined oracle minus clinical-only, from its truth.
+    from milbench.synth.difficulty import cohort_difficulty
+
+    first = records.iloc[0]
+    root = yaml.safe_load((Path(first.run_dir) / "config.yaml").read_text())["data"]["resolved_root"]
+    figures = cohort_difficulty(root)
+    assert first.room == pytest.approx(figures["combined_oracle"]["cv_balanced_accuracy_mean"]
+                                       - figures["clinical_only"]["cv_balanced_accuracy_mean"])
 
 
 def test_aggregation_matches_a_hand_computed_example():
@@ -83,7 +92,7 @@ def test_aggregation_matches_a_hand_computed_example():
         "baseline": "base", "cv_balanced_accuracy": [0.7, 0.7, 0.7, 0.8, 0.7, 0.9],
         "cv_gain": [0.0, 0.0, 0.0, 0.1, 0.0, 0.2], "test_balanced_accuracy": [0.8] * 3 + [0.9, 0.7, 0.8],
         "test_gain": [0.0] * 3 + [0.1, -0.1, 0.0], "instance_auc": [np.nan] * 3 + [0.6, 0.7, 0.8],
-        "seconds_per_fit": 1.0})
+        "seconds_per_fit": 1.0, "room": [0.08, 0.1, 0.12] * 2, "room_test": 0.2})
     row = bench.aggregate(records, target_gain=0.05).set_index("model").loc["image"]
     # Gains 0.1, 0.0, 0.2: mean 0.1, sd 0.1, t(0.975, 2 df) = 4.302653.
     half = 4.302653 * 0.1 / math.sqrt(3)
@@ -93,6 +102,7 @@ def test_aggregation_matches_a_hand_computed_example():
     assert row["cv_win_share"] == pytest.approx(2 / 3)  # a gain of exactly zero is no win
     assert row["test_gain"] == pytest.approx(0.0) and row["test_win_share"] == pytest.approx(1 / 3)
     assert row["instance_auc"] == pytest.approx(0.7)
+    assert row["room_share"] == pytest.approx(0.1 / 0.1) and row["test_room_share"] == 0.0
     # Power: (t(0.975, 2) + t(0.8, 2)) * sd / sqrt(3), with t(0.8, 2 df) = 1.060660.
     assert row["detectable_cv_gain"] == pytest.approx((4.302653 + 1.060660) * 0.1 / math.sqrt(3),
                                                       abs=1e-6)

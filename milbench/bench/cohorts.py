@@ -14,9 +14,12 @@ hidden-test balanced accuracy and its difference from the baseline's (same test 
 instance AUC where the model has instance scores, and seconds per fit.
 
 Across cohorts, for every model: the mean gain over the baseline in CV and on the hidden test
-with a 95 % interval. Cohorts are independent draws of the generator, so their gains are
-independent and an ordinary one-sample t interval over cohorts is valid (unlike over the folds of
-one cohort, which share training patients). Also the share of cohorts a model wins, and the
+with a 95 % interval, and the share of the room it takes: its mean gain over the mean room, where
+a cohort's room is its combined oracle (true witness fraction plus the clinical attributes) minus
+clinical-only, from the cohort's truth (both in the difficulty's own 5 × 5 CV). Cohorts are
+independent draws of the generator, so their gains are independent and an ordinary one-sample t
+interval over cohorts is valid (unlike over the folds of one cohort, which share training
+patients). Also the share of cohorts a model wins, and the
 power at the observed spread: the smallest mean gain that these cohorts detect with 80 % power
 (two-sided, 5 %), and how many cohorts a given gain would need.
 
@@ -61,7 +64,7 @@ POWER = 0.8
 LEVEL = 0.95
 RECORD_COLUMNS = ["cell", "seed", "model", "baseline", "cv_balanced_accuracy", "cv_gain",
                   "cv_gain_ci_low", "cv_gain_ci_high", "test_balanced_accuracy", "test_gain",
-                  "instance_auc", "seconds_per_fit", "fold_differences", "run_dir"]
+                  "instance_auc", "seconds_per_fit", "room", "room_test", "fold_differences", "run_dir"]
 
 
 @dataclass(frozen=True)
@@ -272,6 +275,10 @@ def aggregate(records: pd.DataFrame, target_gain: float = 0.05) -> pd.DataFrame:
             "test_balanced_accuracy": float(group["test_balanced_accuracy"].mean()),
             "test_gain": test, "test_gain_ci_low": test_low, "test_gain_ci_high": test_high,
             "test_win_share": float((group["test_gain"] > 0).mean()),
+            # The share of the room the images leave that the model takes (ratio of means).
+            "room": float(group["room"].mean()),
+            "room_share": cv / float(group["room"].mean()),
+            "test_room_share": test / float(group["room_test"].mean()),
             "instance_auc": float(group["instance_auc"].mean()),
             "seconds_per_fit": float(group["seconds_per_fit"].mean()),
             "cv_gain_sd": sd,
@@ -345,11 +352,36 @@ def _write_records(out: Path, cohort: Cohort, records: list[dict[str, Any]]) -> 
 
 
 def load_records(out: Path, cohorts: Sequence[Cohort]) -> pd.DataFrame:
-    """The records of ``cohorts`` (in their order, models in the config's order)."""
+    """The records of ``cohorts`` (in their order, models in the config's order), each with its
+    cohort's room (:func:`cohort_room`)."""
     rows = []
     for cohort in cohorts:
         folder = out / "records" / cohort.folder
-        for model in json.loads((folder / "done.json").read_text(encoding="utf-8"))["models"]:
-            rows.append(json.loads((folder / f"{model}.json").read_text(encoding="utf-8")))
+        models = json.loads((folder / "done.json").read_text(encoding="utf-8"))["models"]
+        records = [json.loads((folder / f"{m}.json").read_text(encoding="utf-8")) for m in models]
+        room = cohort_room(folder / "room.json", Path(records[0]["run_dir"]))
+        rows += [{**record, **room} for record in records]
     return pd.DataFrame(rows).reindex(columns=RECORD_COLUMNS)
+
+
+def cohort_room(cached: Path, run_dir: Path) -> dict[str, float]:
+    """How much a cohort's images can add: the combined oracle (true witness fraction plus the
+    clinical attributes) minus clinical-only, in CV and on the hidden test, from the cohort's
+    truth (``milbench.synth.difficulty``); computed once, then read from ``cached``."""
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    from milbench.synth.difficulty import cohort_difficulty
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    root = Path(config["data"]["resolved_root"])
+    if not (root / "truth" / "patients.csv").is_file():
+        log.warning("%s: no cohort truth at %s, so no room figure for this cohort", run_dir, root)
+        return {"room": float("nan"), "room_test": float("nan")}
+    figures = cohort_difficulty(root)
+    clinical, combined = figures["clinical_only"], figures["combined_oracle"]
+    room = {"room": combined["cv_balanced_accuracy_mean"] - clinical["cv_balanced_accuracy_mean"],
+            "room_test": combined.get("hidden_test_balanced_accuracy", float("nan"))
+            - clinical.get("hidden_test_balanced_accuracy", float("nan"))}
+    atomic_write_json(cached, room)
+    return room
 

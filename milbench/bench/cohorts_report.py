@@ -52,29 +52,30 @@ def render_table(summary: pd.DataFrame, preset: str, target_gain: float) -> str:
              "a win is a gain above zero. CV gain: the mean per-fold paired difference in balanced "
              "accuracy (same folds); test gain: the difference on each cohort's hidden test set "
              "(same patients). Detectable: the smallest mean CV gain these cohorts detect with 80 % "
-             "power at the observed spread.", ""]
+             "power at the observed spread. Room share: the mean CV gain over the mean room, a cohort's room "
+             "being its combined oracle (true witness fraction plus the clinical attributes) minus "
+             "clinical-only.", ""]
     for cell, group in summary.groupby("cell", sort=False):
         baseline = group["baseline"].iloc[0]
-        lines += [f"## {cell} ({int(group['cohorts'].max())} cohorts; baseline {baseline})", "",
+        lines += [f"## {cell} ({int(group['cohorts'].max())} cohorts; baseline {baseline}; mean room "
+                  f"{_number(group['room'].iloc[0])})", "",
                   "| model | CV bal. acc. | CV gain [95 % CI] | CV wins | hidden test bal. acc. | "
-                  f"test gain [95 % CI] | test wins | instance AUC | s/fit | detectable | "
+                  f"test gain [95 % CI] | test wins | room share | instance AUC | s/fit | detectable | "
                   f"cohorts for +{target_gain:g} |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cv = format_intervals(group["cv_gain"], group["cv_gain_ci_low"], group["cv_gain_ci_high"],
                               signed=True)
         test = format_intervals(group["test_gain"], group["test_gain_ci_low"],
                                 group["test_gain_ci_high"], signed=True)
         for row, cv_text, test_text in zip(group.itertuples(index=False), cv, test, strict=True):
-            if row.model == baseline:
-                cv_text = test_text = "–"
-            lines.append(
-                f"| {row.model} | {row.cv_balanced_accuracy:.3f} | {cv_text} | "
-                f"{_share(row.cv_win_share, row.model == baseline)} | "
-                f"{_number(row.test_balanced_accuracy)} | {test_text} | "
-                f"{_share(row.test_win_share, row.model == baseline)} | {_number(row.instance_auc)} | "
-                f"{row.seconds_per_fit:.1f} | "
-                f"{'–' if row.model == baseline else _number(row.detectable_cv_gain)} | "
-                f"{'–' if row.model == baseline else _count(row.cohorts_for_target_gain)} |")
+            own = row.model != baseline  # the baseline has no gain over itself
+            cells = [row.model, f"{row.cv_balanced_accuracy:.3f}", cv_text if own else "–",
+                     _share(row.cv_win_share) if own else "–", _number(row.test_balanced_accuracy),
+                     test_text if own else "–", _share(row.test_win_share) if own else "–",
+                     _number(row.room_share) if own else "–", _number(row.instance_auc),
+                     f"{row.seconds_per_fit:.1f}", _number(row.detectable_cv_gain) if own else "–",
+                     _count(row.cohorts_for_target_gain) if own else "–"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -83,8 +84,8 @@ def _number(value: float) -> str:
     return "–" if not np.isfinite(value) else f"{value:.3f}"
 
 
-def _share(value: float, is_baseline: bool) -> str:
-    return "–" if is_baseline else f"{100 * value:.0f} %"
+def _share(value: float) -> str:
+    return f"{100 * value:.0f} %"
 
 
 def _count(value: float) -> str:
