@@ -572,14 +572,24 @@ def bench_cohort(
     root: Annotated[Path, typer.Argument(help="Challenge folder (real or generated).")],
     out: Annotated[Path | None, typer.Option(help="Also write the figures to this JSON file.")] = None,
     repeats: Annotated[int, typer.Option(help="Repeats of the clinical-only 5-fold CV.")] = 5,
+    pixel_ceiling: Annotated[bool, typer.Option(
+        help="Also train the pixel ceiling: a small CNN on the true instance labels (minutes).")] = False,
+    input_size: Annotated[int, typer.Option(help="Image side of the pixel ceiling (px).")] = 64,
+    cache: Annotated[Path, typer.Option(help="Cache folder of the pixel ceiling's pixels store.")]
+    = Path(".milbench/cache"),
 ):
     """A cohort's difficulty: clinical-only CV balanced accuracy; on a synthetic cohort also the
-    oracle bag and instance figures, witness fractions, flipped labels and the site mix."""
+    combined oracle, the oracle bag and instance figures, witness fractions, flipped labels, the
+    site mix and, with --pixel-ceiling, what pixels show when the instance labels are given."""
     from milbench.io import atomic_write_json
     from milbench.synth.difficulty import cohort_difficulty
 
     try:
         figures = cohort_difficulty(root, n_repeats=repeats)
+        if pixel_ceiling:
+            from milbench.bench.ceiling import pixel_ceiling as ceiling
+
+            figures["pixel_ceiling"] = ceiling(root, cache, input_size=input_size)
     except USER_ERRORS as error:
         _fail(error)
     table = Table(title=f"Difficulty of {root}")
