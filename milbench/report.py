@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from milbench.core.metrics import METRICS, format_intervals
 from milbench.data import Cohort
 from milbench.evaluation.cv import CVResult
 from milbench.runs import Run
+from milbench.synth.difficulty import PIXEL_CEILING_GLOB
 
 if TYPE_CHECKING:  # pipeline imports this module
     from milbench.instances import InstanceViews
@@ -81,7 +83,7 @@ def render(config: RunConfig, data: PreparedData, table: pd.DataFrame,
         "",
         "![ROC](plots/roc.png) ![confusion](plots/confusion.png)",
         "",
-        *_instance_section(views),
+        *_instance_section(views, root),
         "## Class distributions",
         "",
         "Clinical attributes, bag sizes (images per patient) and each model's out-of-fold scores "
@@ -126,7 +128,27 @@ def _comparison_section(comparisons: pd.DataFrame | None) -> list[str]:
     ]
 
 
-def _instance_section(views: InstanceViews | None) -> list[str]:
+def _instance_ceilings(root: Path) -> list[str]:
+    """What the cohort's truth says an instance scorer can reach, beside the models' AUCs."""
+    truth = root / "truth"
+    lines = []
+    difficulty = truth / "difficulty.json"
+    if difficulty.is_file():
+        oracle = json.loads(difficulty.read_text(encoding="utf-8")).get("oracle_instance_auc")
+        if oracle is not None:
+            lines.append(f"- the generator's oracle (each cell's true atypia): {oracle:.3f}")
+    ceilings = sorted(truth.glob(PIXEL_CEILING_GLOB))
+    for path in ceilings:
+        figures = json.loads(path.read_text(encoding="utf-8"))
+        lines.append(f"- the pixel ceiling at {figures['input_size']} px (a small CNN trained on the "
+                     f"true instance labels, patient-grouped CV): {figures['instance_auc']:.3f}")
+    if difficulty.is_file() and not ceilings:
+        lines.append(f"- the pixel ceiling: not computed (`milbench bench cohort {root} "
+                     "--pixel-ceiling` adds it)")
+    return ["Instance AUC on this cohort, for reference:", "", *lines, ""] if lines else []
+
+
+def _instance_section(views: InstanceViews | None, root: Path) -> list[str]:
     if views is None or (not views.montages and views.auc is None):
         return []
     lines = ["## Instances", ""]
@@ -137,6 +159,7 @@ def _instance_section(views: InstanceViews | None) -> list[str]:
             "– for models without instance scores. `instance_auc.csv` adds the mean AUC within "
             "bags (`within_bag_auc`; attention weights are normalised per bag) and the counts.",
             "",
+            *_instance_ceilings(root),
         ]
     if views.montages:
         lines += ["Highest-scoring images per patient (final model; test patients, then a few "

@@ -3,7 +3,9 @@ aligned with the bags by file name, and a seeded run on a tiny cohort that repea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pandas as pd
@@ -52,6 +54,10 @@ def test_a_seeded_ceiling_repeats_itself(tiny, tmp_path):
         figures.pop("seconds")
     assert first == again
     assert len(first["instance_auc_per_fold"]) == 3 and 0 <= first["instance_auc"] <= 1
+    from milbench.report import _instance_ceilings
+
+    assert json.loads((tiny / "truth" / "pixel_ceiling_32px.json").read_text()) == {**again, "seconds": ANY}
+    assert any("pixel ceiling at 32 px" in line for line in _instance_ceilings(tiny))
     assert first["n_images"] == sum(p.n_images for p in load_challenge(tiny, AGE_REFERENCE_DATE)
                                     .train().patients)
 

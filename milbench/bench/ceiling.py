@@ -14,7 +14,9 @@ every image is scored by the network that did not see its patient. Reported:
   best threshold over all patients (an upper bound, as ``oracle_bag`` in ``difficulty.json``).
 
 This is a ceiling for the bag-label models: they never see the instance labels it trains on. It
-is computed on demand (minutes on CPU), never at generation. Augmentation: flips, 90° rotations
+is computed on demand (minutes on CPU), never at generation, and written beside the cohort's
+truth (``truth/pixel_ceiling_<size>px.json``), where every run's report puts it beside the
+models' instance AUC. Augmentation: flips, 90° rotations
 and stain jitter, as the image models'.
 """
 
@@ -34,10 +36,11 @@ from torch import nn
 
 from milbench.data import load_challenge
 from milbench.instances import join_truth, score_table
+from milbench.io import atomic_write_json
 from milbench.models.images import augment
 from milbench.progress import progress_bar
 from milbench.synth.cohort import AGE_REFERENCE_DATE
-from milbench.synth.difficulty import best_threshold
+from milbench.synth.difficulty import best_threshold, pixel_ceiling_path
 from milbench.training import seeded, shuffled_batches, train
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,8 @@ def pixel_ceiling(root: str | Path, cache_dir: str | Path, input_size: int = 64,
     figures = summarize_ceiling(flags, scores, owners, labels, folds)
     figures.update(input_size=input_size, n_splits=n_splits, epochs=epochs, seed=seed,
                    n_images=int(len(flags)), seconds=round(time.perf_counter() - started, 1))
+    # Beside the cohort's truth, where a run's report finds it.
+    atomic_write_json(pixel_ceiling_path(root, input_size), figures)
     log.info("pixel ceiling of %s: instance AUC %.3f in %.0f s", root, figures["instance_auc"],
              figures["seconds"])
     return figures
