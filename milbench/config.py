@@ -113,6 +113,8 @@ class RunConfig(_Strict):
     submission: SubmissionConfig = SubmissionConfig()
     tracking: TrackingConfig = TrackingConfig()
     execution: ExecutionConfig = ExecutionConfig()
+    save_models: bool = Field(True, description="keep every refitted model in the run directory "
+                              "(models/<name>/model/; milbench.saved), to reload and predict")
     tune: dict[str, dict[str, Any]] = Field(
         {}, description="search spaces of `milbench tune`: model label -> {parameter: range}")
 

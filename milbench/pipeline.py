@@ -43,6 +43,7 @@ from milbench.preparation import (
 )
 from milbench.progress import StageTimer
 from milbench.runs import Run, environment_record, git_state
+from milbench.saved import save_model
 from milbench.submit import write_submission
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,7 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
 
     test_truth = hidden_test_labels(data.root, data.test.ids)
     rows, results, submissions, finals, resolved_entries = [], {}, {}, {}, {}
+    saved: dict[int, str] = {}  # id(fitted model) -> the name it was saved under
     # Ensembles share their members' fits on the same patients (see milbench.models.reuse).
     with reusing_fits():
         for position, entry in enumerate(config.models):
@@ -219,7 +221,7 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
             if len(data.test):
                 with timer.stage(f"refit and predict {name}"):
                     row_extra, path, finals[name] = _fit_final(run, config, data, entry, name,
-                                                               results[name], test_truth)
+                                                               results[name], test_truth, saved)
                 if path is not None:  # a resumed run keeps it instead of writing another
                     run.write_json(f"fits/{name}/submission.json", {"path": str(path)})
                 rows[-1].update(row_extra)
@@ -322,9 +324,12 @@ def _summary_row(name: str, result: CVResult, note: str, features: str) -> dict:
 
 
 def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelSpec, name: str,
-               result: CVResult, test_truth: np.ndarray | None) -> tuple[dict, Path | None, object]:
+               result: CVResult, test_truth: np.ndarray | None,
+               saved: dict[int, str]) -> tuple[dict, Path | None, object]:
     """Refit on all training patients, predict the test patients, score them against the
-    hidden truth of a synthetic cohort, write the submission; the fitted model comes last."""
+    hidden truth of a synthetic cohort, save the model (``config.save_models``; ``saved``: the
+    models saved so far, which an ensemble refers to), write the submission; the fitted model
+    comes last."""
     train_bags, test_bags = data.bags_for(entry)
     final = fit_model(with_seed(entry.build(), config.seed), train_bags, data.labels,
                       data.train_clinical)
@@ -334,6 +339,10 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelSpec
     if getattr(final, "gated_fusion_", False):  # each patient's weight on the image expert
         predictions["image_gate"] = final.fusion_gates(test_bags, data.test_clinical)
     run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(predictions))
+    if config.save_models:
+        save_model(final, run.path, name, {"spec": entry.model_dump(mode="json"),
+                                           "features": data.feature_records(entry),
+                                           "seed": config.seed}, saved)
     extra = {}
     if test_truth is not None:
         hidden = binary_metrics(test_truth, predicted, scores)

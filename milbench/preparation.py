@@ -147,6 +147,14 @@ class PreparedData:
         """The name of the features ``spec`` reads (ensembles: their default view's)."""
         return self.views[self._key(spec)].name
 
+    def feature_records(self, spec: ModelSpec) -> dict[str, dict]:
+        """What ``spec``'s fitted model read, per view key: the extractor settings and the
+        feature store's key (ensembles: every view, as their bags hold every view)."""
+        keys = (list(self.views) if Tag.ENSEMBLE.value in model_tags(spec.name)
+                else [self._key(spec)])
+        return {key: {"name": self.views[key].name, "extractor": self.views[key].extractor,
+                      "store_key": self.views[key].manifest.get("key")} for key in keys}
+
     def _key(self, spec: ModelSpec) -> str:
         if not spec.reads_instances:
             return NO_FEATURES  # zero-width bags, shared with ensembles' clinical members

@@ -167,6 +167,20 @@ def test_same_seed_same_output(name, tiny):
     np.testing.assert_array_equal(_proba(first, bags, clinical), _proba(second, bags, clinical))
 
 
+def test_a_saved_model_reloads_and_predicts_bit_for_bit(fitted, tiny, tmp_path):
+    from milbench.saved import load_saved_model, save_model
+
+    name, model, _ = fitted
+    bags, _, clinical, _ = tiny
+    save_model(model, tmp_path, name, {"spec": {"name": CASES[name][0]}}, {})
+    restored = load_saved_model(tmp_path, name)
+    np.testing.assert_array_equal(_proba(restored, bags, clinical), _proba(model, bags, clinical))
+    if has_capability(model, Tag.INSTANCE_SCORES):
+        for again, scores in zip(restored.instance_scores(bags, clinical),
+                                 model.instance_scores(bags, clinical), strict=True):
+            np.testing.assert_array_equal(again, scores)
+
+
 def test_pickle_round_trip(fitted, tiny):
     _, model, _ = fitted
     bags, _, clinical, _ = tiny

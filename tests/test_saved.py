@@ -1,0 +1,115 @@
+"""Saved final models: a run keeps every refitted model; reloaded, each predicts the run's test
+patients bit for bit; an ensemble stores its members by reference; a damaged, missing or
+foreign-version model is refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import milbench
+from milbench.config import load_config
+from milbench.io import file_sha256
+from milbench.preparation import prepare_data
+from milbench.saved import CHECKSUMS, PICKLE, RECORD, SavedModelError, model_folder
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RESNET = "{kind: backbone, name: resnet18, weights: null, input_size: 32, segmentation: null}"
+DMIL = "{name: dmil, params: {max_epochs: 3, validation_fraction: 0}}"
+MODELS = (f"[{{name: clinical_logreg}}, {{name: meanpool_svm}}, {DMIL},"
+          f" {{name: voting, label: vote, params: {{members: [clinical_logreg, meanpool_svm, {DMIL}]}}}}]")
+
+
+def _overrides(workdir: Path) -> list[str]:
+    return [f"models={MODELS}", f"features.extractor={RESNET}", "data.synthetic.preset=tiny",
+            "evaluation.n_splits=2", f"workdir={workdir}", "submission.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("saved") / "work"
+    result = milbench.run(CONFIGS / "pipeline.yaml", overrides=_overrides(workdir))
+    data = prepare_data(load_config(CONFIGS / "pipeline.yaml", _overrides(workdir)), progress=False)
+    return result, data
+
+
+def test_every_reloaded_model_predicts_the_runs_test_patients_bit_for_bit(finished):
+    result, data = finished
+    config = load_config(CONFIGS / "pipeline.yaml", _overrides(Path("unused")))
+    assert result.models == sorted(spec.display_name for spec in config.models)
+    for spec in config.models:
+        name = spec.display_name
+        model = milbench.load_model(result.run_dir, name)
+        proba = model.predict_proba(data.bags_for(spec)[1], data.test_clinical)[:, 1]
+        written = result.test_predictions(name)
+        assert written["patient_id"].tolist() == data.test.ids
+        np.testing.assert_array_equal(proba, written["score"].to_numpy())
+        record = json.loads((model_folder(result.run_dir, name) / RECORD).read_text())
+        assert record["spec"]["name"] == spec.name and record["libraries"]["torch"]
+    assert list(result.metrics["model"]) == [spec.display_name for spec in config.models]
+
+
+def test_an_ensemble_stores_its_members_once_by_reference(finished):
+    result, _ = finished
+    record = json.loads((model_folder(result.run_dir, "vote") / RECORD).read_text())
+    assert record["references"] == ["clinical_logreg", "dmil", "meanpool_svm"]
+    vote_size = (model_folder(result.run_dir, "vote") / PICKLE).stat().st_size
+    assert vote_size < (model_folder(result.run_dir, "dmil") / PICKLE).stat().st_size
+    vote = milbench.load_model(result.run_dir, "vote")
+    dmil = milbench.load_model(result.run_dir, "dmil")
+    assert type(vote.members_[2]) is type(dmil)
+
+
+def _copy(result, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(result.run_dir, copy)
+    return copy
+
+
+def test_a_damaged_or_missing_file_is_refused_by_name(finished, tmp_path):
+    run_dir = _copy(finished[0], tmp_path)
+    pickle_path = model_folder(run_dir, "meanpool_svm") / PICKLE
+    pickle_path.write_bytes(pickle_path.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(SavedModelError, match=f"{pickle_path}: damaged or changed"):
+        milbench.load_model(run_dir, "meanpool_svm")
+    # The vote refers to the damaged member: refused too, naming the member's file.
+    with pytest.raises(SavedModelError, match="meanpool_svm/model/model.pkl: damaged"):
+        milbench.load_model(run_dir, "vote")
+    (model_folder(run_dir, "dmil") / RECORD).unlink()
+    with pytest.raises(SavedModelError, match="dmil/model/model.json: missing"):
+        milbench.load_model(run_dir, "dmil")
+    with pytest.raises(SavedModelError, match="no saved model 'dmill'.*saved: clinical_logreg, dmil"):
+        milbench.load_model(run_dir, "dmill")
+
+
+def test_a_model_saved_by_another_major_library_version_is_refused(finished, tmp_path):
+    run_dir = _copy(finished[0], tmp_path)
+    folder = model_folder(run_dir, "clinical_logreg")
+    record = json.loads((folder / RECORD).read_text())
+    record["libraries"]["scikit-learn"] = "0.24.2"
+    (folder / RECORD).write_text(json.dumps(record))
+    checksums = json.loads((folder / CHECKSUMS).read_text())
+    checksums[RECORD] = file_sha256(folder / RECORD)
+    (folder / CHECKSUMS).write_text(json.dumps(checksums))
+    with pytest.raises(SavedModelError, match="saved with scikit-learn 0.24.2.*install scikit-learn==0.24.2"):
+        milbench.load_model(run_dir, "clinical_logreg")
+
+
+def test_load_run_reads_a_finished_run_and_refuses_another_folder(finished, tmp_path):
+    result, _ = finished
+    again = milbench.load_run(result.run_dir)
+    pd.testing.assert_frame_equal(again.metrics, result.metrics)
+    assert not again.comparisons.empty
+    with pytest.raises(FileNotFoundError, match="not a finished run directory"):
+        milbench.load_run(tmp_path)
+
+
+def test_saving_can_be_turned_off(tmp_path):
+    overrides = [*_overrides(tmp_path / "work"), "models=[{name: clinical_logreg}]", "save_models=false"]
+    result = milbench.run(CONFIGS / "pipeline.yaml", overrides=overrides)
+    assert result.models == [] and not model_folder(result.run_dir, "clinical_logreg").exists()
