@@ -1,12 +1,12 @@
 """milbench: multiple-instance learning toolkit for medical-image competitions.
 
 The notebook API (``milbench.api``) is re-exported here: ``milbench.run``, ``milbench.load_run``,
-``milbench.load_model``, ``milbench.RunResult``; it is imported on first use, so ``import
-milbench`` stays light."""
+``milbench.load_model``, ``milbench.predict``, ``milbench.RunResult``; it is imported on first
+use, so ``import milbench`` stays light."""
 
 __version__ = "0.1.0"
 
-_API = ("run", "load_run", "load_model", "RunResult")
+_API = ("run", "load_run", "load_model", "predict", "RunResult")
 
 
 def __getattr__(name: str):

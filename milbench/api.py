@@ -6,6 +6,7 @@
     result.comparisons               # paired differences from the clinical baseline
     model = milbench.load_model(result.run_dir, "dmil")
     model.predict_proba(bags, clinical)
+    milbench.predict(result.run_dir, "/path/to/new/challenge/folder")   # features included
 
 Everything here calls the same functions as the command line; nothing is computed differently.
 """
@@ -60,6 +61,16 @@ def load_run(run_dir: str | Path) -> RunResult:
     comparisons = pd.read_csv(comparisons_path) if comparisons_path.is_file() else pd.DataFrame()
     models = sorted(p.parent.name for p in (run_dir / "models").glob(f"*/{MODEL_FOLDER}"))
     return RunResult(run_dir, pd.read_csv(metrics_path), comparisons, models)
+
+
+def predict(run_dir: str | Path, data: str | Path, models: list[str] | None = None,
+            out: str | Path | None = None) -> pd.DataFrame:
+    """``milbench predict RUN_DIR --data DATA``: the saved models' predictions for the test
+    patients of the challenge folder ``data`` (model, patient_id, score, predicted); the files
+    go to ``out`` (default ``RUN_DIR/predictions/<time>``)."""
+    from milbench.prediction import predict_run
+
+    return predict_run(run_dir, data, models, out, progress=False).predictions
 
 
 def load_model(run_dir: str | Path, name: str):

@@ -372,6 +372,30 @@ def bench_cohorts(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (its saved models).")],
+    data: Annotated[Path, typer.Option(help="Challenge folder whose test patients to predict.")],
+    models: Annotated[str | None, typer.Option(help="Comma-separated model names (default: all).")]
+    = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder (default RUN_DIR/predictions/<time>).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+):
+    """Predict new patients with a run's saved models: features extracted with the recorded
+    extractors (saved autoencoder weights, never retrained), submissions and a predictions table."""
+    from milbench.prediction import predict_run
+
+    try:
+        chosen = [m.strip() for m in models.split(",") if m.strip()] if models else None
+        outcome = predict_run(run_dir, data, chosen, out, progress)
+    except USER_ERRORS as error:
+        _fail(error)
+    for name, path in outcome.submissions.items():
+        console.print(f"submission [bold]{name}[/]: {path}")
+    console.print(f"wrote {outcome.out / 'predictions.csv'} in {outcome.seconds:.1f} s")
+
+
+@app.command()
 def segment(
     root: Annotated[Path, typer.Argument(help="Challenge folder.")],
     variant: Annotated[str, typer.Option(help="Segmentation variant (see preprocessing.segmentation).")]

@@ -43,7 +43,7 @@ from milbench.preparation import (
 )
 from milbench.progress import StageTimer
 from milbench.runs import Run, environment_record, git_state
-from milbench.saved import save_model
+from milbench.saved import save_extractors, save_model
 from milbench.submit import write_submission
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,9 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
               for key, view in data.views.items() if view.manifest}
     if stores:
         run.write_json("feature_stores.json", stores)
+    if config.save_models:  # the fitted extractors the saved models need on new patients
+        save_extractors(run.path, [view.manifest for view in data.views.values()],
+                        Path(config.workdir) / "cache")
 
     keys = stratification(config, data.train, min_size=config.evaluation.n_splits)
     folds = kfold_splits(data.train.ids, keys, config.evaluation.n_splits,

@@ -153,7 +153,9 @@ class PreparedData:
         keys = (list(self.views) if Tag.ENSEMBLE.value in model_tags(spec.name)
                 else [self._key(spec)])
         return {key: {"name": self.views[key].name, "extractor": self.views[key].extractor,
-                      "store_key": self.views[key].manifest.get("key")} for key in keys}
+                      "store_key": self.views[key].manifest.get("key"),
+                      "resolved": self.views[key].manifest.get("config"),
+                      "default": key == self._key(spec)} for key in keys}
 
     def _key(self, spec: ModelSpec) -> str:
         if not spec.reads_instances:

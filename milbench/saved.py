@@ -11,6 +11,10 @@ can reload it on another day and predict without retraining.
   key and extractor settings), the milbench version and git commit, the library versions;
 - ``checksums.json``: the SHA-256 of both files.
 
+``extractors/`` of the run holds the weights of every autoencoder it trained (a feature
+extractor fitted on the cohort), with their checksums: ``milbench predict`` encodes new patients
+with them (``milbench.prediction``).
+
 :func:`load_saved_model` verifies the checksums (a damaged or missing file is refused, naming
 it) and the major versions of the libraries that pickled the model (a different major version is
 refused, naming the library), then unpickles it. Only load runs you trust: unpickling runs code.
@@ -85,6 +89,32 @@ def save_model(model, run_dir: str | Path, name: str, record: dict[str, Any],
     atomic_write_json(folder / CHECKSUMS, {f: file_sha256(folder / f) for f in (PICKLE, RECORD)})
     saved[id(model)] = name
     return folder
+
+
+EXTRACTORS = "extractors"
+
+
+def autoencoder_path(run_dir: str | Path, autoencoder_key: str) -> Path:
+    return Path(run_dir) / EXTRACTORS / f"autoencoder-{autoencoder_key}.pt"
+
+
+def save_extractors(run_dir: str | Path, manifests: list[dict], cache_dir: str | Path) -> list[Path]:
+    """Copy the weights of every autoencoder the run trained (its feature stores' ``manifests``)
+    into ``run_dir/extractors/``, with their checksums, so that ``milbench predict`` encodes new
+    patients with them and never needs the training data."""
+    written = []
+    for manifest in manifests:
+        key = (manifest.get("config") or {}).get("autoencoder_key")
+        if key is None:
+            continue
+        source = Path(cache_dir) / "autoencoders" / key / "autoencoder.pt"
+        target = autoencoder_path(run_dir, key)
+        atomic_write_bytes(target, source.read_bytes())
+        written.append(target)
+    if written:
+        atomic_write_json(Path(run_dir) / EXTRACTORS / CHECKSUMS,
+                          {p.name: file_sha256(p) for p in written})
+    return written
 
 
 def load_saved_model(run_dir: str | Path, name: str):

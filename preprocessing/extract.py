@@ -105,6 +105,9 @@ class ExtractorConfig:
                              f"choose from {sorted(VARIANTS)}")
         if self.kind == "pixels" and self.name != "pixels":
             raise ValueError(f"a pixels extractor is named 'pixels', got name {self.name!r}")
+        if self.kind == "autoencoder" and self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"autoencoder weights {self.weights}: no such file (a trained "
+                             "autoencoder's autoencoder.pt; null trains one on the cohort)")
         if self.kind == "autoencoder" and self.input_size % 16:
             raise ValueError(f"autoencoder input_size must be a multiple of 16, "
                              f"got {self.input_size}")
@@ -232,6 +235,17 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
         if is_weights_file(config.weights):
             resolved["weights_sha256"] = file_sha256(config.weights)
         model = build_backbone(config.name, config.weights)
+        dim = model.dim
+    elif config.weights is not None:
+        # A trained autoencoder given by its weights (a saved run's, to encode new patients):
+        # nothing is trained, so this cohort's images (test ones included) teach it nothing.
+        from preprocessing.autoencoder import ConvAutoencoder, Encoder
+
+        resolved["latent"] = config.resolved_latent
+        resolved["weights_sha256"] = file_sha256(config.weights)
+        autoencoder = ConvAutoencoder(config.input_size, config.resolved_latent)
+        autoencoder.load_state_dict(torch.load(config.weights, map_location="cpu", weights_only=True))
+        model = Encoder(autoencoder.to(device).eval()).eval()
         dim = model.dim
     else:
         from preprocessing.autoencoder import Encoder, fit_cohort_autoencoder

@@ -113,3 +113,69 @@ def test_saving_can_be_turned_off(tmp_path):
     overrides = [*_overrides(tmp_path / "work"), "models=[{name: clinical_logreg}]", "save_models=false"]
     result = milbench.run(CONFIGS / "pipeline.yaml", overrides=overrides)
     assert result.models == [] and not model_folder(result.run_dir, "clinical_logreg").exists()
+
+
+# An autoencoder-fed run: predict must encode new patients with the saved weights.
+AUTOENCODER = "{kind: autoencoder, name: demo, input_size: 32, epochs: 1, latent: 16, segmentation: null}"
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("saved-ae") / "work"
+    overrides = [*_overrides(workdir), f"features.extractor={AUTOENCODER}"]
+    return milbench.run(CONFIGS / "pipeline.yaml", overrides=overrides), workdir
+
+
+def test_predict_on_the_runs_own_test_patients_matches_its_test_predictions(autoencoder_run, tmp_path):
+    result, workdir = autoencoder_run
+    root = next((workdir / "data").glob("synthetic-tiny-*"))
+    predictions = milbench.predict(result.run_dir, root, out=tmp_path / "out")
+    for name in result.models:
+        written = result.test_predictions(name)
+        mine = predictions[predictions["model"] == name]
+        assert mine["patient_id"].tolist() == written["patient_id"].tolist()
+        np.testing.assert_allclose(mine["score"], written["score"], rtol=0, atol=1e-9)
+        assert mine["predicted"].tolist() == written["predicted"].tolist()
+    assert (tmp_path / "out" / "instance_scores.csv").is_file()  # dmil scores its instances
+
+
+def test_predict_new_patients_without_the_training_data(autoencoder_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from milbench.cli import app
+    from milbench.synth import generate_cohort
+
+    result, workdir = autoencoder_run
+    run_dir = shutil.copytree(result.run_dir, tmp_path / "run")
+    new = generate_cohort(tmp_path / "second", "tiny", seed=5)
+    shutil.move(workdir, tmp_path / "elsewhere")  # no training cohort, no feature cache
+    try:
+        done = CliRunner().invoke(app, ["predict", str(run_dir), "--data", str(new), "--no-progress",
+                                        "--out", str(tmp_path / "out")])
+    finally:
+        shutil.move(tmp_path / "elsewhere", workdir)
+    assert done.exit_code == 0, done.output
+    submissions = sorted((tmp_path / "out" / "submissions").glob("*.csv"))
+    assert len(submissions) == 4
+    check = CliRunner().invoke(app, ["submission", "check", str(submissions[0]), "--data", str(new)])
+    assert check.exit_code == 0 and "valid submission" in check.output
+
+
+def test_predict_refuses_a_changed_extractor_and_damaged_weights(autoencoder_run, tmp_path):
+    result, workdir = autoencoder_run
+    root = next((workdir / "data").glob("synthetic-tiny-*"))
+    run_dir = shutil.copytree(result.run_dir, tmp_path / "run")
+    folder = model_folder(run_dir, "dmil")
+    record = json.loads((folder / RECORD).read_text())
+    view = next(v for v in record["features"].values() if v["default"])
+    view["extractor"]["input_size"] = 48
+    (folder / RECORD).write_text(json.dumps(record))
+    checksums = json.loads((folder / CHECKSUMS).read_text())
+    (folder / CHECKSUMS).write_text(json.dumps({**checksums, RECORD: file_sha256(folder / RECORD)}))
+    with pytest.raises(SavedModelError, match="extractor setting 'input_size' is 48 here, 32 when"):
+        milbench.predict(run_dir, root, models=["dmil"], out=tmp_path / "out")
+    weights = next((run_dir / "extractors").glob("autoencoder-*.pt"))
+    weights.write_bytes(weights.read_bytes() + b"\x00")
+    with pytest.raises(SavedModelError, match=f"{weights.name}: damaged or changed"):
+        milbench.predict(run_dir, root, models=["meanpool_svm"], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before any extraction
