@@ -162,10 +162,14 @@ LAYERS = [
     ("execution", ("milbench.execution",)),
     ("configuration and records", ("milbench.config", "milbench.runs", "milbench.submit")),
     ("run support", ("milbench.preparation", "milbench.instances", "milbench.report",
-                     "milbench.tracking")),
-    ("orchestration", ("milbench.pipeline", "milbench.ablation", "milbench.tune", "milbench.bench")),
-    ("wiring", ("milbench.cli", "milbench.__main__")),
+                     "milbench.tracking", "milbench.saved")),
+    ("orchestration", ("milbench.pipeline", "milbench.ablation", "milbench.tune", "milbench.bench",
+                       "milbench.prediction")),
+    ("wiring", ("milbench.cli", "milbench.__main__", "milbench.api")),
 ]
+# The one import that runs up on purpose: the package re-exports the notebook API (milbench.run,
+# milbench.load_model, ...), importing it on first use only.
+FACADE = {("milbench", "milbench.api")}
 
 
 def layer_of(module: str) -> int:
@@ -191,7 +195,7 @@ def test_imports_run_one_way_down_the_rooms():
     upward = []
     for name, path in modules.items():
         for target in all_imports(path, name, modules):
-            if layer_of(target) > layer_of(name):
+            if layer_of(target) > layer_of(name) and (name, target) not in FACADE:
                 upward.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} "
                               f"({LAYERS[layer_of(target)][0]})")
     assert not upward, "\n".join(sorted(upward))
