@@ -244,8 +244,9 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
         })
         run.write_json("submissions.json", {name: str(path) for name, path in submissions.items()})
         report.write_plots(run, data.cohort, results)
-        run.write_text("report.md", report.render(config, data, table, submissions, timer.table(), views,
-                                                  comparisons))
+        markdown = report.render(config, data, table, submissions, timer.table(), views, comparisons)
+        run.write_text("report.md", markdown)
+        run.write_text("report.html", report.render_html(markdown, run.path))
     run.write_csv("timings.csv", timer.table())
     tracking.log_run(config, run.path)  # reads the finished run directory; nothing when disabled
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions,

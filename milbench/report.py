@@ -1,4 +1,5 @@
-"""A run's figures and its report.md (markdown linking the figures under ``plots/``)."""
+"""A run's figures, its report.md (markdown linking the figures under ``plots/``) and
+report.html (the same report as one file with the figures embedded, to share)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,32 @@ def write_plots(run: Run, cohort: Cohort, results: dict[str, CVResult]) -> None:
     run.save_figure("plots/bag_sizes_by_class.png", plots.bag_sizes_by_class(cohort.frame()))
     run.save_figure("plots/oof_scores_by_class.png",
                     plots.oof_scores_by_class({n: r.oof for n, r in results.items()}))
+
+
+def render_html(markdown: str, folder: Path) -> str:
+    """``markdown`` (a report) as one self-contained HTML page: tables rendered, every image it
+    links under ``folder`` embedded, so the file can be shared alone."""
+    import base64
+    import html
+    import re
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def embed(match: re.Match) -> str:
+        path = folder / html.unescape(match.group(1))
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "img{max-width:100%}code{background:#f4f4f4}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>milbench report</title>"
+            f"<style>{style}</style></head><body>\n{body}</body></html>\n")
 
 
 def _dash(value) -> str:

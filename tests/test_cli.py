@@ -53,6 +53,8 @@ def test_run_writes_run_directory_and_valid_submissions(tmp_path, challenge, mon
                  "oof_scores_by_class.png"):
         assert (run / "plots" / plot).stat().st_size > 1000
     assert "clinical_logreg" in (run / "report.md").read_text()
+    page = (run / "report.html").read_text()  # one file to share: the figures inside it
+    assert "<table>" in page and page.count("data:image/png;base64,") >= 5 and 'src="plots/' not in page
     submissions = sorted((tmp_path / "subs").glob("*.csv"))
     assert [p.name for p in submissions] == [
         "clinical-clinical_logreg-v1.csv", "clinical-clinical_xgb-v1.csv"]
