@@ -12,6 +12,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from milbench.bench.mil import (
     bench_mil_command,
+    ensembles_against_best_member,
     format_table,
     load_mil_bench_config,
     paper_method,
@@ -255,3 +256,40 @@ def test_each_fit_row_says_what_a_selection_model_chose():
     (line,) = selection_choices(folds)
     assert line.startswith("digits30 / svm_nested: {C: ")
     assert sum(int(part.rsplit("× ", 1)[1]) for part in line.split("; ")) == 3
+
+
+def test_zoo_ensembles_share_their_members_folds_and_face_their_best_member():
+    members = [{"name": "meanpool_svm"}, {"name": "mifv", "params": {"n_components": 2}},
+               {"name": "mi_kernel"}]
+    specs = [ModelSpec.coerce(m) for m in members] + [
+        ModelSpec(name="voting", label="vote", params={"voting": "soft", "members": members}),
+        ModelSpec(name="stacker", label="stack",
+                  params={"members": members, "use_clinical": False, "meta": "logistic",
+                          "inner_splits": 2})]
+    folds = run_mil_benchmark(["digits30"], specs, n_repeats=1, n_splits=3, progress=False)
+    split = ["repeat", "fold", "n_train", "n_test"]
+    by_model = {model: rows[split].reset_index(drop=True) for model, rows in folds.groupby("model")}
+    for ensemble in ("vote", "stack"):  # out of fold: the same outer folds as every member
+        pd.testing.assert_frame_equal(by_model[ensemble], by_model["meanpool_svm"])
+    lines = ensembles_against_best_member(folds, specs)
+    assert [line.split(":")[1].split()[0] for line in lines] == ["vote", "stack"]
+    means = folds.groupby("model")["accuracy"].mean()
+    best = max(["meanpool_svm", "mifv", "mi_kernel"], key=lambda m: means[m])
+    difference = (folds[folds.model == "vote"]["accuracy"].to_numpy()
+                  - folds[folds.model == best]["accuracy"].to_numpy()).mean()
+    assert f"vs its best member {best}" in lines[0] and f"{difference:+.3f} [" in lines[0]
+    # An ensemble with a member the benchmark does not run alone has no best member to face.
+    lonely = ModelSpec(name="voting", label="lonely", params={"members": ["misvm"]})
+    assert ensembles_against_best_member(folds, [*specs, lonely]) == lines
+
+
+def test_the_stacker_learns_from_out_of_fold_member_outputs_of_its_training_bags():
+    data = load_benchmark_dataset("digits30", random_state=0)
+    train = np.arange(20)
+    model = ModelSpec(name="stacker", params={
+        "members": ["meanpool_svm", "mi_kernel"], "use_clinical": False, "meta": "logistic",
+        "inner_splits": 2}).build().fit([data.bags[i] for i in train], data.labels[train])
+    # One meta row per training bag of the fit (test_ensemble checks that each row comes from
+    # members fitted without that bag).
+    assert len(model.oof_design_) == len(train)
+    assert {"meanpool_svm:proba", "mi_kernel:proba"} <= set(model.oof_design_.columns)

@@ -46,6 +46,7 @@ from milbench.evaluation.compare import corrected_resampled_ttest
 from milbench.evaluation.cv import fit_fold
 from milbench.execution import ExecutionConfig, Executor, require_ray, with_overrides
 from milbench.io import atomic_write, atomic_write_json, atomic_write_text
+from milbench.models import model_tags
 from milbench.models.base import has_capability
 from milbench.models.registry import Tag
 from milbench.models.spec import ModelSpec, check_unique_labels
@@ -442,6 +443,34 @@ def standing(summary: pd.DataFrame, folds: pd.DataFrame | None = None) -> list[s
     return lines
 
 
+def ensembles_against_best_member(folds: pd.DataFrame, specs: Sequence[ModelSpec]) -> list[str]:
+    """Per dataset, every ensemble whose members are all models of this benchmark (same name and
+    parameters): its paired accuracy difference from its best member (the member with the
+    highest mean accuracy on these folds, so the reference is picked on them) over the same
+    folds, with the corrected resampled t-test's 95 % interval."""
+    labels = {(spec.name, params_text(spec.params)): spec.display_name for spec in specs}
+    lines = []
+    for spec in specs:
+        members = spec.params.get("members")
+        if not (Tag.ENSEMBLE.value in model_tags(spec.name) and isinstance(members, list)):
+            continue
+        coerced = [ModelSpec.coerce(member) for member in members]
+        member_labels = [labels.get((m.name, params_text(m.params))) for m in coerced]
+        if None in member_labels:
+            continue
+        for dataset, rows in folds.groupby("dataset", sort=False):
+            present = set(rows["model"])
+            if spec.display_name not in present or not set(member_labels) <= present:
+                continue
+            means = rows.groupby("model")["accuracy"].mean()
+            best = max(member_labels, key=lambda label: means[label])
+            paired = paired_accuracy(folds, dataset, spec.display_name, best)
+            lines.append(f"{dataset}: {spec.display_name} {means[spec.display_name]:.3f} vs its best "
+                         f"member {best} {means[best]:.3f}: {paired['mean_difference']:+.3f} "
+                         f"[{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]")
+    return lines
+
+
 def selection_choices(folds: pd.DataFrame) -> list[str]:
     """Per (dataset, selection model): how often each setting was chosen over the fits."""
     chosen = folds[folds["chosen_params"].fillna("") != ""]
@@ -489,7 +518,8 @@ def bench_mil_command(
         table.add_row(*row)
     Console().print(table)
     statement, choices = standing(summary, folds), selection_choices(folds)
-    for line in statement + choices:
+    ensembles = ensembles_against_best_member(folds, chosen)
+    for line in statement + ensembles + choices:
         Console().print(line)
     if out is not None:
         out = Path(out)
@@ -511,7 +541,12 @@ def bench_mil_command(
         if standing_text:  # the best of many models, picked on these folds
             standing_text = ("\nWhere milbench stands (its best model picked on these folds: "
                              "selection-optimistic):\n\n" + standing_text)
+        ensembles_text = "".join(f"- {line}\n" for line in ensembles)
+        if ensembles_text:
+            ensembles_text = ("\nEnsembles against their best member (paired accuracy difference "
+                              "over the same folds, 95 % CI; the best member is picked on these "
+                              "folds):\n\n" + ensembles_text)
         atomic_write_text(out / "table.md",
                           f"`{command}`\n\n{models_text}\n\n{format_table(summary)}"
-                          f"{standing_text}{choices_text}")
+                          f"{standing_text}{ensembles_text}{choices_text}")
     return summary
