@@ -56,6 +56,7 @@ from milbench.evaluation.compare import fold_metric, paired_comparison
 from milbench.execution import ExecutionConfig, Executor, require_ray
 from milbench.io import atomic_write_json
 from milbench.progress import progress_bar
+from milbench.runs import environment_record
 from milbench.synth.presets import parse_knob_assignments, resolve_knobs
 
 log = logging.getLogger(__name__)
@@ -309,8 +310,10 @@ def run_cohorts_bench(config_path: Path, out: Path, preset: str = "realistic",
     _check_out(out, identity)
     out.mkdir(parents=True, exist_ok=True)
     Path(first.workdir).mkdir(parents=True, exist_ok=True)  # workers check that they see it
-    atomic_write_json(out / "bench.json", {"identity": identity, "config_path": str(config_path),
-                                           "overrides": list(overrides)})
+    atomic_write_json(out / "bench.json", {
+        "identity": identity, "config_path": str(config_path), "overrides": list(overrides),
+        "seeds": list(seeds), "knobs": parse_knob_assignments(knob), "sweep": sweep,
+        "execution": execution.model_dump(), "environment": environment_record()})
     todo = [i for i, c in enumerate(cohorts)
             if not (out / "records" / c.folder / "done.json").is_file()]
     if len(todo) < len(cohorts):
