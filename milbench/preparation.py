@@ -258,6 +258,10 @@ def _store_bytes(config: RunConfig, n_images: int) -> int:
             stores[key] = SPECS[settings.name].dim * 4
         elif settings.kind == "autoencoder":
             stores[key] = settings.resolved_latent * 4
+        elif settings.kind == "morphometry":
+            from preprocessing.morphometry import DIM
+
+            stores[key] = DIM * 4
     return n_images * sum(stores.values())
 
 

@@ -52,7 +52,7 @@ from preprocessing.store import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("backbone", "autoencoder", "pixels")
+KINDS = ("backbone", "autoencoder", "pixels", "morphometry")
 # What a pixels store depends on: the preprocessing chain, nothing learned.
 PIXEL_KEYS = ("kind", "name", "input_size", "segmentation", "background", "stain")
 DEFAULT_LATENT = {False: 8192, True: 4096}  # raw images / segmented images
@@ -103,6 +103,9 @@ class ExtractorConfig:
         if self.segmentation is not None and self.segmentation not in VARIANTS:
             raise ValueError(f"unknown segmentation {self.segmentation!r}; "
                              f"choose from {sorted(VARIANTS)}")
+        if self.kind == "morphometry" and self.segmentation is None:
+            raise ValueError("a morphometry extractor measures the segmented cell: it needs "
+                             "segmentation (e.g. kmeans_saturation_hue)")
         if self.kind == "pixels" and self.name != "pixels":
             raise ValueError(f"a pixels extractor is named 'pixels', got name {self.name!r}")
         if self.kind == "autoencoder" and self.weights is not None and not Path(self.weights).is_file():
@@ -229,7 +232,12 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
                                batch_size=64, num_workers=num_workers, channels_last=False,
                                commit_seconds=2.0, on_batch=None, device=device)
 
-    if config.kind == "backbone":
+    if config.kind == "morphometry":
+        from preprocessing.morphometry import Morphometry
+
+        model = Morphometry(config.background)
+        dim = model.dim
+    elif config.kind == "backbone":
         from preprocessing.backbones import build_backbone, is_weights_file
 
         if is_weights_file(config.weights):
