@@ -4,7 +4,8 @@ The patients are the test patients of the challenge folder ``ROOT`` (its ``tests
 the challenge layout; a second-stage test set, say). For each saved model, the features it read
 are extracted from their images with the extractor recorded in ``model.json``: the same
 preprocessing and backbone, the stain reference recorded numbers (the source set need not be
-there), and an autoencoder's weights from the run's ``extractors/`` (never retrained). Nothing of
+there), and the weights of an extractor trained on the training cohort (an autoencoder, a
+self-supervised encoder) from the run's ``extractors/`` (never retrained). Nothing of
 the training data is read. Before any extraction, each model file is verified (checksums,
 library versions) and each extractor is checked against the one the model was trained with:
 a setting that differs is refused, naming it.
@@ -37,10 +38,11 @@ from milbench.saved import (
     EXTRACTORS,
     RECORD,
     SavedModelError,
-    autoencoder_path,
+    extractor_weights_path,
     load_saved_model,
     model_folder,
 )
+from preprocessing.extract import TRAINED_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,13 @@ def prediction_extractor(record: dict[str, Any], run_dir: Path) -> dict[str, Any
     resolved = record.get("resolved") or {}
     if resolved.get("stain"):
         extractor["stain"] = {k: resolved["stain"][k] for k in ("space", "mean", "std")}
-    if extractor.get("kind") == "autoencoder":
-        key = resolved.get("autoencoder_key")
-        weights = autoencoder_path(run_dir, key) if key else None
+    kind = extractor.get("kind")
+    if kind in TRAINED_WEIGHTS:
+        key = resolved.get(TRAINED_WEIGHTS[kind][0])
+        weights = extractor_weights_path(run_dir, kind, key) if key else None
         if weights is None or not weights.is_file():
-            raise SavedModelError(f"{weights or run_dir / EXTRACTORS}: the autoencoder this model "
-                                  "reads was not saved with the run")
+            raise SavedModelError(f"{weights or run_dir / EXTRACTORS}: the {kind} extractor this "
+                                  "model reads was not saved with the run")
         listed = json.loads((run_dir / EXTRACTORS / CHECKSUMS).read_text(encoding="utf-8"))
         if listed.get(weights.name) != file_sha256(weights):
             raise SavedModelError(f"{weights}: damaged or changed since it was saved (checksum differs)")

@@ -11,9 +11,9 @@ can reload it on another day and predict without retraining.
   key and extractor settings), the milbench version and git commit, the library versions;
 - ``checksums.json``: the SHA-256 of both files.
 
-``extractors/`` of the run holds the weights of every autoencoder it trained (a feature
-extractor fitted on the cohort), with their checksums: ``milbench predict`` encodes new patients
-with them (``milbench.prediction``).
+``extractors/`` of the run holds the weights of every feature extractor it trained on the
+cohort (an autoencoder, a self-supervised encoder), with their checksums: ``milbench predict``
+encodes new patients with them (``milbench.prediction``).
 
 :func:`load_saved_model` verifies the checksums (a damaged or missing file is refused, naming
 it) and the major versions of the libraries that pickled the model (a different major version is
@@ -94,21 +94,28 @@ def save_model(model, run_dir: str | Path, name: str, record: dict[str, Any],
 EXTRACTORS = "extractors"
 
 
-def autoencoder_path(run_dir: str | Path, autoencoder_key: str) -> Path:
-    return Path(run_dir) / EXTRACTORS / f"autoencoder-{autoencoder_key}.pt"
+def extractor_weights_path(run_dir: str | Path, kind: str, training_key: str) -> Path:
+    """Where a run keeps the weights of an extractor it trained (``TRAINED_WEIGHTS``)."""
+    return Path(run_dir) / EXTRACTORS / f"{kind}-{training_key}.pt"
 
 
 def save_extractors(run_dir: str | Path, manifests: list[dict], cache_dir: str | Path) -> list[Path]:
-    """Copy the weights of every autoencoder the run trained (its feature stores' ``manifests``)
-    into ``run_dir/extractors/``, with their checksums, so that ``milbench predict`` encodes new
-    patients with them and never needs the training data."""
+    """Copy the weights of every extractor the run trained on its cohort (an autoencoder, a
+    self-supervised encoder: its feature stores' ``manifests``) into ``run_dir/extractors/``,
+    with their checksums, so that ``milbench predict`` encodes new patients with them and never
+    needs the training data."""
+    from preprocessing.extract import TRAINED_WEIGHTS
+
     written = []
     for manifest in manifests:
-        key = (manifest.get("config") or {}).get("autoencoder_key")
-        if key is None:
+        config = manifest.get("config") or {}
+        if config.get("kind") not in TRAINED_WEIGHTS:
             continue
-        source = Path(cache_dir) / "autoencoders" / key / "autoencoder.pt"
-        target = autoencoder_path(run_dir, key)
+        key_name, folder, file = TRAINED_WEIGHTS[config["kind"]]
+        if config.get(key_name) is None:  # given its weights, not trained by this run
+            continue
+        source = Path(cache_dir) / folder / config[key_name] / file
+        target = extractor_weights_path(run_dir, config["kind"], config[key_name])
         atomic_write_bytes(target, source.read_bytes())
         written.append(target)
     if written:

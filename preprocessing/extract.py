@@ -52,7 +52,11 @@ from preprocessing.store import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("backbone", "autoencoder", "pixels", "morphometry")
+KINDS = ("backbone", "autoencoder", "pixels", "morphometry", "selfsup")
+# Extractors trained on the cohort: (resolved-config key of the training run, cache folder,
+# weights file). A saved run keeps these weights to encode new patients (milbench.saved).
+TRAINED_WEIGHTS = {"autoencoder": ("autoencoder_key", "autoencoders", "autoencoder.pt"),
+                   "selfsup": ("selfsup_key", "selfsup", "encoder.pt")}
 # What a pixels store depends on: the preprocessing chain, nothing learned.
 PIXEL_KEYS = ("kind", "name", "input_size", "segmentation", "background", "stain")
 DEFAULT_LATENT = {False: 8192, True: 4096}  # raw images / segmented images
@@ -108,9 +112,9 @@ class ExtractorConfig:
                              "segmentation (e.g. kmeans_saturation_hue)")
         if self.kind == "pixels" and self.name != "pixels":
             raise ValueError(f"a pixels extractor is named 'pixels', got name {self.name!r}")
-        if self.kind == "autoencoder" and self.weights is not None and not Path(self.weights).is_file():
-            raise ValueError(f"autoencoder weights {self.weights}: no such file (a trained "
-                             "autoencoder's autoencoder.pt; null trains one on the cohort)")
+        if self.kind in TRAINED_WEIGHTS and self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"{self.kind} weights {self.weights}: no such file (a trained "
+                             f"{TRAINED_WEIGHTS[self.kind][2]}; null trains one on the cohort)")
         if self.kind == "autoencoder" and self.input_size % 16:
             raise ValueError(f"autoencoder input_size must be a multiple of 16, "
                              f"got {self.input_size}")
@@ -243,6 +247,27 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
         if is_weights_file(config.weights):
             resolved["weights_sha256"] = file_sha256(config.weights)
         model = build_backbone(config.name, config.weights)
+        dim = model.dim
+    elif config.kind == "selfsup":
+        from preprocessing.selfsup import fit_selfsup_encoder, load_encoder
+
+        resolved["seed"] = seed
+        resolved["pixels_key"] = pixels_key
+        if config.weights is not None:  # a saved run's encoder: nothing is trained here
+            resolved["weights_sha256"] = file_sha256(config.weights)
+            model = load_encoder(config.weights)
+        else:
+            training_key = hash_key({"config": {k: v for k, v in resolved.items()
+                                                if k not in {"name", "weights"}},
+                                     "sources": store_key({}, sources)})
+            resolved["selfsup_key"] = training_key
+            resolved["uses_test_images"] = True
+            model = fit_selfsup_encoder(
+                lambda: pixels().features(), cache_dir / "selfsup" / training_key,
+                input_size=config.input_size, epochs=config.epochs,
+                batch_size=config.train_batch_size, learning_rate=config.learning_rate,
+                seed=seed, progress=progress,
+                record={"config": resolved, "test_patients": [p.id for p in cohort.test().patients]})
         dim = model.dim
     elif config.weights is not None:
         # A trained autoencoder given by its weights (a saved run's, to encode new patients):
