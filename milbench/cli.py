@@ -38,6 +38,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, Fil
 
 Backend = Annotated[str | None, typer.Option(
     help="Where fits run: local (worker processes) or ray (default: the config's execution.backend).")]
+DEFAULT_CONFIG = Path("configs/pipeline.yaml")
 Jobs = Annotated[int | None, typer.Option(
     help="Fits at once (default: the config's execution.jobs).")]
 
@@ -79,7 +80,9 @@ def _print_table(frame, title: str) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Argument(help="YAML run config.")] = Path("configs/pipeline.yaml"),
+    config: Annotated[Path | None, typer.Argument(
+        help="YAML run config (default configs/pipeline.yaml; with --resume alone, the run's own).")]
+    = None,
     data: Annotated[Path | None, typer.Option(help="Challenge folder; default: a generated cohort.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: key.sub=value")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -94,6 +97,10 @@ def run(
 
     overrides = _overrides(set_, data, backend, jobs)
     try:
+        from milbench.runs import requested_config_path
+
+        if config is None:  # resuming a run directory continues with the config it recorded
+            config = requested_config_path(resume) if resume is not None else DEFAULT_CONFIG
         # The config (model parameters included) is checked before the pipeline and its heavy
         # libraries load: a typo fails in about a second.
         resolved = load_config(config, overrides)
@@ -103,11 +110,8 @@ def run(
     except USER_ERRORS as error:
         _fail(error)
     except RunInterrupted as stopped:
-        command = [arg for arg in sys.argv if arg != "--resume"]
-        if resume is not None:
-            command = [arg for arg in command if arg != str(resume)]
-        error_console.print(f"{stopped}. Resume with:\n  {' '.join(command)} --resume "
-                            f"{stopped.run_dir}")
+        # The run directory records the config asked for, overrides included.
+        error_console.print(f"{stopped}. Resume with:\n  milbench run --resume {stopped.run_dir}")
         raise typer.Exit(130) from None
     # The terminal shows the headline columns; metrics.csv and report.md hold every metric.
     shown = outcome.table.drop(columns=["balanced_accuracy_mean", "f1", "precision", "recall"])

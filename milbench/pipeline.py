@@ -18,6 +18,7 @@ import yaml
 from milbench import report, tracking
 from milbench.config import ConfigError, RunConfig, resolved_dict
 from milbench.core.metrics import METRICS, binary_metrics, format_mean_std_max
+from milbench.data import load_challenge
 from milbench.ensemble.members import (
     check_members,
     check_selection,
@@ -38,11 +39,12 @@ from milbench.preparation import (
     PreparedData,
     hidden_test_labels,
     prepare_data,
+    resolve_data_root,
     stratification,
     worker_data,
 )
 from milbench.progress import StageTimer
-from milbench.runs import Run, environment_record, git_state
+from milbench.runs import REQUESTED_CONFIG, Run, environment_record, git_state, requested_config_path
 from milbench.saved import save_extractors, save_model
 from milbench.submit import write_submission
 
@@ -112,33 +114,36 @@ def config_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [prefix or "(top level)"]
 
 
-def data_fingerprint(data: PreparedData) -> str:
+def data_fingerprint(cohort) -> str:
     """The cohort's images (path, size, mtime) and its patient table."""
     from preprocessing.store import source_table, sources_fingerprint
 
-    table = hashlib.sha256(data.cohort.frame().to_csv(index=False).encode()).hexdigest()
-    return f"{sources_fingerprint(source_table(data.cohort.image_table()))}:{table}"
+    table = hashlib.sha256(cohort.frame().to_csv(index=False).encode()).hexdigest()
+    return f"{sources_fingerprint(source_table(cohort.image_table()))}:{table}"
 
 
-def _resume(path: Path, resolved: dict, fingerprint: str) -> Run:
-    """The run directory to continue, once its config, data and code match this run's."""
+def _resume(path: Path, config: RunConfig, requested: dict) -> Run:
+    """The run directory to continue, once its config, code version and data match this run's;
+    checked before any feature extraction or fit."""
     run = Run.open(path)
-    saved = yaml.safe_load(run.file("config.yaml").read_text(encoding="utf-8"))
+    saved = yaml.safe_load(requested_config_path(path).read_text(encoding="utf-8"))
     # Where the fits run does not change their results: a run may resume on another backend.
-    changed = [key for key in config_differences(saved, json.loads(json.dumps(resolved, default=str)))
+    changed = [key for key in config_differences(saved, json.loads(json.dumps(requested, default=str)))
                if key.split(".")[0] != "execution"]
     if changed:
         raise ConfigError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
-    recorded = json.loads(run.file("data_fingerprint.json").read_text(encoding="utf-8"))
-    if recorded["fingerprint"] != fingerprint:
-        raise ConfigError(f"cannot resume {path}: the data differs (images or patient table "
-                          "changed since the run started)")
     then = json.loads(run.file("environment.json").read_text(encoding="utf-8"))
     now = environment_record()
     for name in ("milbench_version", "git"):
         if then.get(name) != now.get(name):
             raise ConfigError(f"cannot resume {path}: the code version differs ({name}: "
                               f"{then.get(name)} then, {now.get(name)} now)")
+    root = resolve_data_root(config.data, config.workdir, progress=False)
+    cohort = load_challenge(root, config.data.reference_date, config.data.strict_images)
+    recorded = json.loads(run.file("data_fingerprint.json").read_text(encoding="utf-8"))
+    if recorded["fingerprint"] != data_fingerprint(cohort):
+        raise ConfigError(f"cannot resume {path}: the data differs (images or patient table "
+                          "changed since the run started)")
     log.info("resuming %s", path)
     return run
 
@@ -160,16 +165,16 @@ def run_pipeline(config: RunConfig, progress: bool = True, resume: Path | None =
 
 def _run(config: RunConfig, progress: bool, resume: Path | None, timer: StageTimer,
          executor: Executor) -> RunOutcome:
+    requested = resolved_dict(config)  # before preparation fills in source features
+    run = _resume(Path(resume), config, requested) if resume is not None else None
     data = prepare_data(config, progress, timer, map_tasks=executor.map)
-    resolved = resolved_dict(config)
-    resolved["data"]["resolved_root"] = str(data.root.resolve())
-    fingerprint = data_fingerprint(data)
-    if resume is not None:
-        run = _resume(Path(resume), resolved, fingerprint)
-    else:
+    if run is None:
+        resolved = resolved_dict(config)
+        resolved["data"]["resolved_root"] = str(data.root.resolve())
         run = Run.create(Path(config.workdir) / "runs", config.name)
         run.save_config(resolved)
-        run.write_json("data_fingerprint.json", {"fingerprint": fingerprint})
+        run.write_text(REQUESTED_CONFIG, yaml.safe_dump(requested, sort_keys=False))
+        run.write_json("data_fingerprint.json", {"fingerprint": data_fingerprint(data.cohort)})
     try:
         with stop_between_folds():
             return _run_models(config, progress, timer, data, run, executor)

@@ -28,6 +28,19 @@ RECORDED_LIBRARIES = (
 )
 
 
+# The config as the user asked for it (validated, before data preparation fills in source
+# features): what `milbench run --resume RUN_DIR` continues with, and compares a config with.
+REQUESTED_CONFIG = "config_requested.yaml"
+
+
+def requested_config_path(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / REQUESTED_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume {run_dir}: it holds no {REQUESTED_CONFIG} (not a "
+                                "run directory, or one written by an older milbench)")
+    return path
+
+
 def git_state(path: Path | None = None) -> dict[str, Any]:
     """Commit and dirty flag of the checkout holding the milbench sources (None outside git)."""
     where = path or Path(milbench.__file__).resolve().parent.parent

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from milbench.cli import app
 from milbench.config import ConfigError, load_config
 from milbench.pipeline import run_pipeline
 
@@ -56,9 +58,10 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_same_results(tmp_path):
     kept = list(run_dir.glob("fits/clinical_xgb/r*-f*.json"))
     assert 3 <= len(kept) < 36 and not (run_dir / "report.md").exists()
 
-    resumed = run_pipeline(load_config(CONFIGS / "pipeline.yaml", settings(work)),
-                           progress=False, resume=run_dir)
-    assert resumed.run_dir == run_dir
+    # The run directory alone: it resumes with the config it recorded (overrides included).
+    resumed = CliRunner().invoke(app, ["run", "--resume", str(run_dir), "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    assert len(list(work.glob("runs/*"))) == 1  # continued in place, no new run directory
     pd.testing.assert_frame_equal(metrics(run_dir), metrics(straight.run_dir))
     for model in ("clinical_logreg", "clinical_xgb"):
         pd.testing.assert_frame_equal(pd.read_csv(run_dir / "models" / model / "oof.csv"),
@@ -68,11 +71,35 @@ def test_a_run_stopped_by_a_signal_resumes_to_the_same_results(tmp_path):
         "pipeline-clinical_logreg-v1.csv", "pipeline-clinical_xgb-v1.csv"]
 
 
-def test_a_resume_with_another_config_is_refused_naming_the_field(tmp_path):
-    first = run_pipeline(load_config(CONFIGS / "pipeline.yaml", [
-        *settings(tmp_path), "evaluation.n_repeats=1"]), progress=False)
-    changed = load_config(CONFIGS / "pipeline.yaml", [*settings(tmp_path), "evaluation.n_repeats=2"])
+FEATURES = ["models=[{name: clinical_logreg}, {name: meanpool_svm}]", "data.synthetic.preset=tiny",
+            "features.extractor={kind: backbone, name: resnet18, weights: null, input_size: 32}",
+            "evaluation.n_splits=2"]
+
+
+def test_a_resume_with_another_config_is_refused_before_any_extraction(tmp_path, monkeypatch):
+    base = [*FEATURES, f"workdir={tmp_path}", "submission.enabled=false"]
+    first = run_pipeline(load_config(CONFIGS / "pipeline.yaml", base), progress=False)
+    import preprocessing.extract
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted before the refusal")
+
+    monkeypatch.setattr(preprocessing.extract, "extract_features", no_extraction)
+    changed = load_config(CONFIGS / "pipeline.yaml", [*base, "evaluation.n_repeats=2"])
+    started = time.monotonic()
     with pytest.raises(ConfigError, match=r"cannot resume .*: the config differs in "
                                           r"evaluation\.n_repeats"):
         run_pipeline(changed, progress=False, resume=first.run_dir)
+    assert time.monotonic() - started < 5
     assert os.path.isdir(first.run_dir)
+    # The same config on changed data (an image rewritten since): refused too, before any work.
+    image = next((tmp_path / "data").glob("synthetic-tiny-*/trainset/*/*.jpg"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match="the data differs"):
+        run_pipeline(load_config(CONFIGS / "pipeline.yaml", base), progress=False,
+                     resume=first.run_dir)
+
+
+def test_resuming_a_folder_that_is_no_run_directory_is_refused_by_name(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no config_requested.yaml" in result.output
