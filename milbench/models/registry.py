@@ -59,6 +59,7 @@ BUILTIN: dict[str, tuple[str, tuple[Tag, ...]]] = {
                  (Tag.SELECTION, Tag.CLINICAL_OPTIONAL)),
     "stacker": ("milbench.ensemble.stacker:ClinicalStacker", (Tag.ENSEMBLE, Tag.CLINICAL)),
     "voting": ("milbench.ensemble.voting:VotingEnsemble", (Tag.ENSEMBLE, Tag.CLINICAL)),
+    "shrinkage": ("milbench.ensemble.shrinkage:ShrinkageEnsemble", (Tag.ENSEMBLE, Tag.CLINICAL)),
 }
 
 _REGISTRY: dict[str, str | Callable[..., Any]] = {name: path for name, (path, _) in BUILTIN.items()}
