@@ -126,9 +126,12 @@ def forest_plot(records: pd.DataFrame, summary: pd.DataFrame, cell: str):
         axis.set_title(model, fontsize=10)
         axis.set_xlabel(f"balanced accuracy − {baseline}")
     axes[0][0].set_yticks([*positions.values(), 0], [f"seed {s}" for s in seeds] + ["pooled"])
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, [f"{label} (diamond and bar: mean over cohorts, 95 % t interval)"
+                            if label == "CV gain" else label for label in labels],
+                  loc="lower center", ncol=2, fontsize=8, frameon=False)
     figure.suptitle(f"Gain over {baseline} per cohort ({cell})", fontsize=11)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     return figure
 
 
