@@ -19,6 +19,9 @@ from milbench.bench import cohorts as bench
 from milbench.cli import app
 from milbench.config import ConfigError
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PIPELINE = CONFIGS / "pipeline.yaml"
 # Seconds per tiny cohort: the baseline and one image model on random ResNet-18 vectors.

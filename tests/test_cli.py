@@ -26,6 +26,7 @@ def invoke(*args):
     return result
 
 
+@pytest.mark.e2e
 def test_run_writes_run_directory_and_valid_submissions(tmp_path, challenge, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = ["run", CONFIGS / "clinical.yaml", "--data", challenge, "--no-progress",

@@ -32,6 +32,9 @@ from milbench.tune import run_tune, score_trial
 from preprocessing.extract import extract_features, shard_ranges
 from preprocessing.toy import write_toy_cohort
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RAY = ExecutionConfig(backend="ray", jobs=2)
 RESNET = "{kind: backbone, name: resnet18, weights: null, input_size: 32, segmentation: null}"

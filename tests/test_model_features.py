@@ -18,6 +18,9 @@ from milbench.models.spec import ModelSpec, features_key
 from milbench.pipeline import run_pipeline
 from milbench.preparation import prepare_data
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Two cheap extractors of different widths: a 1-epoch 32 px autoencoder and a random ResNet-18.
 AUTOENCODER = ("{kind: autoencoder, name: conv_ae, input_size: 32, latent: 64, epochs: 1, "

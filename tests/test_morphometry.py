@@ -113,6 +113,7 @@ def test_morphometry_needs_a_segmentation(cohort, tmp_path):
         _extract(cohort, tmp_path, config={**CONFIG, "segmentation": None})
 
 
+@pytest.mark.e2e
 def test_a_bag_model_reads_it_in_a_run(tmp_path):
     import milbench
 

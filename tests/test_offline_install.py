@@ -16,6 +16,11 @@ import sys
 import venv
 from pathlib import Path
 
+import pytest
+
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

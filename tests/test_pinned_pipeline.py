@@ -65,6 +65,9 @@ import torch
 from milbench.config import load_config
 from milbench.pipeline import run_pipeline
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 torch.set_num_threads(1)
 configs, workdirs = sys.argv[1], sys.argv[2:]
 runs = []

@@ -17,6 +17,9 @@ from milbench.pipeline import run_pipeline
 from milbench.preparation import prepare_data
 from milbench.submit import check_submission
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -18,6 +18,9 @@ from milbench.cli import app
 from milbench.config import ConfigError, load_config
 from milbench.pipeline import run_pipeline
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # Clinical models only (no feature extraction); 3-fold CV x 12 repeats gives enough folds to
 # stop the run in the middle of them.

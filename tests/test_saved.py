@@ -18,6 +18,9 @@ from milbench.io import file_sha256
 from milbench.preparation import prepare_data
 from milbench.saved import CHECKSUMS, PICKLE, RECORD, SavedModelError, model_folder
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RESNET = "{kind: backbone, name: resnet18, weights: null, input_size: 32, segmentation: null}"
 DMIL = "{name: dmil, params: {max_epochs: 3, validation_fraction: 0}}"

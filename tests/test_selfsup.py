@@ -69,6 +69,7 @@ def test_training_interrupted_mid_run_resumes_to_the_same_encoder(tmp_path, monk
     assert len(record["epoch_mean_loss"]) == 2
 
 
+@pytest.mark.e2e
 def test_a_run_reads_it_and_keeps_its_weights(tmp_path):
     import milbench
 

@@ -20,6 +20,9 @@ from milbench import tracking
 from milbench.cli import app
 from milbench.config import ConfigError, load_config
 
+# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 INSTALL = 'pip install "milbench[mlflow]"'
 
