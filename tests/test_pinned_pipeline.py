@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# End to end: runs the pipeline (`pytest -m "not e2e"` leaves these out).
+pytestmark = pytest.mark.e2e
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PIN = Path(__file__).resolve().parent / "pinned" / "default_pipeline_tiny_oof.json"
 
@@ -64,9 +67,6 @@ import pandas as pd
 import torch
 from milbench.config import load_config
 from milbench.pipeline import run_pipeline
-
-# End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).
-pytestmark = pytest.mark.e2e
 
 torch.set_num_threads(1)
 configs, workdirs = sys.argv[1], sys.argv[2:]
