@@ -38,11 +38,10 @@ from milbench.saved import (
     EXTRACTORS,
     RECORD,
     SavedModelError,
-    extractor_weights_path,
+    extractor_weights_name,
     load_saved_model,
     model_folder,
 )
-from preprocessing.extract import TRAINED_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +75,18 @@ def saved_model_names(run_dir: Path) -> list[str]:
 
 def prediction_extractor(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """The extractor of one recorded feature view, as it runs on new patients: the model's
-    extractor with the recorded stain numbers and, for an autoencoder, the run's saved weights."""
+    extractor with the recorded stain numbers and the weights it depends on (trained on the
+    training cohort, or a pretrained file) from the run's extractors/."""
     extractor = dict(record["extractor"])
     resolved = record.get("resolved") or {}
     if resolved.get("stain"):
         extractor["stain"] = {k: resolved["stain"][k] for k in ("space", "mean", "std")}
-    kind = extractor.get("kind")
-    if kind in TRAINED_WEIGHTS:
-        key = resolved.get(TRAINED_WEIGHTS[kind][0])
-        weights = extractor_weights_path(run_dir, kind, key) if key else None
-        if weights is None or not weights.is_file():
-            raise SavedModelError(f"{weights or run_dir / EXTRACTORS}: the {kind} extractor this "
-                                  "model reads was not saved with the run")
+    name = extractor_weights_name(resolved)
+    if name is not None:
+        weights = run_dir / EXTRACTORS / name
+        if not weights.is_file():
+            raise SavedModelError(f"{weights}: the weights of the {extractor.get('kind')} extractor "
+                                  "this model reads were not saved with the run")
         listed = json.loads((run_dir / EXTRACTORS / CHECKSUMS).read_text(encoding="utf-8"))
         if listed.get(weights.name) != file_sha256(weights):
             raise SavedModelError(f"{weights}: damaged or changed since it was saved (checksum differs)")

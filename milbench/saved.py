@@ -12,8 +12,9 @@ can reload it on another day and predict without retraining.
 - ``checksums.json``: the SHA-256 of both files.
 
 ``extractors/`` of the run holds the weights of every feature extractor it trained on the
-cohort (an autoencoder, a self-supervised encoder), with their checksums: ``milbench predict``
-encodes new patients with them (``milbench.prediction``).
+cohort (an autoencoder, a self-supervised encoder) or read from a file (a pretrained backbone),
+with their checksums: ``milbench predict`` encodes new patients with them
+(``milbench.prediction``).
 
 :func:`load_saved_model` verifies the checksums (a damaged or missing file is refused, naming
 it) and the major versions of the libraries that pickled the model (a different major version is
@@ -94,28 +95,40 @@ def save_model(model, run_dir: str | Path, name: str, record: dict[str, Any],
 EXTRACTORS = "extractors"
 
 
-def extractor_weights_path(run_dir: str | Path, kind: str, training_key: str) -> Path:
-    """Where a run keeps the weights of an extractor it trained (``TRAINED_WEIGHTS``)."""
-    return Path(run_dir) / EXTRACTORS / f"{kind}-{training_key}.pt"
+def extractor_weights_name(resolved: dict) -> str | None:
+    """The file name under ``extractors/`` of the weights an extractor's features depend on
+    (its resolved settings, as its feature store records them): an extractor trained on the
+    cohort (``TRAINED_WEIGHTS``: an autoencoder, a self-supervised encoder), or one given a
+    weights file (a pretrained backbone); None for weights the code alone decides."""
+    from preprocessing.extract import TRAINED_WEIGHTS
+
+    kind = resolved.get("kind")
+    if kind in TRAINED_WEIGHTS and resolved.get(TRAINED_WEIGHTS[kind][0]):
+        return f"{kind}-{resolved[TRAINED_WEIGHTS[kind][0]]}.pt"
+    if resolved.get("weights_sha256"):
+        return f"{kind}-{resolved['weights_sha256'][:16]}.pt"
+    return None
 
 
 def save_extractors(run_dir: str | Path, manifests: list[dict], cache_dir: str | Path) -> list[Path]:
-    """Copy the weights of every extractor the run trained on its cohort (an autoencoder, a
-    self-supervised encoder: its feature stores' ``manifests``) into ``run_dir/extractors/``,
-    with their checksums, so that ``milbench predict`` encodes new patients with them and never
-    needs the training data."""
+    """Copy the weights every feature store of the run depends on (``manifests``; see
+    :func:`extractor_weights_name`) into ``run_dir/extractors/``, with their checksums, so that
+    ``milbench predict`` encodes new patients with them and never needs the training data."""
     from preprocessing.extract import TRAINED_WEIGHTS
 
     written = []
     for manifest in manifests:
         config = manifest.get("config") or {}
-        if config.get("kind") not in TRAINED_WEIGHTS:
+        name = extractor_weights_name(config)
+        if name is None:
             continue
-        key_name, folder, file = TRAINED_WEIGHTS[config["kind"]]
-        if config.get(key_name) is None:  # given its weights, not trained by this run
-            continue
-        source = Path(cache_dir) / folder / config[key_name] / file
-        target = extractor_weights_path(run_dir, config["kind"], config[key_name])
+        kind = config["kind"]
+        if kind in TRAINED_WEIGHTS and config.get(TRAINED_WEIGHTS[kind][0]):
+            key, folder, file = TRAINED_WEIGHTS[kind]
+            source = Path(cache_dir) / folder / config[key] / file
+        else:
+            source = Path(config["weights"])
+        target = Path(run_dir) / EXTRACTORS / name
         atomic_write_bytes(target, source.read_bytes())
         written.append(target)
     if written:

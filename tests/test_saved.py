@@ -182,3 +182,24 @@ def test_predict_refuses_a_changed_extractor_and_damaged_weights(autoencoder_run
     with pytest.raises(SavedModelError, match=f"{weights.name}: damaged or changed"):
         milbench.predict(run_dir, root, models=["meanpool_svm"], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before any extraction
+
+
+def test_a_pretrained_backbone_file_travels_with_the_run(tmp_path):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "pretrained" / "resnet18.pt"
+    weights.parent.mkdir()
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+    extractor = f"{{kind: backbone, name: resnet18, weights: {weights}, input_size: 32}}"
+    overrides = [*_overrides(tmp_path / "work"), f"features.extractor={extractor}",
+                 "models=[{name: clinical_logreg}, {name: meanpool_svm}]"]
+    result = milbench.run(CONFIGS / "pipeline.yaml", overrides=overrides)
+    copied = list((result.run_dir / "extractors").glob("backbone-*.pt"))
+    assert len(copied) == 1 and file_sha256(copied[0]) == file_sha256(weights)
+    shutil.rmtree(weights.parent)  # the notebook has the run, not the original file
+    root = next((tmp_path / "work" / "data").glob("synthetic-tiny-*"))
+    predictions = milbench.predict(result.run_dir, root, models=["meanpool_svm"], out=tmp_path / "out")
+    np.testing.assert_allclose(predictions["score"], result.test_predictions("meanpool_svm")["score"],
+                               rtol=0, atol=1e-9)
