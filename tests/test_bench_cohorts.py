@@ -205,3 +205,12 @@ def test_the_command_line_names_a_bad_seed_list(tmp_path):
     result = CliRunner().invoke(app, ["bench", "cohorts", str(PIPELINE), "--out", str(tmp_path / "b"),
                                       "--seeds", "1,x"])
     assert result.exit_code == 2 and "--seeds '1,x' must be comma-separated integers" in result.output
+
+
+def test_the_folder_identity_ignores_what_does_not_change_the_records(tmp_path):
+    base = bench.cohort_config(PIPELINE, overrides(tmp_path), "tiny", bench.Cohort("default", {}, 0), 1)
+    moved = base.model_copy(update={"workdir": str(tmp_path / "elsewhere"), "save_models": False,
+                                    "features": base.features.model_copy(update={"source": "x.yaml"})})
+    assert bench._bench_identity(moved, "tiny") == bench._bench_identity(base, "tiny")
+    changed = base.model_copy(update={"seed": 3})
+    assert bench._bench_identity(changed, "tiny") != bench._bench_identity(base, "tiny")

@@ -146,13 +146,23 @@ def cohort_config(config_path: Path, overrides: Sequence[str], preset: str, coho
         "execution.backend=local", "execution.jobs=1", f"execution.cpus_per_task={cpus}"])
 
 
-def _bench_identity(config: RunConfig, preset: str) -> dict[str, Any]:
-    """What a bench folder's records depend on: the config without its data seed, knobs and
-    execution settings, and the preset."""
-    resolved = json.loads(json.dumps(resolved_dict(config), default=str))
-    resolved.pop("execution", None)
-    resolved["data"]["synthetic"].pop("seed", None)
-    resolved["data"]["synthetic"].pop("knobs", None)
+# Settings that do not change a cohort's records: where and how the work runs, what else a run
+# writes, and where the extractor mapping was read from (a config given by another path).
+NOT_IDENTITY = (("execution",), ("workdir",), ("name",), ("save_models",), ("tracking",),
+                ("submission",), ("features", "source"), ("data", "synthetic", "seed"),
+                ("data", "synthetic", "knobs"))
+
+
+def _bench_identity(config: RunConfig | dict, preset: str) -> dict[str, Any]:
+    """What a bench folder's records depend on: the config but for ``NOT_IDENTITY`` (the data
+    seed and knobs are each cohort's own), and the preset."""
+    resolved = config if isinstance(config, dict) else resolved_dict(config)
+    resolved = json.loads(json.dumps(resolved, default=str))
+    for path in NOT_IDENTITY:
+        parent = resolved
+        for key in path[:-1]:
+            parent = parent.get(key, {})
+        parent.pop(path[-1], None)
     return {"preset": preset, "config": resolved}
 
 
@@ -162,6 +172,7 @@ def _check_out(out: Path, identity: dict[str, Any]) -> None:
     recorded = out / "bench.json"
     if recorded.is_file():
         saved = json.loads(recorded.read_text(encoding="utf-8"))["identity"]
+        saved = _bench_identity(saved["config"], saved["preset"])  # as this version reads it
         changed = config_differences(saved, identity)
         if changed:
             raise ConfigError(f"{out} holds a cohorts bench of another config (it differs in "
