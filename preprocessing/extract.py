@@ -205,6 +205,12 @@ class Prepared:
         return "uint8" if self.config.kind == "pixels" else "float32"
 
 
+def _training_key(resolved: dict, sources) -> str:
+    """What an extractor trained on the cohort depends on: its settings and the cohort's images."""
+    return hash_key({"config": {k: v for k, v in resolved.items() if k not in {"name", "weights"}},
+                     "sources": store_key({}, sources)})
+
+
 def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int = 0,
             progress: bool = True, num_workers: int | None = None,
             device: str = "cpu") -> Prepared:
@@ -257,9 +263,7 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
             resolved["weights_sha256"] = file_sha256(config.weights)
             model = load_encoder(config.weights)
         else:
-            training_key = hash_key({"config": {k: v for k, v in resolved.items()
-                                                if k not in {"name", "weights"}},
-                                     "sources": store_key({}, sources)})
+            training_key = _training_key(resolved, sources)
             resolved["selfsup_key"] = training_key
             resolved["uses_test_images"] = True
             model = fit_selfsup_encoder(
@@ -288,9 +292,7 @@ def prepare(cohort, extractor_config, cache_dir: str | os.PathLike, *, seed: int
         # Trained on the pixels store (its batches, hence its weights, differ from training on
         # decoded files): part of the training key.
         resolved["pixels_key"] = pixels_key
-        training_key = hash_key({"config": {k: v for k, v in resolved.items()
-                                            if k not in {"name", "weights"}},
-                                 "sources": store_key({}, sources)})
+        training_key = _training_key(resolved, sources)
         resolved["autoencoder_key"] = training_key
         resolved["uses_test_images"] = True
         autoencoder = fit_cohort_autoencoder(
