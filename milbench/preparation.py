@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def check_generated(path: Path, what: str) -> None:
     """Refuse a generated directory whose files changed since it was written (naming them);
     one made before checksums were recorded is reused with a logged warning."""
-    from milbench.synth.cohort import verify_generated
+    from milbench.synth.layout import verify_generated
 
     problems = verify_generated(path)
     if problems is None:

@@ -37,7 +37,7 @@ import torch
 import torchvision
 
 from milbench.io import atomic_write, atomic_write_json, file_sha256
-from preprocessing.images import Preprocessor
+from preprocessing.preprocess import Preprocessor
 from preprocessing.segmentation import VARIANTS
 from preprocessing.stain import StainReference, image_set_paths, reference_from_images
 from preprocessing.store import (
@@ -443,7 +443,7 @@ def run_model_into(writer: StoreWriter, source: list[str] | FeatureStore,
 def decoded_batches(paths: list[str], preprocessor: Preprocessor, start: int, batch_size: int,
                     num_workers: int) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, uint8 images)`` from row ``start`` on, decoded by loader workers."""
-    from preprocessing.images import ImageDataset
+    from preprocessing.preprocess import ImageDataset
 
     dataset = ImageDataset(paths, preprocessor, start=start, raw=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,

@@ -14,7 +14,7 @@ import pytest
 from milbench.bench.ceiling import instance_truth, pixel_ceiling, summarize_ceiling
 from milbench.data import load_challenge
 from milbench.synth import generate_cohort
-from milbench.synth.cohort import AGE_REFERENCE_DATE
+from milbench.synth.layout import AGE_REFERENCE_DATE
 
 
 def test_the_figures_by_hand():

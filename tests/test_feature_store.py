@@ -257,7 +257,7 @@ def test_a_second_extraction_waits_for_the_process_building_the_cache_then_reuse
 
 
 def test_pixels_store_holds_the_preprocessed_images(cohort, tmp_path):
-    from preprocessing.images import Preprocessor
+    from preprocessing.preprocess import Preprocessor
 
     config = {"kind": "pixels", "input_size": 16, "segmentation": "kmeans_saturation"}
     store = extract_features(cohort, config, tmp_path, progress=False, batch_size=5,

@@ -21,6 +21,7 @@ from milbench.synth import (
     read_manifest,
 )
 from milbench.synth import cohort as cohort_module
+from milbench.synth.plan import plan_cohort
 from milbench.synth.render import render_cell, sample_stain
 
 CLINICAL_HEADER = "ID,LABEL,GENDER,DOB,LYMPH_COUNT"
@@ -249,7 +250,7 @@ def test_atypical_cells_are_larger_and_irregular() -> None:
 def test_challenge_plan_matches_real_statistics() -> None:
     preset = PRESETS["challenge"]
     seeds = np.random.SeedSequence(0).spawn(1)
-    patients, _ = cohort_module._plan_cohort(preset, seeds[0], 0.5, 0.5)
+    patients, _ = plan_cohort(preset, seeds[0], 0.5, 0.5)
     train = [p for p in patients if p.split == "train"]
     test = [p for p in patients if p.split == "test"]
     assert len(train) == 163 and sum(p.label for p in train) == 113 and len(test) == 42

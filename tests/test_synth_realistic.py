@@ -18,9 +18,9 @@ from milbench.config import ConfigError, load_config
 from milbench.core.clinical import clinical_design_matrix
 from milbench.data import load_challenge
 from milbench.synth import KNOBS, PRESETS, generate_cohort, resolve_knobs
-from milbench.synth import cohort as cohort_module
-from milbench.synth.cohort import AGE_REFERENCE_DATE
 from milbench.synth.difficulty import best_threshold, clinical_only, combined_oracle
+from milbench.synth.layout import AGE_REFERENCE_DATE
+from milbench.synth.plan import plan_cohort
 from milbench.synth.render import TRAITS, render_cell, sample_stain
 
 SMALL_BAGS = {"tumoral_median": 5, "reactive_median": 4, "sigma": 0.2, "low": 3, "high": 7}
@@ -31,7 +31,7 @@ SHRUNK = {"n_train_tumoral": 14, "n_train_reactive": 8, "n_test_tumoral": 4, "n_
 
 def plan(knobs: dict | None = None, seed: int = 0):
     spec = resolve_knobs("realistic", knobs)
-    patients, stains = cohort_module._plan_cohort(
+    patients, stains = plan_cohort(
         spec, np.random.SeedSequence(seed).spawn(1)[0], spec.witness_rate,
         spec.clinical_informativeness)
     return spec, patients, stains

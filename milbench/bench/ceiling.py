@@ -39,8 +39,8 @@ from milbench.instances import join_truth, score_table
 from milbench.io import atomic_write_json
 from milbench.models.images import augment
 from milbench.progress import progress_bar
-from milbench.synth.cohort import AGE_REFERENCE_DATE
 from milbench.synth.difficulty import best_threshold, pixel_ceiling_path
+from milbench.synth.layout import AGE_REFERENCE_DATE
 from milbench.training import seeded, shuffled_batches, train
 
 log = logging.getLogger(__name__)

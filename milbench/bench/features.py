@@ -25,7 +25,7 @@ from preprocessing.extract import (
     resolve_stain,
     run_model_into,
 )
-from preprocessing.images import Preprocessor
+from preprocessing.preprocess import Preprocessor
 from preprocessing.store import StoreWriter, hash_key, source_table
 
 DEFAULT_EXTRACTORS: tuple[dict, ...] = (

@@ -140,7 +140,7 @@ class SemiSupervisedCNN(BagClassifier):
     def _full_setup(self):
         from milbench.semisup.source import load_source, source_image_dir
         from milbench.semisup.trainers import FullTrainer
-        from preprocessing.images import Preprocessor
+        from preprocessing.preprocess import Preprocessor
         from preprocessing.stain import reference_for
 
         source = load_source(self.source_root)

@@ -30,7 +30,7 @@ def predicted_counts(instance_probabilities: Sequence[np.ndarray], threshold: fl
 def count_matrix(counts: np.ndarray, clinical: np.ndarray) -> np.ndarray:
     """``[count 0, count 1, lymphocyte count, age]`` per patient.
 
-    ``clinical`` is the ``(n, 3)`` array of ``milbench.models.base.CLINICAL_COLUMNS``
+    ``clinical`` is the ``(n, 3)`` array of ``milbench.core.clinical.CLINICAL_COLUMNS``
     (age, lymph_count, male), as :func:`milbench.models.base.check_clinical` returns it.
     """
     counts = np.asarray(counts, dtype=float)

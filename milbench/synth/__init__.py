@@ -11,13 +11,14 @@ from typing import Any
 from milbench.synth.presets import KNOBS, PRESETS, BagSizes, SynthPreset, resolve_knobs
 
 # The generator (OpenCV, pandas) loads on first use: configs check knobs through the presets only.
-_LAZY = {"GENERATOR_VERSION", "SyntheticTruth", "generate_allidb2", "generate_cohort", "load_truth",
-         "read_manifest"}
+# The folder's readers (pandas) too.
+_LAZY = {"GENERATOR_VERSION": "layout", "SyntheticTruth": "layout", "load_truth": "layout",
+         "read_manifest": "layout", "generate_allidb2": "cohort", "generate_cohort": "cohort"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module("milbench.synth.cohort"), name)
+        return getattr(importlib.import_module(f"milbench.synth.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'milbench.synth' has no attribute {name!r}")
 
 

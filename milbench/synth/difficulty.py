@@ -95,7 +95,7 @@ def best_threshold(score: np.ndarray, labels: np.ndarray) -> tuple[float, float]
 def cohort_difficulty(root: str | os.PathLike, n_repeats: int = 5, seed: int = 0) -> dict[str, Any]:
     """The difficulty figures of the challenge folder ``root`` (oracles only with ``truth/``)."""
     from milbench.data import load_challenge
-    from milbench.synth.cohort import AGE_REFERENCE_DATE
+    from milbench.synth.layout import AGE_REFERENCE_DATE
 
     root = Path(root)
     cohort = load_challenge(root, AGE_REFERENCE_DATE)
