@@ -331,7 +331,7 @@ def attach_source_features(config: RunConfig, progress: bool = True) -> None:
     """Give every model that learns from an instance-labelled source set (it has a
     ``source_features`` parameter left empty; ensemble members too) the source's features,
     computed with that model's extractor. The model's cohort and source images are
-    stain-matched to the source set (seed 001 §4): its ``features`` become its extractor plus
+    stain-matched to the source set (as in the seed report): its ``features`` become its extractor plus
     the source stain, which the resolved config records; other models keep theirs."""
     needing = []
     walk_models(config, lambda spec, features, top: needing.append(spec) or spec)

@@ -159,7 +159,7 @@ def test_preprocessing_never_loads_a_model():
     assert result.stdout.strip() == "[]"
 
 
-# The rooms of ARCHITECTURE.md, lowest first: a module may import its own room and rooms below.
+# The rooms of docs/architecture.md, lowest first: a module may import its own room and rooms below.
 LAYERS = [
     ("core", ("milbench", "milbench.core", "milbench.io", "milbench.progress", "milbench.plots",
               "milbench.training")),

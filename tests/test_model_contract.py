@@ -35,7 +35,7 @@ CASES["voting_over_instances"] = ("voting", {"members": [
 CASES["stacker_over_instances"] = ("stacker", {"members": ["meanpool_svm", "misvm"],
                                                "inner_splits": 2})
 # 9 training patients: a 2-patient validation split would stop at an epoch chosen by chance.
-# (instance_cnn's XGBoost head is tested on a larger image fixture in test_image_models.py: 3
+# (instance_cnn's XGBoost head is tested on a larger image fixture in test_instance_cnn.py: 3
 # reactive patients are too few for trees.)
 CASES["image_mil"] = ("image_mil", {"validation_fraction": 0})
 # Kernel values are bag averages or cosines (at most 1): the 12-bag fixture needs a harder margin than C=1.

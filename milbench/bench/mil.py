@@ -1,7 +1,7 @@
 """MIL benchmark suite (`milbench bench mil`): bag models on MUSK1, MUSK2, ELEPHANT, UCSB breast
 cancer and digit bags, side by side with the published and reference figures.
 
-Protocol (as the attention-MIL paper and DATA.md's reference runs): stratified ``n_splits``-fold
+Protocol (as the attention-MIL paper and the reference runs of docs/data.md): stratified ``n_splits``-fold
 cross-validation at bag level, repeated ``n_repeats`` times, repeat ``r`` using
 ``StratifiedKFold(n_splits, shuffle=True, random_state=seed + r)`` over the bags in file order.
 Every preprocessing step (scalers, PCA) is fitted inside the model's ``fit``, so inside the
@@ -21,7 +21,7 @@ are not keyed by code version: after changing a model's code, remove its folder 
 Models are :class:`~milbench.models.spec.ModelSpec` entries of a YAML config
 (``configs/bench/mil.yaml`` by default: ``datasets``, ``models``, ``n_repeats``, ``n_splits``,
 ``seed``), as in a run config: a registered name, or ``{name, params, label}``. Each fold is fit
-by the project's fold runner, :func:`milbench.evaluation.cv.fit_fold`.
+by the project's fold runner, :func:`milbench.models.base.fit_fold`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "mil.yaml"
 DEFAULT_DATASETS = ("musk1", "musk2", "elephant", "ucsb", "digits")
 
-# Accuracy published for 10-fold CV (DATA.md; the others as tabulated by Ilse et al. 2018,
+# Accuracy published for 10-fold CV (docs/data.md; the others as tabulated by Ilse et al. 2018,
 # Table 1): Andrews et al. 2002, Zhou et al. 2009, Wei et al. 2017 (miFV), Wang et al. 2018
 # (mi-Net, MI-Net with deep supervision) and Ilse et al. 2018.
 PAPER_ACCURACY: dict[str, dict[str, float]] = {
@@ -78,7 +78,7 @@ BEST_PUBLISHED = {dataset: max((figures[dataset], method) for method, figures
 AGGREGATION_PAPERS = {"attention": "Attention MIL (Ilse 2018)",
                       "gated_attention": "Gated attention MIL (Ilse 2018)",
                       "mi_net": "mi-Net (Wang 2018)", "mi_net_ds": "MI-Net DS (Wang 2018)"}
-# The reference `misvm` package measured on a 2-core machine (DATA.md): one repeat of the same
+# The reference `misvm` package measured on a 2-core machine (docs/data.md): one repeat of the same
 # folds, linear kernel, C=1 (scale_C), max_iters=50; accuracy and seconds per fit. NaN = did
 # not finish (MUSK2: > 200 s per fit for MI-SVM, > 540 s for mi-SVM).
 REFERENCE_ACCURACY: dict[str, dict[str, float]] = {

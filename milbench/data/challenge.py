@@ -1,6 +1,6 @@
 """Loader for the lymphocytosis challenge folder (Kaggle ``dlmi-lymphocytosis-classification``).
 
-Layout (see DATA.md)::
+Layout (see docs/data.md)::
 
     ROOT/clinical_annotation.csv           all patients (optional unnamed index column)
     ROOT/trainset/trainset_true.csv        train rows   } used when clinical_annotation.csv

@@ -15,9 +15,9 @@ as the clinical baseline instead of below it. The choice and its scores are kept
 
 ``inputs`` chooses what each member gives the meta-classifier, by member label: ``proba`` (its
 bag score) and any of its bag features (MI-SVM's ``positive_rate``, the semi-supervised model's
-``count_0`` / ``count_1`` ...); members not named give all of theirs. The seed's stackers: the
-MI-SVM positive-instance rate plus count and age (§5.1.2), the semi-supervised counts plus count
-and age (§4.4.3).
+``count_0`` / ``count_1`` ...); members not named give all of theirs. The seed report's stackers
+(docs/data.md): the MI-SVM positive-instance rate plus count and age, the semi-supervised counts
+plus count and age.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The bag-classifier contract shared by every model (see ARCHITECTURE.md).
+"""The bag-classifier contract shared by every model (see docs/architecture.md).
 
 A bag is a ``(n_i, d)`` float array of instance feature vectors; ``bags`` is a list of them
 (sizes may differ). ``clinical`` is an optional table aligned with the bags whose columns are

@@ -1,4 +1,4 @@
-"""Attention-based deep MIL with a clinical branch (Ilse, Tomczak & Welling 2018; seed §5.2).
+"""Attention-based deep MIL with a clinical branch (Ilse, Tomczak & Welling 2018; the seed report's D-MIL).
 
 Instance feature vectors → instance MLP embedding → aggregation into one bag vector → bag MLP;
 clinical attributes (age, log lymphocyte count, male) → clinical MLP; both concatenated → linear

@@ -29,7 +29,7 @@ channel scaled and shifted by up to ``stain_jitter``). ``device="auto"`` trains 
 present, with bfloat16 autocast and channels-last convolutions there. Instance scores are the
 aggregation's weights (attention weights; for ``mean``, 1/n).
 
-The autoencoder in the loop (seed §5.2.2(d)), with ``backbone: conv_ae``:
+The autoencoder in the loop (the seed report's D-MIL variant), with ``backbone: conv_ae``:
 ``reconstruction_weight`` λ > 0 keeps the autoencoder's decoder, and each step's loss becomes
 classification + λ · reconstruction (mean squared error of the step's augmented images).
 ``encoder_learning_rate`` gives the encoder (and decoder) its own learning rate.
@@ -227,7 +227,7 @@ class ImageMIL(PixelBags, AttentionDMIL):
                            has_validation: bool) -> TrainingResult:
         if self.schedule == "joint":
             return super()._optimise(network, step, batches, evaluate, has_validation)
-        # The seed's §5.2.2(d): the classifier frozen for warmup_epochs while the encoder (and
+        # The seed report's schedule: the classifier frozen for warmup_epochs while the encoder (and
         # decoder) learn, then phases of phase_epochs alternating which of the two optimisers
         # steps. Learning rates stay fixed; early stopping watches the alternating part.
         encoder, rest = self._encoder_split(network)

@@ -207,7 +207,7 @@ class _InstanceSVM(_ScoreCalibrated):
 
     def bag_features(self, bags) -> pd.DataFrame:
         """``positive_rate`` per bag: the fraction of its instances on the positive side of the
-        SVM (the seed's MI-SVM input to the XGBoost stacker, §5.1.2)."""
+        SVM (the seed's MI-SVM input to the XGBoost stacker)."""
         return pd.DataFrame({"positive_rate": [float((scores > 0).mean())
                                                for scores in self._instance_decisions(bags)]})
 

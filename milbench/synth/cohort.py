@@ -1,7 +1,7 @@
 """Synthetic lymphocytosis cohorts and ALL-IDB2-style crops, written in the real data layouts.
 
 ``generate_cohort`` writes a patient cohort exactly as the Kaggle lymphocytosis challenge ships
-it (see DATA.md), plus a hidden ``truth/`` folder (test labels, per-image atypia, masks) and a
+it (see docs/data.md), plus a hidden ``truth/`` folder (test labels, per-image atypia, masks) and a
 ``synth.json`` manifest. ``generate_allidb2`` writes instance-labelled single-cell crops in the
 ALL-IDB2 layout. Both are deterministic: the same arguments give byte-identical files, whatever
 the number of worker processes, because every patient (or crop) draws from its own child of

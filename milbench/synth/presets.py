@@ -83,7 +83,7 @@ PRESETS: dict[str, SynthPreset] = {
         n_test_reactive=4, train_bags=BagSizes(20.0, 14.0, 0.35, 8, 30),
         test_bags=BagSizes(18.0, 13.0, 0.35, 8, 30), masks=True,
     ),
-    # Matches the real challenge (DATA.md): 163 train (113 tumoral) + 42 test patients, train
+    # Matches the real challenge (docs/data.md): 163 train (113 tumoral) + 42 test patients, train
     # bags 16-198 (median 85 tumoral, 52.5 reactive), test bags 26-180; ~16.7k images.
     "challenge": SynthPreset(
         name="challenge", n_train_tumoral=113, n_train_reactive=50, n_test_tumoral=29,
