@@ -194,3 +194,27 @@ def _instance_section(views: InstanceViews | None, root: Path) -> list[str]:
         lines += [f"- {name}: ![{name} top instances]({path})" for name, path in views.montages.items()]
         lines.append("")
     return lines
+
+
+# The terminal's short column names: the run's headline columns must fit one screen.
+TERMINAL_NAMES = {"balanced_accuracy": "bal_acc", "seconds_per_fit": "s/fit",
+                  "hidden_test_balanced_accuracy": "test_bal_acc", "hidden_test_roc_auc": "test_auc"}
+
+
+def terminal_tables(table: pd.DataFrame, comparisons: pd.DataFrame
+                    ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """A run's headline table (metrics.csv and report.md hold every metric) and its paired
+    differences, each interval in one readable cell, for the terminal."""
+    shown = table.drop(columns=["balanced_accuracy_mean", "f1", "precision", "recall"])
+    if "hidden_test_ci_low" in shown:
+        shown["hidden_test_balanced_accuracy"] = format_intervals(
+            shown.pop("hidden_test_balanced_accuracy"), shown.pop("hidden_test_ci_low"),
+            shown.pop("hidden_test_ci_high"))
+    shown = shown.rename(columns=TERMINAL_NAMES)
+    if comparisons.empty:
+        return shown, None
+    compared = comparisons[["model", "comparison", "reference"]].copy()
+    compared["bal_acc difference [95% CI]"] = format_intervals(
+        comparisons["mean_difference"], comparisons["ci_low"], comparisons["ci_high"], signed=True)
+    compared["verdict"] = comparisons["verdict"]
+    return shown, compared

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -162,3 +163,18 @@ def referenced_store_keys(workdir: str | Path) -> set[str]:
         for manifest in manifests:
             keys.update(str(manifest[name]) for name in ("key", "pixels_key") if manifest.get(name))
     return keys
+
+
+def prune_unused_stores(workdir: str | Path, dry_run: bool = False) -> tuple[list[str], int]:
+    """Remove the complete or damaged feature stores under ``workdir/cache`` that no run
+    directory under ``workdir/runs`` refers to; incomplete ones may be an extraction in progress
+    and stay. Returns the keys removed (or, with ``dry_run``, that would be) and the store count."""
+    from preprocessing.store import verify_cache
+
+    table = verify_cache(Path(workdir) / "cache")
+    kept = referenced_store_keys(workdir)
+    unused = table[~table["key"].isin(kept) & (table["state"] != "incomplete")]
+    if not dry_run:
+        for key in unused["key"]:
+            shutil.rmtree(Path(workdir) / "cache" / "features" / key)
+    return list(unused["key"]), len(table)
