@@ -63,6 +63,14 @@ class _Saver(pickle.Pickler):
         return name
 
 
+# Classes that moved to another module since models were first saved: (old module, name) → new
+# module, so a model saved by an earlier version still loads.
+MOVED_CLASSES = {("preprocessing.images", "Preprocessor"): "preprocessing.preprocess",
+                 ("preprocessing.images", "ImageDataset"): "preprocessing.preprocess",
+                 ("milbench.models.dmil", "DMILNetwork"): "milbench.models.bag_network",
+                 ("milbench.models.dmil", "GatedFusion"): "milbench.models.bag_network"}
+
+
 class _Loader(pickle.Unpickler):
     def __init__(self, stream, run_dir: Path, cache: dict[str, Any]):
         super().__init__(stream)
@@ -70,6 +78,9 @@ class _Loader(pickle.Unpickler):
 
     def persistent_load(self, name):
         return _load(self.run_dir, name, self.cache)
+
+    def find_class(self, module: str, name: str):
+        return super().find_class(MOVED_CLASSES.get((module, name), module), name)
 
 
 def save_model(model, run_dir: str | Path, name: str, record: dict[str, Any],

@@ -8,8 +8,9 @@ import pytest
 import torch
 from bag_fixtures import make_tiny_bags
 
+from milbench.models.bag_network import AGGREGATIONS, DMILNetwork
 from milbench.models.collate import pad_bags
-from milbench.models.dmil import AGGREGATIONS, AttentionDMIL, DMILNetwork, network_settings
+from milbench.models.dmil import AttentionDMIL, network_settings
 from milbench.models.pooling import POOLINGS
 
 torch.set_num_threads(1)

@@ -203,3 +203,18 @@ def test_a_pretrained_backbone_file_travels_with_the_run(tmp_path):
     predictions = milbench.predict(result.run_dir, root, models=["meanpool_svm"], out=tmp_path / "out")
     np.testing.assert_allclose(predictions["score"], result.test_predictions("meanpool_svm")["score"],
                                rtol=0, atol=1e-9)
+
+
+def test_a_class_that_moved_module_still_unpickles_by_its_old_name(tmp_path):
+    """A model saved before the preprocessing chain left preprocessing.images still loads."""
+    import io
+
+    from milbench.saved import _Loader
+    from preprocessing.preprocess import ImageDataset, Preprocessor
+
+    loader = _Loader(io.BytesIO(b""), tmp_path, {})
+    assert loader.find_class("preprocessing.images", "Preprocessor") is Preprocessor
+    assert loader.find_class("preprocessing.images", "ImageDataset") is ImageDataset
+    assert loader.find_class("milbench.models.dmil", "DMILNetwork").__module__ == (
+        "milbench.models.bag_network")
+    assert loader.find_class("preprocessing.images", "read_rgb").__module__ == "preprocessing.images"

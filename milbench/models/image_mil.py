@@ -8,7 +8,7 @@ Bags are the patients' preprocessed images from a pixels store (``features: {kin
 input_size: S, ...}``): ``(n_i, 3 * S * S)`` uint8 rows, decoded, stain-matched and segmented
 once per cohort, so no epoch or fold decodes a JPEG again.
 
-The network is D-MIL's (:class:`milbench.models.dmil.DMILNetwork`) with the CNN as its
+The network is D-MIL's (:class:`milbench.models.bag_network.DMILNetwork`) with the CNN as its
 instance encoder: encoder → embedding MLP → aggregation (``mean``, ``max``, ``attention``,
 ``gated_attention``) → bag MLP → clinical fusion:
 
@@ -45,14 +45,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from milbench.models.bag_network import NORMS, DMILNetwork
+from milbench.models.bag_training import check_training_params
 from milbench.models.base import store_params
-from milbench.models.dmil import (
-    NORMS,
-    AttentionDMIL,
-    DMILNetwork,
-    check_training_params,
-    network_settings,
-)
+from milbench.models.dmil import AttentionDMIL, network_settings
 from milbench.models.images import (
     ImageEncoder,
     PixelBags,

@@ -29,6 +29,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from milbench.core.clinical import clinical_design_matrix
+from milbench.models.bag_training import balanced_class_weights, check_training_params, validation_split
 from milbench.models.base import (
     BagClassifier,
     check_clinical,
@@ -37,7 +38,6 @@ from milbench.models.base import (
     store_params,
 )
 from milbench.models.boosting import boosted_trees, positive_weight
-from milbench.models.dmil import balanced_class_weights, check_training_params, validation_split
 from milbench.models.images import (
     ImageEncoder,
     PixelBags,

@@ -166,7 +166,7 @@ def check_params(name: str, params: dict[str, Any]) -> None:
             raise ValueError(f"model {name!r}: unknown parameter {key!r}{hint}; valid parameters: "
                              f"{', '.join(valid)}")
     if params.get("pool_params"):  # the zoo aggregations' own keys (imports torch: only then)
-        from milbench.models.dmil import check_pool_params
+        from milbench.models.bag_network import check_pool_params
 
         try:
             check_pool_params(params.get("aggregation", constructor_defaults(name).get("aggregation")),
