@@ -10,23 +10,20 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import StratifiedKFold
 
-from milbench.bench.mil import (
-    bench_mil_command,
-    ensembles_against_best_member,
-    format_table,
-    load_mil_bench_config,
-    paper_method,
-    run_mil_benchmark,
-    select_models,
-    selection_choices,
-    standing,
-    summarize_benchmark,
-)
+from milbench.bench.mil import load_mil_bench_config, paper_method, run_mil_benchmark, select_models
 from milbench.bench.mil_data import (
     load_benchmark_dataset,
     load_mil_dataset,
     make_digit_bags,
     read_mil_csv,
+)
+from milbench.bench.mil_report import (
+    bench_mil_command,
+    ensembles_against_best_member,
+    format_table,
+    selection_choices,
+    standing,
+    summarize_benchmark,
 )
 from milbench.models.spec import ModelSpec
 

@@ -61,7 +61,7 @@ def bench_mil(
              "(rerun into it to resume).")] = None,
 ):
     """Classic MIL benchmarks (MUSK1/2, ELEPHANT, UCSB) and digit bags vs published figures."""
-    from milbench.bench.mil import bench_mil_command
+    from milbench.bench.mil_report import bench_mil_command
 
     bench_mil_command(config, datasets, models, repeats, splits, out, seed, backend, jobs)
 
