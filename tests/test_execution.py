@@ -29,7 +29,8 @@ from milbench.execution import (
 )
 from milbench.pipeline import run_pipeline
 from milbench.tune import run_tune, score_trial
-from preprocessing.extract import extract_features, shard_ranges
+from preprocessing.extract import extract_features
+from preprocessing.forward import shard_ranges
 from preprocessing.toy import write_toy_cohort
 
 # End to end: runs the pipeline or a command (`pytest -m "not e2e"` leaves these out).

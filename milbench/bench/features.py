@@ -18,13 +18,8 @@ import pandas as pd
 import torch
 
 from milbench.io import atomic_write_json, atomic_write_text
-from preprocessing.extract import (
-    ExtractorConfig,
-    default_workers,
-    load_extractor_config,
-    resolve_stain,
-    run_model_into,
-)
+from preprocessing.extract import ExtractorConfig, load_extractor_config, resolve_stain
+from preprocessing.forward import default_workers, run_model_into
 from preprocessing.preprocess import Preprocessor
 from preprocessing.store import StoreWriter, hash_key, source_table
 
