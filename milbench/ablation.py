@@ -101,7 +101,8 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> tuple[Ablation
 
 def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any]:
     """Evaluate one (variant, repeat) cell; runs in a worker process."""
-    from milbench.preparation import attach_source_features, stratification, worker_data
+    from milbench.preparation import stratification, worker_data
+    from milbench.source_set import attach_source_features
 
     config = RunConfig.model_validate_json(config_json)
     protocol = Protocol.model_validate_json(protocol_json)

@@ -19,6 +19,7 @@ from milbench import report, tracking
 from milbench.config import ConfigError, RunConfig, resolved_dict
 from milbench.core.metrics import METRICS, binary_metrics, format_mean_std_max
 from milbench.data import load_challenge
+from milbench.data_roots import hidden_test_labels, resolve_data_root
 from milbench.ensemble.members import (
     check_members,
     check_selection,
@@ -37,9 +38,7 @@ from milbench.models.reuse import fit_model, reusing_fits
 from milbench.models.spec import ModelSpec
 from milbench.preparation import (
     PreparedData,
-    hidden_test_labels,
     prepare_data,
-    resolve_data_root,
     stratification,
     worker_data,
 )

@@ -29,13 +29,14 @@ import yaml
 
 from milbench.config import ConfigError, RunConfig, resolved_dict
 from milbench.core.search import sampler, suggest
+from milbench.data_roots import hidden_test_labels
 from milbench.evaluation.compare import bootstrap_interval
 from milbench.evaluation.cv import cross_validate, stop_between_folds
 from milbench.evaluation.splits import Fold, kfold_splits, save_folds
 from milbench.execution import Executor, require_ray
 from milbench.models.base import with_seed
 from milbench.models.spec import ModelSpec
-from milbench.preparation import hidden_test_labels, prepare_data, stratification, worker_data
+from milbench.preparation import prepare_data, stratification, worker_data
 from milbench.progress import progress_bar
 from milbench.runs import Run
 

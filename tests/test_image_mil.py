@@ -97,7 +97,7 @@ def test_bags_must_be_pixels_store_rows():
 
 def test_run_refuses_image_mil_without_a_pixels_store(tmp_path):
     from milbench.config import load_config
-    from milbench.preparation import check_features
+    from milbench.preflight import check_features
 
     path = tmp_path / "images.yaml"
     path.write_text(

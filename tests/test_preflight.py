@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from milbench import preparation
+from milbench import data_roots, preflight
 from milbench.config import ConfigError, load_config
 from milbench.preparation import prepare_data
 
@@ -40,9 +40,9 @@ def test_too_little_disk_for_the_feature_stores_is_refused(tmp_path, monkeypatch
     config = load_config(CONFIGS / "pipeline.yaml", [
         "models=[{name: clinical_logreg}, {name: meanpool_svm, features: resnet18}]",
         "data.synthetic.preset=tiny", f"workdir={tmp_path / 'work'}", "submission.enabled=false"])
-    preparation.resolve_data_root(config.data, config.workdir, progress=False)  # images known
+    data_roots.resolve_data_root(config.data, config.workdir, progress=False)  # images known
     total = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(preparation.shutil, "disk_usage",
+    monkeypatch.setattr(preflight.shutil, "disk_usage",
                         lambda path: total._replace(free=1000))
     with pytest.raises(ConfigError, match=r"0\.00 GB free, the feature stores of this run need"):
         prepare_data(config, progress=False)
@@ -52,11 +52,11 @@ def test_too_little_disk_for_the_feature_stores_is_refused(tmp_path, monkeypatch
 def test_a_changed_generated_cohort_is_refused_naming_the_files(tmp_path):
     config = load_config(CONFIGS / "pipeline.yaml", [
         "data.synthetic.preset=tiny", f"workdir={tmp_path / 'work'}"])
-    root = preparation.resolve_data_root(config.data, config.workdir, progress=False)
-    assert preparation.resolve_data_root(config.data, config.workdir, progress=False) == root
+    root = data_roots.resolve_data_root(config.data, config.workdir, progress=False)
+    assert data_roots.resolve_data_root(config.data, config.workdir, progress=False) == root
     image = next(root.glob("trainset/*/*.jpg"))
     image.write_bytes(image.read_bytes()[:-10])  # truncated
     (root / "trainset" / image.parent.name / "extra.jpg").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"was changed since it was written \(altered trainset/"
                                           r".*\.jpg, unexpected trainset/.*/extra\.jpg\)"):
-        preparation.resolve_data_root(config.data, config.workdir, progress=False)
+        data_roots.resolve_data_root(config.data, config.workdir, progress=False)

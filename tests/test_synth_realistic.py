@@ -139,7 +139,7 @@ def test_every_field_but_the_name_is_a_knob() -> None:
 def test_config_knobs_are_checked_on_load_and_key_the_cache(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="label_nosie"):
         load_config(None, ["models=[{name: clinical_logreg}]", "data.synthetic.knobs.label_nosie=0.1"])
-    from milbench.preparation import synthetic_cohort_path
+    from milbench.data_roots import synthetic_cohort_path
 
     plain = load_config(None, ["models=[{name: clinical_logreg}]"])
     noisy = load_config(None, ["models=[{name: clinical_logreg}]", "data.synthetic.knobs.label_noise=0.1"])

@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 from milbench.config import load_config
+from milbench.data_roots import resolve_data_root
 from milbench.io import atomic_write, atomic_write_json, atomic_write_text
 from milbench.pipeline import run_pipeline
-from milbench.preparation import resolve_data_root
 
 GOAL_SECONDS = 20 * 60  # the default pipeline on `challenge` within 20 min on 2 cores
 

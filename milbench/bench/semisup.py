@@ -56,7 +56,7 @@ def load_semisup_config(path: str | os.PathLike | None = None,
 def _prepare_data(config: dict, work: Path) -> tuple[Path, Path]:
     """Cohort and source roots: the configured ones, or generated (once) under ``work/data``."""
     from milbench.config import DataConfig
-    from milbench.preparation import resolve_data_root
+    from milbench.data_roots import resolve_data_root
     from milbench.synth import generate_allidb2
 
     data, source = config.get("data") or {}, config.get("source") or {}

@@ -189,3 +189,18 @@ def check_params(name: str, params: dict[str, Any]) -> None:
 
             check_space(params["space"], params["model"], constructor_parameters(params["model"]),
                         f"model {name!r}: space")
+
+
+def walk_spec(spec: ModelSpec, inherited, visit, top: ModelSpec) -> ModelSpec:
+    """Visit every model of ``spec`` with the features it reads (its own, else ``inherited``):
+    ``visit(spec, features, top)`` returns the spec to keep. Ensembles' listed members are
+    walked too, and rewritten when a visit changed one."""
+    features = spec.features if spec.features is not None else inherited
+    members = spec.params.get("members")
+    if Tag.ENSEMBLE.value in model_tags(spec.name) and isinstance(members, list | tuple):
+        coerced = [ModelSpec.coerce(m) for m in members]
+        walked = [walk_spec(m, features, visit, top) for m in coerced]
+        if walked != coerced:
+            spec = spec.model_copy(update={"params": {**spec.params, "members": [
+                m.model_dump(exclude_defaults=True) for m in walked]}})
+    return visit(spec, features, top)

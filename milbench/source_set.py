@@ -1,0 +1,62 @@
+"""Models that learn from an instance-labelled source set (the semi-supervised model): the
+source set's features, computed with each such model's extractor and stain-matched, attached
+to its spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from milbench.config import ConfigError, RunConfig
+from milbench.data_roots import resolve_source_root
+from milbench.models.spec import ModelSpec, constructor_parameters, features_key
+from milbench.preflight import PATHS, walk_models
+
+
+def _full_mode(spec: ModelSpec) -> bool:
+    """A model that fine-tunes a network on the images themselves (bags of paths)."""
+    return spec.params.get("mode") == "full" and "source_root" in constructor_parameters(spec.name)
+
+
+def _needs_source(spec: ModelSpec) -> bool:
+    if _full_mode(spec):
+        return not spec.params.get("source_root")
+    return ("source_features" in constructor_parameters(spec.name)
+            and not spec.params.get("source_features"))
+
+
+def attach_source_features(config: RunConfig, progress: bool = True) -> None:
+    """Give every model that learns from an instance-labelled source set (it has a
+    ``source_features`` parameter left empty; ensemble members too) the source's features,
+    computed with that model's extractor. The model's cohort and source images are
+    stain-matched to the source set (as in the seed report): its ``features`` become its extractor plus
+    the source stain, which the resolved config records; other models keep theirs."""
+    needing = []
+    walk_models(config, lambda spec, features, top: needing.append(spec) or spec)
+    needing = [spec.display_name for spec in needing if _needs_source(spec)]
+    if not needing:
+        return
+    if config.source is None:
+        raise ConfigError(f"models {needing} learn from an instance-labelled source set: add a "
+                          "`source:` section (root: null generates a synthetic ALL-IDB2 set)")
+    from milbench.semisup.source import prepare_source_features, source_stain
+
+    root = resolve_source_root(config, progress)
+    stain = source_stain(root, config.source.stain_space)
+    paths: dict[str, str] = {}
+
+    def visit(spec, features, top):
+        if not _needs_source(spec):
+            return spec
+        if _full_mode(spec):  # it reads the source images and matches their stain itself
+            return spec.model_copy(update={"params": {**spec.params, "source_root": str(root)}})
+        if not isinstance(features, dict) or features.get("kind") == PATHS:
+            raise ConfigError(f"model {spec.display_name!r} learns from a source set and needs "
+                              "backbone features: set features.extractor or the model's features")
+        stained = {**features, "stain": stain}
+        key = features_key(stained)
+        if key not in paths:
+            paths[key] = str(prepare_source_features(
+                root, stained, Path(config.workdir) / "cache", seed=config.seed, progress=progress))
+        return spec.model_copy(update={"features": stained,
+                                       "params": {**spec.params, "source_features": paths[key]}})
+    walk_models(config, visit)
