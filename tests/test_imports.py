@@ -209,3 +209,13 @@ def test_imports_run_one_way_down_the_rooms():
                 upward.append(f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} "
                               f"({LAYERS[layer_of(target)][0]})")
     assert not upward, "\n".join(sorted(upward))
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_is_longer_than_the_house_limit():
+    """A module over 450 lines holds more than one job: split it by job (docs/architecture.md)."""
+    long = {name: n for name, path in project_modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
