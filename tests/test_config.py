@@ -63,3 +63,16 @@ def test_extractor_names_resolve_to_their_mapping(tmp_path):
         "kind": "backbone", "name": "vgg19", "input_size": 64}
     with pytest.raises(ConfigError, match=r"'nope': no such file, and not one of \[.*'resnet18'"):
         load_config(CONFIGS / "clinical.yaml", ["features.extractor=nope"])
+
+
+def test_a_bare_model_name_is_a_spec_at_the_defaults_wherever_a_spec_is_read(tmp_path):
+    config_path = tmp_path / "bare.yaml"
+    config_path.write_text("name: bare\ndata: {root: null, synthetic: {preset: tiny, seed: 0}}\n"
+                           "models: [clinical_logreg, {name: clinical_xgb},\n"
+                           "  {name: voting, params: {members: [clinical_logreg, clinical_xgb]}}]\n")
+    config = load_config(config_path)
+    assert [(m.name, m.params) for m in config.models[:2]] == [("clinical_logreg", {}),
+                                                                 ("clinical_xgb", {})]
+    assert config.models[2].params["members"] == ["clinical_logreg", "clinical_xgb"]
+    with pytest.raises(ConfigError, match=r"models\.0: .*unknown model 'misvmm'"):
+        load_config(config_path, ["models.0=misvmm"])

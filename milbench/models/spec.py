@@ -46,6 +46,12 @@ class ModelSpec(BaseModel):
     def display_name(self) -> str:
         return self.label or self.name
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        """A bare registered name is a spec at the model's defaults, wherever a spec is read."""
+        return {"name": value} if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         check_params(self.name, self.params)
