@@ -53,3 +53,28 @@ def test_errors(name):
 def test_unknown_model_lists_registered_ones():
     with pytest.raises(KeyError, match="registered models: .*clinical_logreg"):
         create_model("nope")
+
+
+def test_a_plugin_model_registers_is_created_listed_and_unregistered():
+    from milbench.models import model_tags, register_model, unregister_model
+    from milbench.models.clinical import ClinicalLogistic
+
+    class Plugin(ClinicalLogistic):
+        pass
+
+    register_model("plugin_logreg", tags=("clinical",))(Plugin)
+    try:
+        assert isinstance(create_model("plugin_logreg", C=0.5), Plugin)
+        assert "plugin_logreg" in list_models("plugin_*", tag="clinical")
+        assert model_tags("plugin_logreg") == {"clinical"}
+        with pytest.raises(ValueError, match="already registered"):
+            register_model("plugin_logreg")(ClinicalLogistic)
+        with pytest.raises(ValueError, match="unknown tags"):
+            register_model("other", tags=("clinicl",))
+    finally:
+        unregister_model("plugin_logreg")
+    assert "plugin_logreg" not in list_models()
+    with pytest.raises(ValueError, match="built-in"):
+        unregister_model("clinical_logreg")
+    with pytest.raises(KeyError, match="unknown model"):
+        unregister_model("plugin_logreg")

@@ -44,11 +44,14 @@ class ConstantVote(BagClassifier):
 
 
 @pytest.fixture
-def test_models(monkeypatch):
-    monkeypatch.setitem(registry._REGISTRY, "memorizer", Memorizer)
-    monkeypatch.setitem(registry._TAGS, "memorizer", frozenset())
-    monkeypatch.setitem(registry._REGISTRY, "constant", ConstantVote)
-    monkeypatch.setitem(registry._TAGS, "constant", frozenset())
+def test_models():
+    """The test models, registered as a plug-in registers its own, and removed afterwards."""
+    models = {"memorizer": Memorizer, "constant": ConstantVote, "seeded": SeededVote}
+    for name, cls in models.items():
+        registry.register_model(name)(cls)
+    yield
+    for name in models:
+        registry.unregister_model(name)
 
 
 def data(n=40, seed=0):
@@ -168,9 +171,7 @@ class SeededVote(ConstantVote):
         return np.tile([1 - value, value], (len(bags), 1))
 
 
-def test_voting_over_seeds_averages_each_members_copies(test_models, monkeypatch):
-    monkeypatch.setitem(registry._REGISTRY, "seeded", SeededVote)
-    monkeypatch.setitem(registry._TAGS, "seeded", frozenset())
+def test_voting_over_seeds_averages_each_members_copies(test_models):
     bags, y, _ = data(6)
     members = ["seeded", {"name": "constant", "params": {"value": 0.9}, "label": "c"}]
     model = create_model("voting", members=members, seeds=3, random_state=4).fit(bags, y)

@@ -4,6 +4,15 @@ Importing this package loads no model: the registry imports a model's module whe
 created (see ``milbench.models.registry``).
 """
 
-from milbench.models.registry import Tag, create_model, list_models, model_class, model_tags, register_model
+from milbench.models.registry import (
+    Tag,
+    create_model,
+    list_models,
+    model_class,
+    model_tags,
+    register_model,
+    unregister_model,
+)
 
-__all__ = ["Tag", "create_model", "list_models", "model_class", "model_tags", "register_model"]
+__all__ = ["Tag", "create_model", "list_models", "model_class", "model_tags", "register_model",
+           "unregister_model"]

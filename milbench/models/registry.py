@@ -83,6 +83,15 @@ def register_model(name: str, *, tags: tuple[str, ...] = ()) -> Callable[[T], T]
     return decorate
 
 
+def unregister_model(name: str) -> None:
+    """Remove a model registered with :func:`register_model` (a plug-in's, a test's); the
+    built-in models stay."""
+    _check_name(name)
+    if name in BUILTIN:
+        raise ValueError(f"{name!r} is a built-in model and cannot be unregistered")
+    del _REGISTRY[name], _TAGS[name]
+
+
 def list_models(pattern: str = "*", tag: str | None = None) -> list[str]:
     """Sorted registered names matching a glob ``pattern`` and, if given, carrying ``tag``."""
     return sorted(
