@@ -32,8 +32,8 @@ from milbench.evaluation.cv import CVResult, FoldOutcome, cross_validate, score_
 from milbench.evaluation.splits import Fold, kfold_splits, save_folds
 from milbench.execution import Executor, require_ray
 from milbench.instances import write_instance_views
-from milbench.models import model_tags
-from milbench.models.base import with_seed
+from milbench.models import Tag, model_tags
+from milbench.models.base import has_capability, with_seed
 from milbench.models.reuse import fit_model, reusing_fits
 from milbench.models.spec import ModelSpec
 from milbench.preparation import (
@@ -70,7 +70,7 @@ def check_member_selections(config: RunConfig) -> None:
             check_selection(members, METRICS)
         except ValueError as error:
             raise ConfigError(f"{where}: {error}") from None
-        if not any("ensemble" not in model_tags(e.name) for e in config.models[:position]):
+        if not any(Tag.ENSEMBLE not in model_tags(e.name) for e in config.models[:position]):
             raise ConfigError(f"{where}: members are chosen among the models listed before it; "
                               "there are none")
 
@@ -82,7 +82,7 @@ def resolve_member_selection(entry: ModelSpec, earlier: list[ModelSpec],
     k, metric = check_selection(entry.params["members"], METRICS)
     candidates = [({**e.model_dump(exclude_defaults=True), "label": e.display_name},
                    float(results[e.display_name].summary.loc[metric, "mean"]))
-                  for e in earlier if "ensemble" not in model_tags(e.name)]
+                  for e in earlier if Tag.ENSEMBLE not in model_tags(e.name)]
     if len(candidates) < k:
         log.warning("%s: best %d requested, only %d candidate models; using all of them",
                     entry.display_name, k, len(candidates))
@@ -282,7 +282,7 @@ def baseline_label(config: RunConfig) -> str | None:
     the first model that reads only the clinical attributes."""
     if config.evaluation.baseline is not None:
         return config.evaluation.baseline
-    clinical_only = frozenset({"clinical"})
+    clinical_only = frozenset({Tag.CLINICAL})
     return next((e.display_name for e in config.models if model_tags(e.name) == clinical_only), None)
 
 
@@ -310,7 +310,7 @@ def compare_models(config: RunConfig, entries: dict[str, ModelSpec],
                 add(name, baseline, "vs clinical baseline")
     for name, entry in entries.items():
         members = entry.params.get("members")
-        if "ensemble" not in model_tags(entry.name) or not isinstance(members, list | tuple):
+        if Tag.ENSEMBLE not in model_tags(entry.name) or not isinstance(members, list | tuple):
             continue
         evaluated = [member_label(m) for m in check_members(members) if member_label(m) in results]
         if evaluated:
@@ -344,7 +344,7 @@ def _fit_final(run: Run, config: RunConfig, data: PreparedData, entry: ModelSpec
     scores = final.predict_proba(test_bags, data.test_clinical)[:, 1]
     predicted = final.predict(test_bags, data.test_clinical)
     predictions = {"patient_id": data.test.ids, "score": scores, "predicted": predicted}
-    if getattr(final, "gated_fusion_", False):  # each patient's weight on the image expert
+    if has_capability(final, Tag.FUSION_GATE):  # each patient's weight on the image expert
         predictions["image_gate"] = final.fusion_gates(test_bags, data.test_clinical)
     run.write_csv(f"models/{name}/test_predictions.csv", pd.DataFrame(predictions))
     if config.save_models:

@@ -12,7 +12,7 @@ from pathlib import Path
 from milbench.config import ConfigError, RunConfig
 from milbench.data_roots import synthetic_cohort_path
 from milbench.models.base import NO_FEATURES
-from milbench.models.registry import Tag, model_class, model_tags
+from milbench.models.registry import Tag, model_tags
 from milbench.models.spec import ModelSpec, features_key, walk_spec
 
 PATHS = "paths"  # the extractor kind whose bags are image paths (models that read images)
@@ -25,7 +25,7 @@ def walk_models(config: RunConfig, visit) -> None:
 
 def reads_own_instances(spec: ModelSpec) -> bool:
     """Reads instance features itself (not only through ensemble members)."""
-    return spec.reads_instances and Tag.ENSEMBLE.value not in model_tags(spec.name)
+    return spec.reads_instances and Tag.ENSEMBLE not in model_tags(spec.name)
 
 
 def key_of(extractor: dict | str) -> str:
@@ -57,8 +57,8 @@ def check_features(config: RunConfig) -> list[str]:
         if reads_own_instances(spec) and features == NO_FEATURES:
             problems.append(f"model {top.display_name!r}{through} reads instance features; set "
                             "features.extractor or the model's features")
-        elif (reads_own_instances(spec) and getattr(model_class(spec.name), "bag_kind", None)
-              == "pixels" and not (isinstance(features, dict) and features.get("kind") == "pixels")):
+        elif (reads_own_instances(spec) and Tag.IMAGES in model_tags(spec.name)
+              and not (isinstance(features, dict) and features.get("kind") == "pixels")):
             problems.append(f"model {top.display_name!r}{through} trains on the images: set its "
                             "features to a pixels store, e.g. {kind: pixels, input_size: 64}")
         elif (reads_own_instances(spec) and isinstance(features, dict)

@@ -81,7 +81,7 @@ class PreparedData:
         """(training bags, test bags) that ``spec`` reads: its own features' view, else the
         run's; an ensemble gets every view (:class:`BagViews`), its default its own."""
         key = self._key(spec)
-        if Tag.ENSEMBLE.value in model_tags(spec.name):
+        if Tag.ENSEMBLE in model_tags(spec.name):
             return tuple(BagViews({k: getattr(v, part) for k, v in self.views.items()}, key)
                          for part in ("train_bags", "test_bags"))
         view = self.views[key]
@@ -94,7 +94,7 @@ class PreparedData:
     def feature_records(self, spec: ModelSpec) -> dict[str, dict]:
         """What ``spec``'s fitted model read, per view key: the extractor settings and the
         feature store's key (ensembles: every view, as their bags hold every view)."""
-        keys = (list(self.views) if Tag.ENSEMBLE.value in model_tags(spec.name)
+        keys = (list(self.views) if Tag.ENSEMBLE in model_tags(spec.name)
                 else [self._key(spec)])
         return {key: {"name": self.views[key].name, "extractor": self.views[key].extractor,
                       "store_key": self.views[key].manifest.get("key"),

@@ -8,25 +8,30 @@ from pathlib import Path
 
 from milbench.config import ConfigError, RunConfig
 from milbench.data_roots import resolve_source_root
-from milbench.models.spec import ModelSpec, constructor_parameters, features_key
+from milbench.models import Tag, model_tags
+from milbench.models.base import has_capability
+from milbench.models.spec import ModelSpec, features_key
 from milbench.preflight import PATHS, walk_models
 
 
 def _full_mode(spec: ModelSpec) -> bool:
-    """A model that fine-tunes a network on the images themselves (bags of paths)."""
-    return spec.params.get("mode") == "full" and "source_root" in constructor_parameters(spec.name)
+    """A model that fine-tunes a network on the source set's images (its ``source_root``)."""
+    return has_capability(spec.build(), Tag.SOURCE_IMAGES)
 
 
 def _needs_source(spec: ModelSpec) -> bool:
+    """A model tagged ``source_set`` whose source parameter (``source_root`` in full mode, else
+    ``source_features``: the tag's protocol) is still empty."""
+    if Tag.SOURCE_SET not in model_tags(spec.name):
+        return False
     if _full_mode(spec):
         return not spec.params.get("source_root")
-    return ("source_features" in constructor_parameters(spec.name)
-            and not spec.params.get("source_features"))
+    return not spec.params.get("source_features")
 
 
 def attach_source_features(config: RunConfig, progress: bool = True) -> None:
-    """Give every model that learns from an instance-labelled source set (it has a
-    ``source_features`` parameter left empty; ensemble members too) the source's features,
+    """Give every model that learns from an instance-labelled source set (tagged ``source_set``,
+    its source parameter left empty; ensemble members too) the source's features,
     computed with that model's extractor. The model's cohort and source images are
     stain-matched to the source set (as in the seed report): its ``features`` become its extractor plus
     the source stain, which the resolved config records; other models keep theirs."""

@@ -47,7 +47,7 @@ def make_tiny_bags(
 
 def make_tiny_image_bags(side: int = 32) -> tuple[list[np.ndarray], np.ndarray, pd.DataFrame, list[int]]:
     """The ``tiny`` synthetic preset's training patients as pixels-store bags: ``(n_i, 3 * side
-    * side)`` uint8 rows (models whose ``bag_kind`` is ``pixels``). Witness rows are unknown: -1."""
+    * side)`` uint8 rows (models tagged ``images``). Witness rows are unknown: -1."""
     import tempfile
     from datetime import date
     from pathlib import Path

@@ -56,21 +56,24 @@ def test_unknown_model_lists_registered_ones():
 
 
 def test_a_plugin_model_registers_is_created_listed_and_unregistered():
-    from milbench.models import model_tags, register_model, unregister_model
+    from milbench.models import Tag, model_tags, register_model, unregister_model
     from milbench.models.clinical import ClinicalLogistic
 
     class Plugin(ClinicalLogistic):
-        pass
+        mil_tags = frozenset({Tag.CLINICAL})
 
-    register_model("plugin_logreg", tags=("clinical",))(Plugin)
+    class Misdeclared(ClinicalLogistic):
+        mil_tags = frozenset({"clinical"})
+
+    register_model("plugin_logreg")(Plugin)
     try:
         assert isinstance(create_model("plugin_logreg", C=0.5), Plugin)
         assert "plugin_logreg" in list_models("plugin_*", tag="clinical")
-        assert model_tags("plugin_logreg") == {"clinical"}
+        assert model_tags("plugin_logreg") == {Tag.CLINICAL}
         with pytest.raises(ValueError, match="already registered"):
             register_model("plugin_logreg")(ClinicalLogistic)
-        with pytest.raises(ValueError, match="unknown tags"):
-            register_model("other", tags=("clinicl",))
+        with pytest.raises(ValueError, match="not Tag members"):
+            register_model("other")(Misdeclared)
     finally:
         unregister_model("plugin_logreg")
     assert "plugin_logreg" not in list_models()

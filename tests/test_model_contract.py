@@ -1,6 +1,6 @@
 """The bag-model contract, checked over every registered model (a new model is covered by
 registering it). Checks that need a capability are skipped by the model's declared
-``capabilities`` (instance scores) or ``hasattr`` (a feature width), never by model name."""
+its tags (instance scores, images) or ``hasattr`` (a feature width), never by model name."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from bag_fixtures import WITNESS_SHIFT, make_tiny_bags, make_tiny_image_bags
+from recipe_model import register_recipe_model
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import balanced_accuracy_score
@@ -27,6 +28,8 @@ from milbench.models.registry import Tag
 FAST_PARAMS = {"max_epochs": 40, "patience": 40}
 
 
+# The model of docs/adding-a-model.md, registered as its step 3 says: the suite runs the recipe.
+register_recipe_model()
 # Every registered model with its defaults, plus ensembles over instance-reading members (the
 # registry's defaults are clinical members only).
 CASES: dict[str, tuple[str, dict]] = {name: (name, {}) for name in list_models()}
@@ -74,14 +77,14 @@ SOURCE_FEATURES = _write_source_features(
     Path(tempfile.mkdtemp(prefix="milbench-contract-")) / "source_features.npz")
 
 
-# The fixture of each kind of bag a model reads (its class's ``bag_kind``): instance vectors,
-# or the tiny preset's images as 32 px pixels-store rows.
+# The fixture of each kind of bag a model reads (``Tag.IMAGES`` or not): instance vectors, or
+# the tiny preset's images as 32 px pixels-store rows.
 FIXTURES = {"vectors": make_tiny_bags, "pixels": make_tiny_image_bags}
 _fixtures: dict[str, tuple] = {}
 
 
 def data_for(case: str) -> tuple:
-    kind = getattr(model_class(CASES[case][0]), "bag_kind", "vectors")
+    kind = "pixels" if Tag.IMAGES in model_tags(CASES[case][0]) else "vectors"
     if kind not in _fixtures:
         _fixtures[kind] = FIXTURES[kind]()
     return _fixtures[kind]
@@ -261,17 +264,25 @@ def test_instance_scores_one_per_instance(fitted, tiny):
     assert all(np.all(np.isfinite(s)) for s in scores)
 
 
-def test_declared_capabilities_are_the_methods_the_model_has(fitted):
+def test_declared_outputs_are_the_methods_the_model_has(fitted):
     import inspect
 
-    _, model, _ = fitted
+    name, model, _ = fitted
     for tag, method, parameters in ((Tag.INSTANCE_SCORES, "instance_scores", ["bags", "clinical"]),
                                     (Tag.BAG_FEATURES, "bag_features", ["bags"])):
         if has_capability(model, tag):
             assert list(inspect.signature(getattr(model, method)).parameters) == parameters
-        elif not isinstance(inspect.getattr_static(type(model), "capabilities"), property):
-            # A model offers an output only where it declares it (wrappers derive theirs).
-            assert not hasattr(model, method), f"{method} without {tag.value} in capabilities"
+        elif Tag.SELECTION not in model_tags(CASES[name][0]):
+            # A model offers an output only where it declares it (a selection forwards the
+            # chosen model's, which its tags then carry).
+            assert not hasattr(model, method), f"{method} without {tag.value} in its tags"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_registry_reads_the_tags_the_class_declares(name):
+    """By name, from source (no import), the registry answers what the class declares."""
+    model_name = CASES[name][0]
+    assert model_tags(model_name) == model_class(model_name).mil_tags
 
 
 def test_clear_errors(fitted, tiny):
@@ -332,11 +343,11 @@ def test_clinical_none_follows_the_tags(name, tiny):
     bags, labels, clinical, _ = tiny
     tags = model_tags(CASES[name][0])
     model = _make(name, random_state=0)
-    if "clinical" in tags:
+    if Tag.CLINICAL in tags:
         with pytest.raises(ValueError, match="clinical"):
             model.fit(bags, labels, None)
         return
     without = _proba(model.fit(bags, labels, None), bags, None)
-    if "clinical_optional" not in tags:
+    if Tag.CLINICAL_OPTIONAL not in tags:
         with_table = _proba(_make(name, random_state=0).fit(bags, labels, clinical), bags, clinical)
         np.testing.assert_array_equal(without, with_table)

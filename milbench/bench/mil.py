@@ -215,7 +215,8 @@ def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, s
                                       test_instances),
         "fit_seconds": fitted.fit_seconds,
         # What a selection model (inner_cv) chose on this fold's training bags.
-        "chosen_params": params_text(getattr(fitted.estimator, "best_params_", None) or {}),
+        "chosen_params": params_text(fitted.estimator.best_params_ if has_capability(
+            fitted.estimator, Tag.SELECTION) else {}),
     }
 
 

@@ -194,7 +194,7 @@ def ensembles_against_best_member(folds: pd.DataFrame, specs: Sequence[ModelSpec
     lines = []
     for spec in specs:
         members = spec.params.get("members")
-        if not (Tag.ENSEMBLE.value in model_tags(spec.name) and isinstance(members, list)):
+        if not (Tag.ENSEMBLE in model_tags(spec.name) and isinstance(members, list)):
             continue
         coerced = [ModelSpec.coerce(member) for member in members]
         member_labels = [labels.get((m.name, params_text(m.params))) for m in coerced]

@@ -105,7 +105,7 @@ def models_list():
     from milbench.models import list_models, model_tags
 
     for name in list_models():
-        console.print(f"{name}  [dim]{', '.join(sorted(model_tags(name)))}[/]")
+        console.print(f"{name}  [dim]{', '.join(sorted(tag.value for tag in model_tags(name)))}[/]")
 
 
 @user_errors

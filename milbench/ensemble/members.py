@@ -40,7 +40,7 @@ def member_bags(member: ModelSpec, bags):
     view and one without reads the ensemble's default; an ensemble member keeps every view."""
     if not isinstance(bags, BagViews):
         return bags
-    if Tag.ENSEMBLE.value in model_tags(member.name):
+    if Tag.ENSEMBLE in model_tags(member.name):
         return bags.rebased(member.features_key)
     if not member.reads_instances:  # zero-width bags: its fits match its standalone ones
         return bags.view(NO_FEATURES)

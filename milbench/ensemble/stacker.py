@@ -42,6 +42,7 @@ from milbench.models.base import (
     take_clinical,
 )
 from milbench.models.boosting import BOOSTERS, boosted_trees, positive_weight
+from milbench.models.registry import Tag
 
 CLINICAL_FEATURES = ("age", "log_lymph_count", "male")
 META_KINDS = ("xgboost", "lightgbm", "logistic", "auto")
@@ -58,6 +59,8 @@ class ClinicalStacker(BagClassifier):
     auto (chosen by inner CV, see the module docstring). ``inputs``: member label → the outputs
     it contributes (see the module docstring).
     """
+
+    mil_tags = frozenset({Tag.ENSEMBLE, Tag.CLINICAL})
 
     def __init__(
         self,

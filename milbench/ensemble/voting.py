@@ -18,9 +18,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from milbench.ensemble.members import check_members, fit_member, member_bags
 from milbench.models.base import BagClassifier, store_params
+from milbench.models.registry import Tag
 
 
 class VotingEnsemble(BagClassifier):
+
+    mil_tags = frozenset({Tag.ENSEMBLE, Tag.CLINICAL})
     def __init__(self, members=("clinical_logreg",), voting: str = "soft", weights=None,
                  seeds: int = 1, random_state=None):
         store_params(self, locals())

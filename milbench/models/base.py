@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.model_selection import StratifiedKFold
+from sklearn.utils import Tags, get_tags
 from sklearn.utils.validation import check_is_fitted
 
 from milbench.core.clinical import CLINICAL_COLUMNS
@@ -202,9 +203,24 @@ def out_of_fold(folds, predict_fold: Callable[[int, np.ndarray, np.ndarray], Any
     return np.concatenate(parts)[order]
 
 
+@dataclass
+class BagTags(Tags):
+    """scikit-learn's tags plus ``mil``: the ``Tag`` members a bag model reads and offers."""
+
+    mil: frozenset[Tag] = frozenset()
+
+
+def tags_of(model) -> frozenset[Tag]:
+    """What ``model`` reads and offers (``Tag`` members), from its scikit-learn tags: its
+    class's ``mil_tags``, plus the outputs that depend on its parameters or its fit. The one
+    way the project asks a model what it can do."""
+    tags = get_tags(model)
+    return tags.mil if isinstance(tags, BagTags) else frozenset()
+
+
 def has_capability(model, tag: Tag) -> bool:
-    """Whether a (fitted) model offers output ``tag`` (see ``BagClassifier.capabilities``)."""
-    return tag in getattr(model, "capabilities", frozenset())
+    """Whether ``model`` carries ``tag`` (see :func:`tags_of`)."""
+    return tag in tags_of(model)
 
 
 class BagClassifier(ClassifierMixin, BaseEstimator):
@@ -212,14 +228,14 @@ class BagClassifier(ClassifierMixin, BaseEstimator):
     the labels and the bags (``_check_fit_bags``: instance-vector bags by default, which also
     sets ``n_features_in_``), then calls the model's ``_fit(bags, labels, clinical)`` and sets
     ``classes_``. ``predict`` thresholds ``predict_proba`` at 0.5 (models that need another cut
-    calibrate their probabilities instead). Subclasses implement ``_fit`` and
-    ``predict_proba``; ``capabilities`` lists the optional outputs they implement
-    (``Tag.INSTANCE_SCORES``, ``Tag.BAG_FEATURES``)."""
+    calibrate their probabilities instead). Subclasses implement ``_fit`` and ``predict_proba``
+    and declare ``mil_tags``: what they read (``Tag.CLINICAL``, ``Tag.INSTANCES``,
+    ``Tag.IMAGES`` ...) and the optional outputs they implement (``Tag.INSTANCE_SCORES``,
+    ``Tag.BAG_FEATURES``), as one literal in the class body, which the registry reads without
+    importing the model. Outputs that depend on parameters or on the fit are added by
+    overriding ``_instance_tags``."""
 
-    capabilities: frozenset[Tag] = frozenset()
-    # What a bag is: "vectors" (instance feature vectors) or "pixels" (uint8 image rows of a
-    # pixels store, for end-to-end image models); the run checks a model's features against it.
-    bag_kind: str = "vectors"
+    mil_tags: frozenset[Tag] = frozenset()
 
     def fit(self, bags, y, clinical=None):
         """Fit on a list of bags, 0/1 labels and (where the model reads it) the clinical table."""
@@ -244,10 +260,16 @@ class BagClassifier(ClassifierMixin, BaseEstimator):
     def _fit(self, bags, labels: np.ndarray, clinical) -> None:
         raise NotImplementedError
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> BagTags:
         tags = super().__sklearn_tags__()
         tags.input_tags.two_d_array = False
-        return tags
+        return BagTags(**{f.name: getattr(tags, f.name) for f in fields(tags)},
+                       mil=frozenset(type(self).mil_tags) | self._instance_tags())
+
+    def _instance_tags(self) -> frozenset[Tag]:
+        """Tags this instance adds to its class's (never raises: scikit-learn asks the tags of
+        unfitted estimators too)."""
+        return frozenset()
 
     def _check_predict_bags(self, bags) -> list[np.ndarray]:
         """Bags to predict on: the model is fitted and they have its training feature width."""

@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 from milbench.core.clinical import clinical_design_matrix
 from milbench.models.base import BagClassifier, check_clinical, store_params
 from milbench.models.boosting import boosted_trees, positive_weight
+from milbench.models.registry import Tag
 
 
 class _ClinicalClassifier(BagClassifier):
@@ -36,6 +37,8 @@ class _ClinicalClassifier(BagClassifier):
 class ClinicalLogistic(_ClinicalClassifier):
     """Standardised logistic regression with balanced class weights."""
 
+    mil_tags = frozenset({Tag.CLINICAL})
+
     def __init__(self, C: float = 1.0, class_weight: str | None = "balanced", random_state=None):
         self.C = C
         self.class_weight = class_weight
@@ -50,6 +53,8 @@ class ClinicalLogistic(_ClinicalClassifier):
 
 class ClinicalXGBoost(_ClinicalClassifier):
     """Gradient-boosted trees; ``scale_pos_weight`` balances the classes from training prevalence."""
+
+    mil_tags = frozenset({Tag.CLINICAL})
 
     def __init__(
         self,

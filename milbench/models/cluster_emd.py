@@ -94,7 +94,8 @@ class ClusterEMDClassifier(BagClassifier):
     ``random_state=None`` behaves as seed 0: results are always reproducible.
     """
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
+    mil_tags = frozenset({Tag.INSTANCES, Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
+
 
     def __init__(
         self,

@@ -99,7 +99,8 @@ class AttentionDMIL(BagClassifier):
     it, ``False`` ignores it (the ablation).
     """
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES})
+    mil_tags = frozenset({Tag.INSTANCES, Tag.CLINICAL_OPTIONAL, Tag.INSTANCE_SCORES})
+
     # Whether each epoch's history scores the whole training part too (image models skip it:
     # a forward pass over every training image per epoch).
     evaluates_training_bags = True
@@ -229,7 +230,11 @@ class AttentionDMIL(BagClassifier):
         with seeded(seed, self.torch_threads) as generator:
             self.network_ = self._train(
                 scaled, labels, clinical_inputs, train_rows, val_rows, generator)
-        self.gated_fusion_ = self.network_.fusion is not None  # fusion_gates is available
+        self.gated_fusion_ = self.network_.fusion is not None
+
+    def _instance_tags(self) -> frozenset[Tag]:
+        # Fitted with a gate between the image and clinical experts: fusion_gates answers.
+        return frozenset({Tag.FUSION_GATE}) if self.__dict__.get("gated_fusion_") else frozenset()
 
     def _fit_transform(self, bags) -> BagTransform | None:
         """Scaler (+ PCA) on the training instances only: inside CV, the training fold's."""

@@ -93,7 +93,9 @@ class AlternatingOptimizers:
 class ImageMIL(PixelBags, AttentionDMIL):
     """End-to-end image-bag MIL with clinical fusion (see the module docstring)."""
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES})
+    mil_tags = frozenset({Tag.INSTANCES, Tag.IMAGES, Tag.CLINICAL_OPTIONAL,
+                          Tag.INSTANCE_SCORES})
+
     evaluates_training_bags = False
 
     def __init__(

@@ -131,10 +131,8 @@ def check_pixel_bags(bags) -> list[np.ndarray]:
 
 
 class PixelBags:
-    """Mixin of the image models: their bags are pixels-store rows (``bag_kind``), checked at
+    """Mixin of the image models: their bags are pixels-store rows (``Tag.IMAGES``), checked at
     fit (which records the image side, ``input_size_``) and at prediction (same side)."""
-
-    bag_kind = "pixels"
 
     def _check_fit_bags(self, bags):
         bags = check_pixel_bags(bags)

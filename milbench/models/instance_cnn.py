@@ -72,7 +72,9 @@ class InstanceCNN(PixelBags, BagClassifier):
     """Image-level CNN trained with the bag label, bag = mean or max of image probabilities,
     optionally XGBoost over [bag score, clinical] (see the module docstring)."""
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES})
+    mil_tags = frozenset({Tag.INSTANCES, Tag.IMAGES, Tag.CLINICAL_OPTIONAL,
+                          Tag.INSTANCE_SCORES})
+
 
     def __init__(
         self,

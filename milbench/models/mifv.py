@@ -25,6 +25,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.svm import SVC
 
 from milbench.models.base import BagClassifier, store_params
+from milbench.models.registry import Tag
 from preprocessing.transforms import BagTransform
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def fisher_vector(bag: np.ndarray, weights: np.ndarray, means: np.ndarray,
 class MIFisherVector(BagClassifier):
     """miFV: a diagonal Gaussian mixture on the training instances, each bag as its Fisher
     vector (power and L2 normalised), a linear SVC on the vectors."""
+
+    mil_tags = frozenset({Tag.INSTANCES})
 
     def __init__(self, n_components: int = 4, pca_components: int | None = None, C: float = 1.0,
                  reg_covar: float = 1e-3, class_weight: str | None = "balanced",

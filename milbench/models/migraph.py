@@ -33,6 +33,7 @@ from sklearn.metrics.pairwise import rbf_kernel
 from sklearn.svm import SVC
 
 from milbench.models.base import BagClassifier, store_params
+from milbench.models.registry import Tag
 from preprocessing.transforms import BagTransform
 
 
@@ -121,6 +122,8 @@ class WeightedSetKernelSVM(BagClassifier):
 class MIGraph(WeightedSetKernelSVM):
     """miGraph: ε-graph instance weights, a weighted RBF bag kernel, an SVC on it."""
 
+    mil_tags = frozenset({Tag.INSTANCES})
+
     def __init__(self, C: float = 1.0, gamma: str | float = "scale", delta: float = 1.0,
                  class_weight: str | None = "balanced", random_state: int | None = None):
         store_params(self, locals())
@@ -139,6 +142,8 @@ class MIKernel(WeightedSetKernelSVM):
     instance weighs the same, the bag kernel is the sum of the instance RBF kernels over all
     pairs, normalised in feature space (``k(X, Y) / sqrt(k(X, X) k(Y, Y))``, so a bag has kernel 1
     with itself whatever its size), and an SVC learns on it."""
+
+    mil_tags = frozenset({Tag.INSTANCES})
 
     cosine_normalised = True
 

@@ -80,7 +80,6 @@ class _ScoreCalibrated(BagClassifier):
 class _InstanceSVM(_ScoreCalibrated):
     """Shared machinery of MI-SVM and mi-SVM: preprocessing, solver choice, scoring."""
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
 
     def __init__(
         self,
@@ -222,6 +221,8 @@ def _bag_decisions(svm: SVC, features: np.ndarray, members: list[np.ndarray]) ->
 class MISVM(_InstanceSVM):
     """MI-SVM: one witness instance per positive bag, all instances of negative bags."""
 
+    mil_tags = frozenset({Tag.INSTANCES, Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
+
     def _alternate(self, features, labels, members):
         negative_rows = np.concatenate([members[b] for b in np.flatnonzero(labels == 0)])
         positive_members = [members[b] for b in np.flatnonzero(labels == 1)]
@@ -247,6 +248,8 @@ class MISVM(_InstanceSVM):
 class MiSVM(_InstanceSVM):
     """mi-SVM: instance labels inside positive bags are re-estimated every round."""
 
+    mil_tags = frozenset({Tag.INSTANCES, Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
+
     def _alternate(self, features, labels, members):
         instance_labels = np.zeros(len(features), dtype=int)
         positive_members = [members[b] for b in np.flatnonzero(labels == 1)]
@@ -269,6 +272,8 @@ class MiSVM(_InstanceSVM):
 
 class MeanPoolSVM(_ScoreCalibrated):
     """Baseline: each bag is its mean instance (optionally ‖ std), scaled, then an SVC."""
+
+    mil_tags = frozenset({Tag.INSTANCES})
 
     def __init__(
         self,

@@ -71,7 +71,9 @@ class OneClassMIL(BagClassifier):
     """One-class SVM on reactive instances, a bag score from the margins, a logistic threshold
     (see the module docstring)."""
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
+    mil_tags = frozenset({Tag.INSTANCES, Tag.CLINICAL_OPTIONAL, Tag.INSTANCE_SCORES,
+                          Tag.BAG_FEATURES})
+
 
     def __init__(
         self,

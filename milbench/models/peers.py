@@ -25,7 +25,8 @@ from preprocessing.transforms import BagTransform
 class TorchmilABMIL(BagClassifier):
     """torchmil's ABMIL trained by torchmil's Trainer (see the module docstring)."""
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES})
+    mil_tags = frozenset({Tag.INSTANCES, Tag.INSTANCE_SCORES})
+
 
     def __init__(self, epochs: int = 40, learning_rate: float = 5e-4, gated: bool = False,
                  torch_threads: int | None = 1, random_state: int | None = None):

@@ -1,25 +1,33 @@
 """Model registry: bag classifiers are created by name, so configs, the CLI and the tests never
 need an ``if`` chain over model types.
 
-The registry is a leaf: it maps each built-in name to the import path of its class and to its
-capability tags, and imports a model's module only when that model is created (or its class is
-asked for). So ``import milbench.models`` loads no model, no torch, and no ensemble; models and
-ensembles never import each other through it. Adding a built-in model = one line in ``BUILTIN``;
-other code (tests, plug-ins) registers a class directly with ``register_model``.
+The registry is a leaf: it maps each built-in name to the import path of its class and imports
+a model's module only when that model is created (or its class is asked for). So
+``import milbench.models`` loads no model, no torch, and no ensemble; models and ensembles never
+import each other through it. Adding a built-in model = one line in ``BUILTIN``; other code
+(tests, plug-ins) registers a class directly with ``register_model``.
 
-Tags (``Tag``) are the capabilities the pipeline reads:
-``clinical`` needs the clinical table, ``clinical_optional`` uses it when given, ``instances``
-reads instance feature vectors, ``ensemble`` combines member models (and needs what they need),
-``selection`` wraps another model. Two more are outputs a fitted model offers, declared by its
-class (``capabilities``) and read by the pipeline: ``instance_scores`` (a score per instance,
-``instance_scores(bags, clinical=None)``) and ``bag_features`` (a table per bag,
-``bag_features(bags)``, which ensembles feed to their meta-classifier).
+What a model reads and offers is declared once, on its class: ``mil_tags``, a literal set of
+``Tag`` members that ``BagClassifier.__sklearn_tags__`` exposes as scikit-learn tags (see
+:func:`milbench.models.base.tags_of`). :func:`model_tags` answers by name without importing the
+model, by reading that literal from the module's source.
+
+The tags: ``clinical`` needs the clinical table, ``clinical_optional`` uses it when given,
+``instances`` reads instance feature vectors, ``images`` reads them as pixels-store rows (the
+end-to-end image models), ``source_set`` learns from an instance-labelled source set (its
+features, or with ``source_images`` its images), ``ensemble`` combines member models (and needs
+what they need), ``selection`` wraps another model it chooses. Outputs a fitted model offers:
+``instance_scores`` (``instance_scores(bags, clinical=None)``), ``bag_features``
+(``bag_features(bags)``, which ensembles feed to their meta-classifier) and ``fusion_gate``
+(``fusion_gates(bags, clinical)``, each patient's weight on the image expert).
 """
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import importlib
+import importlib.util
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, TypeVar
@@ -31,51 +39,54 @@ class Tag(str, Enum):
     CLINICAL = "clinical"
     CLINICAL_OPTIONAL = "clinical_optional"
     INSTANCES = "instances"
+    IMAGES = "images"
+    SOURCE_SET = "source_set"
+    SOURCE_IMAGES = "source_images"
     ENSEMBLE = "ensemble"
     SELECTION = "selection"
     INSTANCE_SCORES = "instance_scores"
     BAG_FEATURES = "bag_features"
+    FUSION_GATE = "fusion_gate"
 
 
-# name → ("module:Class", tags). The one list of built-in models.
-BUILTIN: dict[str, tuple[str, tuple[Tag, ...]]] = {
-    "clinical_logreg": ("milbench.models.clinical:ClinicalLogistic", (Tag.CLINICAL,)),
-    "clinical_xgb": ("milbench.models.clinical:ClinicalXGBoost", (Tag.CLINICAL,)),
-    "misvm": ("milbench.models.misvm:MISVM", (Tag.INSTANCES,)),
-    "mi_svm": ("milbench.models.misvm:MiSVM", (Tag.INSTANCES,)),
-    "meanpool_svm": ("milbench.models.misvm:MeanPoolSVM", (Tag.INSTANCES,)),
-    "migraph": ("milbench.models.migraph:MIGraph", (Tag.INSTANCES,)),
-    "mi_kernel": ("milbench.models.migraph:MIKernel", (Tag.INSTANCES,)),
-    "mifv": ("milbench.models.mifv:MIFisherVector", (Tag.INSTANCES,)),
-    "dmil": ("milbench.models.dmil:AttentionDMIL", (Tag.INSTANCES, Tag.CLINICAL_OPTIONAL)),
-    "semisup": ("milbench.models.semisup:SemiSupervisedCNN", (Tag.INSTANCES, Tag.CLINICAL)),
-    "cluster_emd": ("milbench.models.cluster_emd:ClusterEMDClassifier", (Tag.INSTANCES,)),
-    "image_mil": ("milbench.models.image_mil:ImageMIL", (Tag.INSTANCES, Tag.CLINICAL_OPTIONAL)),
-    "instance_cnn": ("milbench.models.instance_cnn:InstanceCNN",
-                     (Tag.INSTANCES, Tag.CLINICAL_OPTIONAL)),
-    "oneclass_svm": ("milbench.models.oneclass:OneClassMIL", (Tag.INSTANCES, Tag.CLINICAL_OPTIONAL)),
-    "torchmil_abmil": ("milbench.models.peers:TorchmilABMIL", (Tag.INSTANCES,)),
-    "inner_cv": ("milbench.models.selection:InnerCVSelection",
-                 (Tag.SELECTION, Tag.CLINICAL_OPTIONAL)),
-    "stacker": ("milbench.ensemble.stacker:ClinicalStacker", (Tag.ENSEMBLE, Tag.CLINICAL)),
-    "voting": ("milbench.ensemble.voting:VotingEnsemble", (Tag.ENSEMBLE, Tag.CLINICAL)),
-    "shrinkage": ("milbench.ensemble.shrinkage:ShrinkageEnsemble", (Tag.ENSEMBLE, Tag.CLINICAL)),
+# name → "module:Class". The one list of built-in models.
+BUILTIN: dict[str, str] = {
+    "clinical_logreg": "milbench.models.clinical:ClinicalLogistic",
+    "clinical_xgb": "milbench.models.clinical:ClinicalXGBoost",
+    "misvm": "milbench.models.misvm:MISVM",
+    "mi_svm": "milbench.models.misvm:MiSVM",
+    "meanpool_svm": "milbench.models.misvm:MeanPoolSVM",
+    "migraph": "milbench.models.migraph:MIGraph",
+    "mi_kernel": "milbench.models.migraph:MIKernel",
+    "mifv": "milbench.models.mifv:MIFisherVector",
+    "dmil": "milbench.models.dmil:AttentionDMIL",
+    "semisup": "milbench.models.semisup:SemiSupervisedCNN",
+    "cluster_emd": "milbench.models.cluster_emd:ClusterEMDClassifier",
+    "image_mil": "milbench.models.image_mil:ImageMIL",
+    "instance_cnn": "milbench.models.instance_cnn:InstanceCNN",
+    "oneclass_svm": "milbench.models.oneclass:OneClassMIL",
+    "torchmil_abmil": "milbench.models.peers:TorchmilABMIL",
+    "inner_cv": "milbench.models.selection:InnerCVSelection",
+    "stacker": "milbench.ensemble.stacker:ClinicalStacker",
+    "voting": "milbench.ensemble.voting:VotingEnsemble",
+    "shrinkage": "milbench.ensemble.shrinkage:ShrinkageEnsemble",
 }
 
-_REGISTRY: dict[str, str | Callable[..., Any]] = {name: path for name, (path, _) in BUILTIN.items()}
-_TAGS: dict[str, frozenset[str]] = {name: frozenset(t.value for t in tags)
-                                    for name, (_, tags) in BUILTIN.items()}
+_REGISTRY: dict[str, str | Callable[..., Any]] = dict(BUILTIN)
+_TAGS: dict[str, frozenset[Tag]] = {}  # read on first ask
 
 
-def register_model(name: str, *, tags: tuple[str, ...] = ()) -> Callable[[T], T]:
-    """Register a bag-model class (or factory) under ``name`` with capability ``tags``."""
-    unknown = set(tags) - {t.value for t in Tag}
-    if unknown:
-        raise ValueError(f"unknown tags {sorted(unknown)}; tags are {[t.value for t in Tag]}")
+def register_model(name: str) -> Callable[[T], T]:
+    """Register a bag-model class under ``name``; its ``mil_tags`` say what it reads and offers."""
 
     def decorate(factory: T) -> T:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"model name {name!r} is already registered by {_REGISTRY[name]!r}")
+        tags = getattr(factory, "mil_tags", frozenset())
+        unknown = [tag for tag in tags if not isinstance(tag, Tag)]
+        if unknown:
+            raise ValueError(f"{name!r}: mil_tags holds {unknown}, not Tag members "
+                             f"({', '.join(t.name for t in Tag)})")
         _REGISTRY[name] = factory  # type: ignore[assignment]
         _TAGS[name] = frozenset(tags)
         return factory
@@ -89,7 +100,8 @@ def unregister_model(name: str) -> None:
     _check_name(name)
     if name in BUILTIN:
         raise ValueError(f"{name!r} is a built-in model and cannot be unregistered")
-    del _REGISTRY[name], _TAGS[name]
+    del _REGISTRY[name]
+    _TAGS.pop(name, None)
 
 
 def list_models(pattern: str = "*", tag: str | None = None) -> list[str]:
@@ -97,7 +109,7 @@ def list_models(pattern: str = "*", tag: str | None = None) -> list[str]:
     return sorted(
         name
         for name in _REGISTRY
-        if fnmatch.fnmatch(name, pattern) and (tag is None or tag in _TAGS[name])
+        if fnmatch.fnmatch(name, pattern) and (tag is None or Tag(tag) in model_tags(name))
     )
 
 
@@ -106,9 +118,54 @@ def _check_name(name: str) -> None:
         raise KeyError(_unknown_model_message(name))
 
 
-def model_tags(name: str) -> frozenset[str]:
+def model_tags(name: str) -> frozenset[Tag]:
+    """The tags model ``name``'s class declares (``mil_tags``), read from its module's source
+    where it is a literal (no import: checking a config loads no model), else from the class."""
     _check_name(name)
+    if name not in _TAGS:
+        target = _REGISTRY[name]
+        declared = _declared_tags(target) if isinstance(target, str) else None
+        _TAGS[name] = (declared if declared is not None
+                       else frozenset(getattr(model_class(name), "mil_tags", frozenset())))
     return _TAGS[name]
+
+
+def _declared_tags(path: str) -> frozenset[Tag] | None:
+    """The ``mil_tags = frozenset({Tag.X, ...})`` literal in the body of class ``path``
+    (``module:Class``), or None where the source does not hold one."""
+    module, _, class_name = path.partition(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    with open(spec.origin, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for item in node.body:
+                target = (item.target if isinstance(item, ast.AnnAssign) else
+                          item.targets[0] if isinstance(item, ast.Assign) else None)
+                if isinstance(target, ast.Name) and target.id == "mil_tags" and item.value:
+                    return _tag_literal(item.value)
+    return None
+
+
+def _tag_literal(node: ast.expr) -> frozenset[Tag] | None:
+    """``frozenset({Tag.A, Tag.B})`` or ``frozenset()`` → the tags; anything else → None."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "frozenset" and len(node.args) <= 1):
+        return None
+    if not node.args:
+        return frozenset()
+    members = node.args[0]
+    if not isinstance(members, ast.Set | ast.List | ast.Tuple):
+        return None
+    tags = []
+    for element in members.elts:
+        if not (isinstance(element, ast.Attribute) and isinstance(element.value, ast.Name)
+                and element.value.id == "Tag" and element.attr in Tag.__members__):
+            return None
+        tags.append(Tag[element.attr])
+    return frozenset(tags)
 
 
 def import_path(name: str) -> str | None:

@@ -33,6 +33,7 @@ from milbench.models.base import (
     has_capability,
     inner_folds,
     store_params,
+    tags_of,
     with_seed,
 )
 from milbench.models.registry import Tag
@@ -43,6 +44,8 @@ SEARCHES = ("grid", "optuna")
 
 class InnerCVSelection(BagClassifier):
     """The wrapped model with the parameters an inner CV on the training bags chose."""
+
+    mil_tags = frozenset({Tag.SELECTION, Tag.CLINICAL_OPTIONAL})
 
     def __init__(
         self,
@@ -153,11 +156,11 @@ class InnerCVSelection(BagClassifier):
         check_is_fitted(self)
         return self.best_estimator_.predict(bags, clinical)
 
-    # The chosen model's optional outputs, with the capabilities of the chosen model.
-    @property
-    def capabilities(self) -> frozenset[Tag]:
-        check_is_fitted(self)
-        return getattr(self.best_estimator_, "capabilities", frozenset())
+    # The chosen model's optional outputs, once it is chosen.
+    def _instance_tags(self) -> frozenset[Tag]:
+        chosen = self.__dict__.get("best_estimator_")
+        outputs = {Tag.INSTANCE_SCORES, Tag.BAG_FEATURES, Tag.FUSION_GATE}
+        return frozenset() if chosen is None else tags_of(chosen) & outputs
 
     def _chosen_with(self, tag: Tag):
         if not has_capability(self, tag):

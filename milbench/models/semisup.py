@@ -63,7 +63,9 @@ class SemiSupervisedCNN(BagClassifier):
     fine-tuning did (the final model always starts fresh).
     """
 
-    capabilities = frozenset({Tag.INSTANCE_SCORES, Tag.BAG_FEATURES})
+    mil_tags = frozenset({Tag.INSTANCES, Tag.CLINICAL, Tag.SOURCE_SET, Tag.INSTANCE_SCORES,
+                          Tag.BAG_FEATURES})
+
 
     def __init__(
         self,
@@ -136,6 +138,10 @@ class SemiSupervisedCNN(BagClassifier):
                               learning_rate=self.learning_rate, momentum=self.momentum,
                               weight_decay=self.weight_decay, batch_size=int(self.batch_size))
         return trainer, source_x, source_y
+
+    def _instance_tags(self) -> frozenset[Tag]:
+        # Full mode fine-tunes on the source set's images, not on its features.
+        return frozenset({Tag.SOURCE_IMAGES}) if self.mode == "full" else frozenset()
 
     def _full_setup(self):
         from milbench.semisup.source import load_source, source_image_dir

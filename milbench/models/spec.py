@@ -77,12 +77,12 @@ class ModelSpec(BaseModel):
         """Whether the model, or a model it wraps (an ensemble's listed members, ``inner_cv``'s
         model), reads instance feature vectors."""
         tags = model_tags(self.name)
-        if Tag.INSTANCES.value in tags:
+        if Tag.INSTANCES in tags:
             return True
         wrapped = []
-        if Tag.ENSEMBLE.value in tags and isinstance(self.params.get("members"), list | tuple):
+        if Tag.ENSEMBLE in tags and isinstance(self.params.get("members"), list | tuple):
             wrapped = [ModelSpec.coerce(member) for member in self.params["members"]]
-        if Tag.SELECTION.value in tags:
+        if Tag.SELECTION in tags:
             model = self.params.get("model", constructor_defaults(self.name).get("model"))
             wrapped = [ModelSpec(name=model, params=self.params.get("params") or {})]
         return any(spec.reads_instances for spec in wrapped)
@@ -181,10 +181,10 @@ def check_params(name: str, params: dict[str, Any]) -> None:
             raise ValueError(f"model {name!r}: {error}") from None
     tags = model_tags(name)
     members = params.get("members")
-    if Tag.ENSEMBLE.value in tags and isinstance(members, list | tuple):
+    if Tag.ENSEMBLE in tags and isinstance(members, list | tuple):
         check_unique_labels([ModelSpec.coerce(member) for member in members],
                             f"model {name!r}'s members")
-    if Tag.SELECTION.value in tags and "model" in params:
+    if Tag.SELECTION in tags and "model" in params:
         fixed = params.get("params") or {}
         check_params(params["model"], fixed)
         grid = params.get("grid") or {}
@@ -203,7 +203,7 @@ def walk_spec(spec: ModelSpec, inherited, visit, top: ModelSpec) -> ModelSpec:
     walked too, and rewritten when a visit changed one."""
     features = spec.features if spec.features is not None else inherited
     members = spec.params.get("members")
-    if Tag.ENSEMBLE.value in model_tags(spec.name) and isinstance(members, list | tuple):
+    if Tag.ENSEMBLE in model_tags(spec.name) and isinstance(members, list | tuple):
         coerced = [ModelSpec.coerce(m) for m in members]
         walked = [walk_spec(m, features, visit, top) for m in coerced]
         if walked != coerced:
