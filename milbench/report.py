@@ -15,7 +15,7 @@ from milbench.core.metrics import METRICS, format_intervals
 from milbench.data import Cohort
 from milbench.evaluation.cv import CVResult
 from milbench.runs import Run
-from milbench.synth.difficulty import PIXEL_CEILING_GLOB
+from milbench.synth.layout import PIXEL_CEILING_GLOB
 
 if TYPE_CHECKING:  # pipeline imports this module
     from milbench.instances import InstanceViews

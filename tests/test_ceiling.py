@@ -65,3 +65,18 @@ def test_a_seeded_ceiling_repeats_itself(tiny, tmp_path):
 def test_a_folder_without_truth_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no truth/instances.csv"):
         pixel_ceiling(tmp_path, tmp_path / "cache")
+
+
+def test_a_computed_ceiling_leaves_the_cohort_usable(tmp_path):
+    """The ceiling is written into truth/ after the cohort: a run must still accept the folder
+    (a regression: its checksum check refused the cohort as changed), while any other new file
+    is still caught."""
+    from milbench.io import atomic_write_json
+    from milbench.synth.difficulty import pixel_ceiling_path
+    from milbench.synth.layout import verify_generated
+
+    root = generate_cohort(tmp_path / "cohort", "tiny", seed=1)
+    atomic_write_json(pixel_ceiling_path(root, 64), {"instance_auc": 0.8})
+    assert verify_generated(root) == []
+    (root / "truth" / "notes.txt").write_text("added by hand")
+    assert verify_generated(root) == ["unexpected truth/notes.txt"]

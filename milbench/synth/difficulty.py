@@ -33,9 +33,6 @@ from sklearn.preprocessing import StandardScaler
 
 from milbench.core.clinical import clinical_design_matrix
 
-# A cohort's pixel ceiling (milbench.bench.ceiling), computed on demand, beside its difficulty.
-PIXEL_CEILING_GLOB = "pixel_ceiling_*px.json"
-
 
 def pixel_ceiling_path(root: str | os.PathLike, input_size: int) -> Path:
     return Path(root) / "truth" / f"pixel_ceiling_{int(input_size)}px.json"

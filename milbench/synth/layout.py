@@ -30,6 +30,9 @@ CHECKSUMS_NAME = "checksums.json"  # SHA-256 of every generated file, checked wh
 AGE_REFERENCE_DATE = date(2020, 1, 1)
 CLINICAL_CSV_COLUMNS = ["ID", "LABEL", "GENDER", "DOB", "LYMPH_COUNT"]
 INSTANCE_COLUMNS = ["patient_id", "image", "split", "atypical", "variant", "atypia"]
+# A cohort's pixel ceiling (milbench.bench.ceiling), computed on demand into truth/ after the
+# cohort was written: a figure about the cohort, not one of its files, so not checksummed.
+PIXEL_CEILING_GLOB = "pixel_ceiling_*px.json"
 PATIENT_TRUTH_COLUMNS = ["patient_id", "split", "label", "observed_label", "label_flipped", "site",
                          "signal_strength", "witness_fraction", "n_images"]
 
@@ -85,11 +88,18 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
 
 
 def file_checksums(root: str | os.PathLike) -> dict[str, str]:
-    """SHA-256 of every file under ``root`` (but the manifest and this record), by relative path."""
+    """SHA-256 of every file under ``root`` (but the manifest, this record and the figures
+    computed later), by relative path."""
     root = Path(root)
     return {path.relative_to(root).as_posix(): file_sha256(path)
             for path in sorted(root.rglob("*"))
-            if path.is_file() and path.name not in (MANIFEST_NAME, CHECKSUMS_NAME)}
+            if path.is_file() and path.name not in (MANIFEST_NAME, CHECKSUMS_NAME)
+            and not _computed_later(root, path)}
+
+
+def _computed_later(root: Path, path: Path) -> bool:
+    """Figures computed from the written cohort on demand (the pixel ceiling)."""
+    return path.parent == root / "truth" and path.match(PIXEL_CEILING_GLOB)
 
 
 def verify_generated(root: str | os.PathLike) -> list[str] | None:
