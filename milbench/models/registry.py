@@ -65,6 +65,7 @@ BUILTIN: dict[str, str] = {
     "image_mil": "milbench.models.image_mil:ImageMIL",
     "instance_cnn": "milbench.models.instance_cnn:InstanceCNN",
     "oneclass_svm": "milbench.models.oneclass:OneClassMIL",
+    "sil": "milbench.models.propagation:PropagatedInstanceMIL",
     "torchmil_abmil": "milbench.models.peers:TorchmilABMIL",
     "inner_cv": "milbench.models.selection:InnerCVSelection",
     "stacker": "milbench.ensemble.stacker:ClinicalStacker",
