@@ -34,6 +34,7 @@ from milbench.models.registry import Tag
 class ShrinkageEnsemble(BagClassifier):
 
     mil_tags = frozenset({Tag.ENSEMBLE, Tag.CLINICAL})
+
     def __init__(self, members=("clinical_logreg", "meanpool_svm"),
                  grid=(0.0, 0.25, 0.5, 0.75, 1.0), inner_splits: int = 5, inner_repeats: int = 2,
                  random_state=None):

@@ -24,6 +24,7 @@ from milbench.models.registry import Tag
 class VotingEnsemble(BagClassifier):
 
     mil_tags = frozenset({Tag.ENSEMBLE, Tag.CLINICAL})
+
     def __init__(self, members=("clinical_logreg",), voting: str = "soft", weights=None,
                  seeds: int = 1, random_state=None):
         store_params(self, locals())
