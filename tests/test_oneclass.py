@@ -1,6 +1,6 @@
 """The one-class SVM bag model: reactive instances define normal, witnesses stand out, the
-threshold is the reactive margins' quantile, and the logistic layer trains on out-of-fold
-bag features."""
+threshold is the reactive margins' quantile (its out-of-fold logistic layer is tested with
+SIL's, in test_propagation.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from bag_fixtures import make_tiny_bags
 from test_image_mil import _image_bags
 
 from milbench.models import create_model
-from milbench.models.oneclass import BAG_FEATURES, OneClassMIL
+from milbench.models.oneclass import BAG_FEATURES
 
 
 def test_witness_instances_lie_outside_the_reactive_population():
@@ -32,20 +32,6 @@ def test_witness_instances_lie_outside_the_reactive_population():
     margins = np.concatenate(model.stage_.margins(reactive))
     assert np.mean(margins < model.stage_.threshold) == pytest.approx(model.quantile, abs=0.05)
     assert (model.predict(bags) == labels).mean() >= 0.8
-
-
-def test_logistic_layer_trains_on_out_of_fold_features(monkeypatch):
-    bags, labels, clinical, _ = make_tiny_bags(n_bags=18)
-    stages = []
-    original = OneClassMIL._fit_stage
-
-    def recording(self, fit_bags, fit_labels, seed):
-        stages.append(len(fit_bags))
-        return original(self, fit_bags, fit_labels, seed)
-
-    monkeypatch.setattr(OneClassMIL, "_fit_stage", recording)
-    create_model("oneclass_svm", oof_folds=3, random_state=0).fit(bags, labels, clinical)
-    assert stages == [12, 12, 12, 18]  # three inner stages on two thirds each, then the final
 
 
 def test_reads_pixels_store_rows_too():

@@ -1,6 +1,7 @@
 """Single-instance learning (SIL): bag labels propagated to the instances find the witnesses,
-the bag features summarise the instance scores, the threshold is the reactive scores' quantile,
-and the logistic layer trains on out-of-fold bag features."""
+the bag features summarise the instance scores, the threshold is the reactive scores' quantile;
+and the instance-stage base it shares with the one-class SVM: the logistic layer trains on
+out-of-fold bag features."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from bag_fixtures import make_tiny_bags
 
 from milbench.models import create_model
+from milbench.models.oneclass import OneClassMIL
 from milbench.models.propagation import BAG_FEATURES, PropagatedInstanceMIL
 
 
@@ -43,19 +45,24 @@ def test_bag_features_are_the_instance_scores_summaries():
     assert np.mean(reactive <= threshold) == pytest.approx(0.75, abs=0.05)
 
 
-def test_logistic_layer_trains_on_out_of_fold_features(monkeypatch):
+@pytest.mark.parametrize("name, cls", [("sil", PropagatedInstanceMIL),
+                                       ("oneclass_svm", OneClassMIL)])
+def test_logistic_layer_trains_on_out_of_fold_features(name, cls, monkeypatch):
+    """Both instance-stage models: three inner stages on two thirds of the bags each, then the
+    final stage on all of them; the logistic layer reads the bag features and the clinical table."""
     bags, labels, clinical, _ = make_tiny_bags(n_bags=18)
     stages = []
-    original = PropagatedInstanceMIL._fit_stage
+    original = cls._fit_stage
 
     def recording(self, fit_bags, fit_labels, seed):
         stages.append(len(fit_bags))
         return original(self, fit_bags, fit_labels, seed)
 
-    monkeypatch.setattr(PropagatedInstanceMIL, "_fit_stage", recording)
-    model = create_model("sil", oof_folds=3, random_state=0).fit(bags, labels, clinical)
-    assert stages == [12, 12, 12, 18]  # three inner stages on two thirds each, then the final
-    assert model.uses_clinical_ and model.estimator_[-1].coef_.shape == (1, len(BAG_FEATURES) + 3)
+    monkeypatch.setattr(cls, "_fit_stage", recording)
+    model = create_model(name, oof_folds=3, random_state=0).fit(bags, labels, clinical)
+    assert stages == [12, 12, 12, 18]
+    assert model.uses_clinical_
+    assert model.estimator_[-1].coef_.shape == (1, len(cls.BAG_FEATURES) + 3)
 
 
 def test_at_most_max_instances_train_each_instance_classifier():
