@@ -91,10 +91,9 @@ class OneClassMIL(InstanceStageMIL):
         transform = self._fit_transform(bags)
         reactive = np.vstack(transform.transform([bag for bag, label in zip(bags, labels,
                                                                             strict=True) if not label]))
-        if len(reactive) > int(self.max_instances):
-            rng = np.random.default_rng(seed)
-            reactive = reactive[np.sort(rng.choice(len(reactive), int(self.max_instances),
-                                                   replace=False))]
+        kept = self._at_most_max_instances(len(reactive), seed)
+        if kept is not None:
+            reactive = reactive[kept]
         svm = OneClassSVM(nu=self.nu, gamma=self.gamma).fit(reactive)
         threshold = float(np.quantile(svm.decision_function(reactive), self.quantile))
         return _OutlierStage(transform, svm, threshold)

@@ -92,9 +92,8 @@ class PropagatedInstanceMIL(InstanceStageMIL):
         transform = self._fit_transform(bags)
         instances = np.vstack(transform.transform(bags))
         instance_labels = np.repeat(labels, [len(bag) for bag in bags])
-        if len(instances) > int(self.max_instances):
-            rng = np.random.default_rng(seed)
-            kept = np.sort(rng.choice(len(instances), int(self.max_instances), replace=False))
+        kept = self._at_most_max_instances(len(instances), seed)
+        if kept is not None:
             instances, instance_labels = instances[kept], instance_labels[kept]
         classifier = LogisticRegression(C=self.instance_C, class_weight="balanced", max_iter=1000,
                                         random_state=seed).fit(instances, instance_labels)

@@ -30,6 +30,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from enum import Enum
+from functools import cache
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -131,15 +132,25 @@ def model_tags(name: str) -> frozenset[Tag]:
     return _TAGS[name]
 
 
-def _declared_tags(path: str) -> frozenset[Tag] | None:
-    """The ``mil_tags = frozenset({Tag.X, ...})`` literal in the body of class ``path``
-    (``module:Class``), or None where the source does not hold one."""
-    module, _, class_name = path.partition(":")
+@cache
+def source_tree(module: str) -> ast.Module | None:
+    """The parsed source of ``module`` without importing it (None where it has no ``.py``
+    source): what the registry and the parameter reader learn about a model before loading it.
+    Parsed once per module."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
     with open(spec.origin, encoding="utf-8") as handle:
-        tree = ast.parse(handle.read())
+        return ast.parse(handle.read())
+
+
+def _declared_tags(path: str) -> frozenset[Tag] | None:
+    """The ``mil_tags = frozenset({Tag.X, ...})`` literal in the body of class ``path``
+    (``module:Class``), or None where the source does not hold one."""
+    module, _, class_name = path.partition(":")
+    tree = source_tree(module)
+    if tree is None:
+        return None
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:

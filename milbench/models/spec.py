@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
-import importlib.util
 import inspect
 import json
 from functools import cache
@@ -21,7 +20,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from milbench.models.registry import Tag, create_model, import_path, model_class, model_tags
+from milbench.models.registry import (
+    Tag,
+    create_model,
+    import_path,
+    model_class,
+    model_tags,
+    source_tree,
+)
 
 
 class ModelSpec(BaseModel):
@@ -142,12 +148,10 @@ def constructor_defaults(name: str) -> dict[str, Any]:
     path = import_path(name)
     if path is not None:
         module, _, class_name = path.partition(":")
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin and spec.origin.endswith(".py"):
-            with open(spec.origin, encoding="utf-8") as handle:
-                arguments = _init_arguments(ast.parse(handle.read()), class_name)
-            if arguments is not None:
-                return arguments
+        tree = source_tree(module)
+        arguments = None if tree is None else _init_arguments(tree, class_name)
+        if arguments is not None:
+            return arguments
     signature = inspect.signature(model_class(name).__init__)
     return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
 

@@ -60,6 +60,13 @@ class InstanceStageMIL(BagClassifier):
     def _fit_stage(self, bags: list[np.ndarray], labels: np.ndarray, seed: int) -> Any:
         raise NotImplementedError
 
+    def _at_most_max_instances(self, n_rows: int, seed: int) -> np.ndarray | None:
+        """Sorted rows of a seeded draw of ``max_instances`` of ``n_rows`` (None: keep all)."""
+        if n_rows <= int(self.max_instances):
+            return None
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(n_rows, int(self.max_instances), replace=False))
+
     def _fit_transform(self, bags: list[np.ndarray]) -> BagTransform:
         """Scaler (and PCA with ``pca_components``) on the stage's training instances."""
         components = None if self.pca_components is None else int(self.pca_components)
