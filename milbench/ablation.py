@@ -1,11 +1,12 @@
 """Ablation grids (``milbench ablate``): variants × repeats of one model on a fixed protocol.
 
 An ablation config names a base run config and, per variant, the overrides that make it (the same
-``key=value`` syntax as ``--set``). Each (variant, repeat) cell is evaluated independently — on a
-stratified K-fold CV (the default) or a stratified train/validation split (the seed's protocol),
-seeded by the repeat only, so every variant sees the same folds — in parallel worker processes,
-and its result is written as soon as it finishes, so an interrupted grid resumes without redoing
-finished cells.
+``key=value`` syntax as ``--set``). Each (variant, repeat) cell is evaluated on a stratified K-fold
+CV (the default: repeat ``r`` of the run's own CV, its folds seeded as the run seeds them) or a
+stratified train/validation split (the seed's protocol), seeded by the repeat only, so every
+variant sees the same folds. The folds run through the project's CV engine
+(:mod:`milbench.evaluation.cv`), in parallel worker processes where asked, each recorded under
+``fits/<variant>/`` as it ends, so an interrupted grid resumes without redoing finished folds.
 
 The table gives mean ± std (max) over repeats per metric, and each variant's paired difference
 from the reference variant (the first, unless ``reference`` names one) over the same folds and
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -38,10 +38,11 @@ from milbench.core.metrics import (
     format_mean_std_max,
 )
 from milbench.evaluation.compare import corrected_resampled_ttest
-from milbench.evaluation.cv import cross_validate
-from milbench.evaluation.splits import kfold_splits, train_val_split
+from milbench.evaluation.cv import CVResult
+from milbench.evaluation.splits import Fold, kfold_splits, train_val_split
 from milbench.execution import ExecutionConfig, Executor, require_ray, with_overrides
-from milbench.progress import progress_bar
+from milbench.preparation import stratification, worker_data
+from milbench.run_cv import model_cv
 from milbench.runs import Run
 
 log = logging.getLogger(__name__)
@@ -99,55 +100,50 @@ def load_ablation(path: str | Path, overrides: list[str] = ()) -> tuple[Ablation
     return ablation, variants
 
 
-def run_cell(config_json: str, repeat: int, protocol_json: str) -> dict[str, Any]:
-    """Evaluate one (variant, repeat) cell; runs in a worker process."""
-    from milbench.preparation import stratification, worker_data
-    from milbench.source_set import attach_source_features
-
-    config = RunConfig.model_validate_json(config_json)
-    protocol = Protocol.model_validate_json(protocol_json)
-    data = worker_data(config)
-    attach_source_features(config, progress=False)  # cached after the data preparation
-    seed = config.seed + repeat
-    started = time.perf_counter()
+def ablation_folds(config: RunConfig, data, protocol: Protocol, repeats: int) -> list[Fold]:
+    """Every repeat's folds: repeat ``r`` of the run's own K-fold CV (shuffled with ``seed + r``),
+    or one stratified train/validation split seeded with ``seed + r`` (as fold 0 of repeat
+    ``r``). They do not depend on the variant, so every variant sees the same folds."""
     if protocol.kind == "split":
-        # One fold, seeded as fold 0 of this repeat (the seed's protocol).
         keys = stratification(config, data.train, min_size=2)
-        split = train_val_split(data.train.ids, keys, protocol.val_fraction, seed=seed)
-        folds, fold_seed_base = [replace(split, repeat=repeat)], config.seed
-    else:
-        keys = stratification(config, data.train, min_size=protocol.n_splits)
-        folds, fold_seed_base = kfold_splits(data.train.ids, keys, protocol.n_splits, 1, seed), seed
-    result = cross_validate(config.models[0].build(), data.bags_for(config.models[0])[0],
-                            data.labels, data.train.ids,
-                            folds, data.train_clinical, seed=fold_seed_base, progress=False)
-    metrics = result.per_repeat.drop(columns=["repeat"]).iloc[0].to_dict()
-    fold_metrics = [{"fold": int(fold), **binary_metrics(g["label"], g["predicted"], g["score"])}
-                    for fold, g in result.oof.groupby("fold", sort=True)]
-    ratio = float(np.mean([len(f.val_ids) / len(f.train_ids) for f in folds]))
-    # Learning curves are drawn from single-split cells (one history per cell).
-    history = result.histories[0] if protocol.kind == "split" else None
-    return {"repeat": repeat, "seconds": time.perf_counter() - started,
+        return [replace(train_val_split(data.train.ids, keys, protocol.val_fraction,
+                                        seed=config.seed + repeat), repeat=repeat)
+                for repeat in range(repeats)]
+    keys = stratification(config, data.train, min_size=protocol.n_splits)
+    return kfold_splits(data.train.ids, keys, protocol.n_splits, repeats, config.seed)
+
+
+def cell_results(variant: str, result: CVResult, folds: list[Fold]) -> list[dict[str, Any]]:
+    """One result per (variant, repeat) cell from the variant's CV: its metrics, per-fold
+    metrics, fit seconds, validation/training size ratio and (single-split cells) history."""
+    cells = []
+    for repeat, metrics in result.per_repeat.set_index("repeat").iterrows():
+        in_repeat = [i for i, fold in enumerate(folds) if fold.repeat == repeat]
+        oof = result.oof[result.oof["repeat"] == repeat]
+        fold_metrics = [{"fold": int(fold), **binary_metrics(g["label"], g["predicted"], g["score"])}
+                        for fold, g in oof.groupby("fold", sort=True)]
+        cells.append({
+            "variant": variant, "repeat": int(repeat),
+            "seconds": float(sum(result.fit_seconds[i] for i in in_repeat)),
             "metrics": {k: float(v) for k, v in metrics.items()},
             "fold_metrics": [{k: float(v) for k, v in row.items()} for row in fold_metrics],
-            "test_train_ratio": ratio, "history": history}
-
-
-def _cell_file(variant: str, repeat: int) -> str:
-    return f"cells/{variant}/repeat-{repeat:03d}.json"
+            "test_train_ratio": float(np.mean([len(folds[i].val_ids) / len(folds[i].train_ids)
+                                               for i in in_repeat])),
+            # Learning curves are drawn from single-split cells (one history per cell).
+            "history": result.histories[in_repeat[0]] if len(in_repeat) == 1 else None,
+        })
+    return cells
 
 
 def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path | None = None,
                  backend: str | None = None, jobs: int | None = None,
                  progress: bool = True) -> tuple[Path, pd.DataFrame]:
-    from milbench.preparation import worker_data
-
     ablation, variants = load_ablation(path, overrides)
     execution = with_overrides(ablation.execution, backend, jobs)
     require_ray(execution)  # before any work
     base = next(iter(variants.values()))  # its workdir and tracking section hold for the grid
     tracking.require(base)
-    # Where the cells run does not change their results, so it is not part of what must match
+    # Where the folds run does not change their results, so it is not part of what must match
     # on resume.
     record = {"ablation": ablation.model_dump(mode="json", exclude={"execution"}),
               "variants": {name: resolved_dict(c) for name, c in variants.items()}}
@@ -161,24 +157,20 @@ def run_ablation(path: str | Path, overrides: list[str] = (), resume: str | Path
             raise ConfigError(f"{run.path}: the ablation config changed since this grid started; "
                               "start a new grid instead of resuming")
     run.write_json("execution.json", execution.model_dump(mode="json"))
-    cells = [(v, r) for v in variants for r in range(ablation.repeats)]
-    todo = [(v, r) for v, r in cells if not (run.path / _cell_file(v, r)).is_file()]
-    if len(todo) < len(cells):
-        log.info("resuming: %d of %d cells already done", len(cells) - len(todo), len(cells))
-    protocol_json = ablation.protocol.model_dump_json()
     # Data and features are prepared here, once per distinct setting, so that workers only
     # ever read finished feature stores (two extracting into one store would collide).
-    roots = {Path(worker_data(variants[v]).root) for v in dict.fromkeys(v for v, _ in todo)}
-    shared = sorted({Path(base.workdir)} | roots)  # what every worker must see
-    tasks = [(variants[v].model_dump_json(), r, protocol_json) for v, r in todo]
-    with progress_bar(f"ablation {ablation.name}", total=len(cells), completed=len(cells) - len(todo),
-                      enabled=progress, unit="cell") as advance, \
-            Executor(execution, shared_paths=shared) as executor:
-        for index, result in executor.map(run_cell, tasks):
-            variant, repeat = todo[index]
-            run.write_json(_cell_file(variant, repeat), {"variant": variant, **result})
-            advance()
-    results = [json.loads((run.path / _cell_file(v, r)).read_text()) for v, r in cells]
+    prepared = {name: worker_data(config) for name, config in variants.items()}
+    shared = sorted({Path(base.workdir)} | {Path(data.root) for data in prepared.values()})
+    results: list[dict] = []
+    with Executor(execution, shared_paths=shared) as executor:
+        for name, data in prepared.items():
+            config = data.config  # the variant with its source features attached
+            folds = ablation_folds(config, data, ablation.protocol, ablation.repeats)
+            # Each fold is recorded under fits/<variant>/ as it ends: a rerun resumes there.
+            result = model_cv(config, data, config.models[0], folds,
+                              records=run.file(f"fits/{name}"), executor=executor,
+                              progress=progress, description=f"ablation {ablation.name}: {name}")
+            results += cell_results(name, result, folds)
     table = ablation_table(results, list(variants))
     comparisons = paired_differences(results, list(variants))
     run.write_csv("ablation.csv", table, index=True)
@@ -199,7 +191,7 @@ def ablation_table(results: list[dict], variants: list[str]) -> pd.DataFrame:
         summary = aggregate(per_repeat)
         rows[variant] = {f"{m}:{stat}": summary.loc[m, stat] for m in METRICS
                          for stat in ("mean", "std", "max")}
-        rows[variant]["seconds_per_cell"] = float(np.mean(
+        rows[variant]["fit_seconds_per_cell"] = float(np.mean(
             [r["seconds"] for r in results if r["variant"] == variant]))
     return pd.DataFrame(rows).T.rename_axis("variant")
 

@@ -28,8 +28,8 @@ from milbench.ensemble.members import (
     select_best,
 )
 from milbench.evaluation.compare import bootstrap_interval, paired_comparison
-from milbench.evaluation.cv import CVResult, FoldOutcome, cross_validate, score_fold, stop_between_folds
-from milbench.evaluation.splits import Fold, kfold_splits, save_folds
+from milbench.evaluation.cv import CVResult, stop_between_folds
+from milbench.evaluation.splits import kfold_splits, save_folds
 from milbench.execution import Executor, require_ray
 from milbench.instances import write_instance_views
 from milbench.models import Tag, model_tags
@@ -40,9 +40,9 @@ from milbench.preparation import (
     PreparedData,
     prepare_data,
     stratification,
-    worker_data,
 )
 from milbench.progress import StageTimer
+from milbench.run_cv import model_cv
 from milbench.runs import REQUESTED_CONFIG, Run, environment_record, git_state, requested_config_path
 from milbench.saved import save_extractors, save_model
 from milbench.submit import write_submission
@@ -167,6 +167,7 @@ def _run(config: RunConfig, progress: bool, resume: Path | None, timer: StageTim
     requested = resolved_dict(config)  # before preparation fills in source features
     run = _resume(Path(resume), config, requested) if resume is not None else None
     data = prepare_data(config, progress, timer, map_tasks=executor.map)
+    config = data.config  # the models with their source features, as the run records them
     if run is None:
         resolved = resolved_dict(config)
         resolved["data"]["resolved_root"] = str(data.root.resolve())
@@ -215,14 +216,10 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
                 note = "members chosen by this CV: " + ", ".join(
                     member_label(m) for m in entry.params["members"])
             resolved_entries[name] = entry
-            train_bags, _ = data.bags_for(entry)
             with timer.stage(f"CV {name}"):
-                results[name] = cross_validate(
-                    entry.build(), train_bags, data.labels, data.train.ids, folds,
-                    data.train_clinical, seed=config.seed, description=f"CV {name}",
-                    progress=progress, records=run.file(f"fits/{name}"), executor=executor,
-                    remote_fold=PipelineFold(config.model_dump_json(), entry.model_dump_json(),
-                                             config.seed))
+                results[name] = model_cv(config, data, entry, folds,
+                                         records=run.file(f"fits/{name}"), executor=executor,
+                                         progress=progress)
             _write_model_results(run, name, results[name])
             rows.append(_summary_row(name, results[name], note, data.features_of(entry)))
             if len(data.test):
@@ -255,22 +252,6 @@ def _run_models(config: RunConfig, progress: bool, timer: StageTimer, data: Prep
     tracking.log_run(config, run.path)  # reads the finished run directory; nothing when disabled
     return RunOutcome(run_dir=run.path, table=table, submissions=submissions,
                       timings=timer.table(), comparisons=comparisons)
-
-
-@dataclass(frozen=True)
-class PipelineFold:
-    """One CV fold of one model as a worker runs it: the bags come from the run's data,
-    prepared in the worker from the feature stores the driver finished."""
-
-    config_json: str
-    entry_json: str
-    seed: int
-
-    def __call__(self, fold: Fold) -> FoldOutcome:
-        data = worker_data(RunConfig.model_validate_json(self.config_json))
-        entry = ModelSpec.model_validate_json(self.entry_json)
-        return score_fold(entry.build(), data.bags_for(entry)[0], data.labels, data.train.ids,
-                          fold, data.train_clinical, self.seed)
 
 
 COMPARISON_COLUMNS = ["model", "reference", "comparison", "metric", "model_mean", "reference_mean",

@@ -18,9 +18,11 @@ from milbench.models.spec import ModelSpec, features_key, walk_spec
 PATHS = "paths"  # the extractor kind whose bags are image paths (models that read images)
 
 
-def walk_models(config: RunConfig, visit) -> None:
-    """Apply :func:`_walk` to every model of the run (in place)."""
-    config.models = [walk_spec(spec, config.features.extractor, visit, spec) for spec in config.models]
+def walk_models(config: RunConfig, visit) -> RunConfig:
+    """``visit`` every model of the run and ensemble member (:func:`walk_spec`): a copy of
+    ``config`` with the specs it returns; ``config`` itself is left as it is."""
+    return config.model_copy(update={"models": [walk_spec(spec, config.features.extractor, visit, spec)
+                                                for spec in config.models]})
 
 
 def reads_own_instances(spec: ModelSpec) -> bool:

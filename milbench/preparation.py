@@ -74,6 +74,7 @@ class PreparedData:
     train_clinical: pd.DataFrame
     test_clinical: pd.DataFrame
     features: dict  # the run extractor's feature store manifest ({} without instance features)
+    config: RunConfig  # the config prepared, source features attached (see source_set)
     views: dict[str, FeatureView] = field(default_factory=dict)
     default_key: str = NO_FEATURES
 
@@ -116,7 +117,8 @@ def image_path_bags(cohort: Cohort) -> list[np.ndarray]:
 def prepare_data(config: RunConfig, progress: bool = True,
                  timer: StageTimer | None = None, map_tasks=None) -> PreparedData:
     """Cohort, bags under every extractor a model reads (each computed once) and clinical
-    tables for ``config`` (source features attached in place). ``map_tasks`` (an executor's
+    tables for ``config``; ``.config`` is ``config`` with the source features attached
+    (``config`` itself is left as it is). ``map_tasks`` (an executor's
     ``map``) runs the shards of a sharded extraction (``features.shards``)."""
     timer = timer or StageTimer()
     preflight(config)  # before any data is read
@@ -127,7 +129,7 @@ def prepare_data(config: RunConfig, progress: bool = True,
     if len(train) == 0:
         raise ConfigError(f"{root}: no training patients")
     with timer.stage("source features"):
-        attach_source_features(config, progress)
+        config = attach_source_features(config, progress)
     views = {}
     for key, (extractor, models) in required_views(config).items():
         if extractor == NO_FEATURES:
@@ -151,7 +153,7 @@ def prepare_data(config: RunConfig, progress: bool = True,
     return PreparedData(
         root=root, cohort=cohort, train=train, test=test, train_bags=default.train_bags,
         test_bags=default.test_bags, labels=train.labels(), train_clinical=train.clinical_table(),
-        test_clinical=test.clinical_table(), features=default.manifest, views=views,
+        test_clinical=test.clinical_table(), features=default.manifest, config=config, views=views,
         default_key=default.key,
     )
 

@@ -29,17 +29,18 @@ def _needs_source(spec: ModelSpec) -> bool:
     return not spec.params.get("source_features")
 
 
-def attach_source_features(config: RunConfig, progress: bool = True) -> None:
+def attach_source_features(config: RunConfig, progress: bool = True) -> RunConfig:
     """Give every model that learns from an instance-labelled source set (tagged ``source_set``,
     its source parameter left empty; ensemble members too) the source's features,
     computed with that model's extractor. The model's cohort and source images are
     stain-matched to the source set (as in the seed report): its ``features`` become its extractor plus
-    the source stain, which the resolved config records; other models keep theirs."""
+    the source stain, which the resolved config records; other models keep theirs. Returns that
+    config (``config`` itself when no model needs a source); ``config`` is left as it is."""
     needing = []
     walk_models(config, lambda spec, features, top: needing.append(spec) or spec)
     needing = [spec.display_name for spec in needing if _needs_source(spec)]
     if not needing:
-        return
+        return config
     if config.source is None:
         raise ConfigError(f"models {needing} learn from an instance-labelled source set: add a "
                           "`source:` section (root: null generates a synthetic ALL-IDB2 set)")
@@ -64,4 +65,4 @@ def attach_source_features(config: RunConfig, progress: bool = True) -> None:
                 root, stained, Path(config.workdir) / "cache", seed=config.seed, progress=progress))
         return spec.model_copy(update={"features": stained,
                                        "params": {**spec.params, "source_features": paths[key]}})
-    walk_models(config, visit)
+    return walk_models(config, visit)

@@ -31,13 +31,14 @@ from milbench.config import ConfigError, RunConfig, resolved_dict
 from milbench.core.search import sampler, suggest
 from milbench.data_roots import hidden_test_labels
 from milbench.evaluation.compare import bootstrap_interval
-from milbench.evaluation.cv import cross_validate, stop_between_folds
+from milbench.evaluation.cv import stop_between_folds
 from milbench.evaluation.splits import Fold, kfold_splits, save_folds
 from milbench.execution import Executor, require_ray
 from milbench.models.base import with_seed
 from milbench.models.spec import ModelSpec
 from milbench.preparation import prepare_data, stratification, worker_data
 from milbench.progress import progress_bar
+from milbench.run_cv import model_cv
 from milbench.runs import Run
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,8 @@ def score_trial(config_json: str, entry_json: str, folds: list[Fold]) -> dict:
     """One trial as a task runs it: the model with the trial's parameters in the run's CV."""
     config = RunConfig.model_validate_json(config_json)
     entry = ModelSpec.model_validate_json(entry_json)
-    data = worker_data(config)
     started = time.perf_counter()
-    result = cross_validate(entry.build(), data.bags_for(entry)[0], data.labels, data.train.ids,
-                            folds, data.train_clinical, seed=config.seed, progress=False)
+    result = model_cv(config, worker_data(config), entry, folds)
     return {"value": float(result.summary.loc[METRIC, "mean"]),
             "per_repeat": [float(v) for v in result.per_repeat[METRIC]],
             "seconds": time.perf_counter() - started}
@@ -114,7 +113,7 @@ def run_tune(config: RunConfig, label: str, trials: int, resume: Path | None = N
                                  on_trial)
     except KeyboardInterrupt:
         raise TuneInterrupted(run.path) from None
-    return _report(run, study, config, data, entry, space, trials)
+    return _report(run, study, data.config, data, _entry(data.config, label)[0], space, trials)
 
 
 def _study(config: RunConfig, run: Run, label: str, entry: ModelSpec, space: dict, trials: int,
@@ -123,6 +122,7 @@ def _study(config: RunConfig, run: Run, label: str, entry: ModelSpec, space: dic
     import optuna
 
     data = prepare_data(config, progress, map_tasks=executor.map)
+    config, entry = data.config, _entry(data.config, label)[0]  # source features attached
     keys = stratification(config, data.train, min_size=config.evaluation.n_splits)
     folds = kfold_splits(data.train.ids, keys, config.evaluation.n_splits,
                          config.evaluation.n_repeats, config.seed)

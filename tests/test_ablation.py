@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import yaml
 from challenge_layout import default_rows, write_challenge
+from sklearn.metrics import balanced_accuracy_score
 
 import milbench.ablation as ablation
+import milbench.evaluation.cv as cv
 from milbench.config import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -30,20 +32,27 @@ def grid(tmp_path):
     return path, overrides
 
 
-def test_table_matches_cell_results(grid):
+def _recorded_balanced_accuracy(run_dir: Path, variant: str) -> dict[int, float]:
+    """Per repeat, the balanced accuracy of the variant's recorded fold (one per repeat)."""
+    values = {}
+    for path in sorted((run_dir / "fits" / variant).glob("r*-f0.json")):
+        rows = json.loads(path.read_text())["rows"]  # (repeat, fold, id, label, score, predicted)
+        values[rows[0][0]] = balanced_accuracy_score([r[3] for r in rows], [r[5] for r in rows])
+    return values
+
+
+def test_table_matches_the_recorded_folds(grid):
     path, overrides = grid
     run_dir, table = ablation.run_ablation(path, overrides, progress=False)
-    cells = sorted((run_dir / "cells").rglob("*.json"))
-    assert len(cells) == 6
-    logreg = [json.loads(p.read_text()) for p in cells if p.parent.name == "logreg"]
-    values = pd.Series([c["metrics"]["balanced_accuracy"] for c in logreg])
+    assert len(list((run_dir / "fits").rglob("*.json"))) == 6  # 2 variants x 3 repeats x 1 split
+    logreg = _recorded_balanced_accuracy(run_dir, "logreg")
+    values = pd.Series(list(logreg.values()))
     assert table.loc["logreg", "balanced_accuracy:mean"] == pytest.approx(values.mean())
     assert table.loc["logreg", "balanced_accuracy:std"] == pytest.approx(values.std(ddof=1))
     assert table.loc["logreg", "balanced_accuracy:max"] == pytest.approx(values.max())
     # Paired differences over the same splits: xgb minus logreg, repeat by repeat.
-    xgb = {c["repeat"]: c["metrics"]["balanced_accuracy"]
-           for c in (json.loads(p.read_text()) for p in cells if p.parent.name == "xgb")}
-    differences = [xgb[c["repeat"]] - c["metrics"]["balanced_accuracy"] for c in logreg]
+    xgb = _recorded_balanced_accuracy(run_dir, "xgb")
+    differences = [xgb[repeat] - value for repeat, value in logreg.items()]
     comparisons = pd.read_csv(run_dir / "comparisons.csv")
     row = comparisons[(comparisons["variant"] == "xgb") & (comparisons["reference"] == "logreg")
                       & (comparisons["metric"] == "balanced_accuracy")].iloc[0]
@@ -57,45 +66,45 @@ def test_table_matches_cell_results(grid):
     against = comparisons[(comparisons["variant"] == best) & (comparisons["reference"] == other)
                           & (comparisons["metric"] == "balanced_accuracy")].iloc[0]
     assert (f"| {best} | **" in markdown) == (against["ci_low"] > 0)
-    # Every repeat used a different validation split, and the same cell is reproducible.
-    again = ablation.run_cell(ablation.load_ablation(path, overrides)[1]["logreg"].model_dump_json(),
-                              0, ablation.Protocol(kind="split", val_fraction=0.3).model_dump_json())
-    assert again["metrics"] == logreg[0]["metrics"]
+    # Every repeat used a different validation split.
+    validation = [tuple(r[2] for r in json.loads(p.read_text())["rows"])
+                  for p in sorted((run_dir / "fits" / "logreg").glob("*.json"))]
+    assert len(set(validation)) == 3
 
 
 def test_interrupted_grid_resumes_without_redoing_cells(grid, monkeypatch):
     path, overrides = grid
     reference_dir, reference = ablation.run_ablation(path, overrides, progress=False)
 
-    real_cell, calls = ablation.run_cell, []
+    real_fold, calls = cv.score_fold, []
 
     def interrupted_after_two(*args):
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(args)
-        return real_cell(*args)
+        return real_fold(*args)
 
-    monkeypatch.setattr(ablation, "run_cell", interrupted_after_two)
+    monkeypatch.setattr(cv, "score_fold", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
         ablation.run_ablation(path, overrides, progress=False)
     partial = max((Path(overrides[1].split("=", 1)[1]) / "ablations").iterdir())
-    assert partial != reference_dir and len(list((partial / "cells").rglob("*.json"))) == 2
+    assert partial != reference_dir and len(list((partial / "fits").rglob("*.json"))) == 2
     assert not (partial / "ablation.csv").exists()
 
     calls.clear()
-    monkeypatch.setattr(ablation, "run_cell", lambda *args: calls.append(args) or real_cell(*args))
+    monkeypatch.setattr(cv, "score_fold", lambda *args: calls.append(args) or real_fold(*args))
     run_dir, table = ablation.run_ablation(path, overrides, resume=partial, progress=False)
-    assert run_dir == partial and len(calls) == 4  # only the 4 missing cells ran
-    pd.testing.assert_frame_equal(table.drop(columns="seconds_per_cell"),
-                                  reference.drop(columns="seconds_per_cell"))
+    assert run_dir == partial and len(calls) == 4  # only the 4 missing folds ran
+    pd.testing.assert_frame_equal(table.drop(columns="fit_seconds_per_cell"),
+                                  reference.drop(columns="fit_seconds_per_cell"))
 
 
 def test_parallel_workers_give_the_serial_table(grid):
     path, overrides = grid
     _, serial = ablation.run_ablation(path, overrides, jobs=1, progress=False)
     _, parallel = ablation.run_ablation(path, overrides, jobs=2, progress=False)
-    pd.testing.assert_frame_equal(serial.drop(columns="seconds_per_cell"),
-                                  parallel.drop(columns="seconds_per_cell"))
+    pd.testing.assert_frame_equal(serial.drop(columns="fit_seconds_per_cell"),
+                                  parallel.drop(columns="fit_seconds_per_cell"))
 
 
 def test_resume_refuses_a_changed_config_and_variants_need_one_model(grid, tmp_path):
@@ -138,9 +147,8 @@ def test_cv_protocol_is_the_default_and_records_folds(grid, tmp_path):
     config, _ = ablation.load_ablation(path, overrides)
     assert config.protocol.kind == "cv" and config.protocol.n_splits == 5
     run_dir, _ = ablation.run_ablation(path, overrides, progress=False)
-    cell = json.loads((run_dir / "cells" / "logreg" / "repeat-000.json").read_text())
-    assert [row["fold"] for row in cell["fold_metrics"]] == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert cell["test_train_ratio"] == pytest.approx(0.25)
+    assert sorted(p.name for p in (run_dir / "fits" / "logreg").iterdir()) == [
+        f"r{repeat}-f{fold}.json" for repeat in range(2) for fold in range(5)]
     comparisons = pd.read_csv(run_dir / "comparisons.csv")
     assert set(comparisons["n"]) == {10}  # 5 folds x 2 repeats, paired
 

@@ -204,7 +204,7 @@ def test_standing_names_the_best_model_the_best_published_row_and_the_peer():
 
 
 def test_a_rerun_into_the_same_folder_reads_back_recorded_fits(tmp_path, monkeypatch):
-    import milbench.bench.mil as bench
+    import milbench.evaluation.cv as cv
 
     first = run_mil_benchmark(["digits30"], ["meanpool_svm"], n_repeats=1, n_splits=3,
                               progress=False, records=tmp_path)
@@ -214,13 +214,13 @@ def test_a_rerun_into_the_same_folder_reads_back_recorded_fits(tmp_path, monkeyp
     recorded[0].unlink()
     recorded[1].write_text("{not json")
     fitted = []
-    real_run_fold = bench._run_fold
+    real_score_fold = cv.score_fold
 
     def counting(*task):
-        fitted.append(task[2:4])  # (repeat, fold)
-        return real_run_fold(*task)
+        fitted.append((task[4].repeat, task[4].fold))
+        return real_score_fold(*task)
 
-    monkeypatch.setattr(bench, "_run_fold", counting)
+    monkeypatch.setattr(cv, "score_fold", counting)
     again = run_mil_benchmark(["digits30"], ["meanpool_svm"], n_repeats=1, n_splits=3,
                               progress=False, records=tmp_path)
     assert len(fitted) == 2

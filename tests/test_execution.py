@@ -115,7 +115,7 @@ def grid(tmp_path):
 
 
 def _ablation_tables(run_dir: Path) -> list[pd.DataFrame]:
-    table = pd.read_csv(run_dir / "ablation.csv").drop(columns=["seconds_per_cell"])
+    table = pd.read_csv(run_dir / "ablation.csv").drop(columns=["fit_seconds_per_cell"])
     return [table, pd.read_csv(run_dir / "comparisons.csv")]
 
 
@@ -135,7 +135,7 @@ def test_a_task_whose_worker_dies_is_retried_and_the_grid_completes(grid, tmp_pa
     monkeypatch.setenv(FAIL_ONCE_VARIABLE, str(marker))
     retried, _ = ablation.run_ablation(path, overrides, backend="ray", jobs=2, progress=False)
     assert marker.is_file()  # one worker did die mid-task
-    assert len(list((retried / "cells").rglob("*.json"))) == 6
+    assert len(list((retried / "fits").rglob("*.json"))) == 18  # 2 variants x 3 repeats x 3 folds
     for expected, actual in zip(_ablation_tables(reference), _ablation_tables(retried), strict=True):
         pd.testing.assert_frame_equal(actual, expected)
 

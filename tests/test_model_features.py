@@ -129,10 +129,14 @@ def test_paths_features_give_bags_of_image_paths_and_full_mode_gets_the_source(t
         "models=[{name: semisup, features: {kind: paths}, params: {mode: full, input_size: 32}}]",
         "features.extractor=none", "data.synthetic.preset=tiny", f"workdir={tmp_path / 'work'}",
         "source={root: null, seed: 0, n_per_class: 6}"])
+    requested = config.model_dump()
     data = prepare_data(config, progress=False)
-    train_bags, test_bags = data.bags_for(config.models[0])
+    assert config.model_dump() == requested  # preparation leaves the config as it was
+    (model,) = data.config.models
+    train_bags, test_bags = data.bags_for(model)
     assert [list(bag) for bag in train_bags] == [[str(p) for p in patient.image_paths]
                                                  for patient in data.train.patients]
     assert len(test_bags) == len(data.test)
-    assert Path(config.models[0].params["source_root"], "ALL_IDB2", "img").is_dir()
-    assert data.features_of(config.models[0]) == "paths"
+    assert "source_root" not in config.models[0].params
+    assert Path(model.params["source_root"], "ALL_IDB2", "img").is_dir()
+    assert data.features_of(model) == "paths"

@@ -4,34 +4,36 @@ cancer and digit bags, side by side with the published and reference figures.
 Protocol (as the attention-MIL paper and the reference runs of docs/data.md): stratified ``n_splits``-fold
 cross-validation at bag level, repeated ``n_repeats`` times, repeat ``r`` using
 ``StratifiedKFold(n_splits, shuffle=True, random_state=seed + r)`` over the bags in file order.
-Every preprocessing step (scalers, PCA) is fitted inside the model's ``fit``, so inside the
-fold. Reported (by :mod:`milbench.bench.mil_report`) per (dataset, model): accuracy and AUC,
-mean ± standard error, and seconds per fit; on digit bags also the instance-level AUC of the
-instance scores (attention weights, witness scores) against the known instance labels.
+The folds run on the project's CV engine (:mod:`milbench.evaluation.cv`): the run's fold-seed
+rule, fold records and worker task. Every preprocessing step (scalers, PCA) is fitted inside
+the model's ``fit``, so inside the fold. Reported (by :mod:`milbench.bench.mil_report`) per
+(dataset, model): accuracy and AUC, mean ± standard error, and seconds per fit; on digit bags
+also the instance-level AUC of the instance scores (attention weights, witness scores) against
+the known instance labels.
 
 Standard error: with several repeats, over the per-repeat means (each the mean over its folds,
 as in Ilse et al. 2018); with one repeat, over the folds.
 
-With an output folder, each finished fit is recorded there at once (``fits/``, one JSON file per
-fit, written atomically); a rerun into the same folder reads back every fit whose dataset, model
-(name, label and parameters), repeat, fold and protocol match and fits only the rest, so an
-interrupted or extended benchmark (more repeats, more models) resumes where it stopped. Records
-are not keyed by code version: after changing a model's code, remove its folder under ``fits/``.
+With an output folder, each finished fit is recorded there at once (``fits/<dataset>/<label>/
+<digest>/``, the engine's fold records); a rerun into the same folder reads back every fit whose
+dataset, model (name, label and parameters), repeat, fold and protocol match and fits only the
+rest, so an interrupted or extended benchmark (more repeats, more models) resumes where it
+stopped. Records are not keyed by code version: after changing a model's code, remove its
+folder under ``fits/``.
 
 Models are :class:`~milbench.models.spec.ModelSpec` entries of a YAML config
 (``configs/bench/mil.yaml`` by default: ``datasets``, ``models``, ``n_repeats``, ``n_splits``,
-``seed``), as in a run config: a registered name, or ``{name, params, label}``. Each fold is fit
-by the project's fold runner, :func:`milbench.models.base.fit_fold`.
+``seed``), as in a run config: a registered name, or ``{name, params, label}``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +41,14 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
-from sklearn.model_selection import StratifiedKFold
 
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
-from milbench.evaluation.cv import fit_fold
+from milbench.evaluation.cv import CVResult, FoldOutcome, FoldRecords, cross_validate, score_fold
+from milbench.evaluation.splits import Fold, kfold_splits
 from milbench.execution import ExecutionConfig, Executor
-from milbench.io import atomic_write_json
-from milbench.models.base import has_capability
+from milbench.models.base import FoldFit, has_capability
 from milbench.models.registry import Tag
 from milbench.models.spec import ModelSpec, check_unique_labels
-from milbench.progress import progress_bar
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench" / "mil.yaml"
 DEFAULT_DATASETS = ("musk1", "musk2", "elephant", "ucsb", "digits")
@@ -184,59 +182,80 @@ def _instance_auc(model, bags, instance_labels) -> float:
     return float(roc_auc_score(truth, np.concatenate(model.instance_scores(bags))))
 
 
-# One row per fit, in this column order (recorded fits are read back in any key order).
+# One row per fit, in this column order.
 FOLD_COLUMNS = ("dataset", "model", "model_name", "params", "repeat", "fold", "n_train", "n_test",
                 "accuracy", "balanced_accuracy", "auc", "instance_auc", "fit_seconds",
                 "chosen_params")
 
 
-def _run_fold(dataset: MILDataset, spec: ModelSpec, repeat, fold, train, test, seed) -> dict:
-    # A seed set in the spec's parameters wins over the fold's.
-    fitted = fit_fold(spec.build(), dataset.bags, dataset.labels, list(train), list(test),
-                      seed=None if "random_state" in spec.params else seed)
-    truth = dataset.labels[test]
-    test_instances = (
-        None if dataset.instance_labels is None else [dataset.instance_labels[i] for i in test]
-    )
-    return {
-        "dataset": dataset.name,
-        "model": spec.display_name,
-        "model_name": spec.name,
-        "params": params_text(spec.params),
-        "repeat": repeat,
-        "fold": fold,
-        "n_train": len(train),
-        "n_test": len(test),
-        "accuracy": float(accuracy_score(truth, fitted.predictions)),
-        "balanced_accuracy": float(balanced_accuracy_score(truth, fitted.predictions)),
-        "auc": (float(roc_auc_score(truth, fitted.scores)) if len(np.unique(truth)) == 2
-                else math.nan),
-        "instance_auc": _instance_auc(fitted.estimator, [dataset.bags[i] for i in test],
-                                      test_instances),
-        "fit_seconds": fitted.fit_seconds,
-        # What a selection model (inner_cv) chose on this fold's training bags.
-        "chosen_params": params_text(fitted.estimator.best_params_ if has_capability(
-            fitted.estimator, Tag.SELECTION) else {}),
-    }
+@dataclass
+class DescribeFit:
+    """What the benchmark records of each fitted fold beside its predictions: the instance AUC
+    on the held-out bags (digit bags know their instance labels) and what a selection model
+    (``inner_cv``) chose on the fold's training bags."""
+
+    dataset: MILDataset
+
+    def __call__(self, fitted: FoldFit, train: list[int], test: list[int]) -> dict:
+        instances = self.dataset.instance_labels
+        return {
+            "instance_auc": _instance_auc(fitted.estimator, [self.dataset.bags[i] for i in test],
+                                          None if instances is None else [instances[i] for i in test]),
+            "chosen_params": params_text(fitted.estimator.best_params_ if has_capability(
+                fitted.estimator, Tag.SELECTION) else {}),
+        }
 
 
-def fit_record_path(records: Path, dataset: str, spec: ModelSpec, repeat: int, fold: int,
-                    n_splits: int, seed: int) -> Path:
-    """Where one fit's row is recorded: named by dataset, label, repeat and fold, with a digest
-    of everything else that decides the fit (model name and parameters, the protocol)."""
+@dataclass
+class MILFold:
+    """One fold of one model on one dataset, as a worker process or Ray task runs it."""
+
+    dataset: MILDataset
+    spec_json: str
+    seed: int
+
+    def __call__(self, fold: Fold) -> FoldOutcome:
+        spec = ModelSpec.model_validate_json(self.spec_json)
+        return score_fold(spec.build(), self.dataset.bags, self.dataset.labels,
+                          bag_ids(self.dataset), fold, None, self.seed, spec.fixes_seed,
+                          DescribeFit(self.dataset))
+
+
+def bag_ids(dataset: MILDataset) -> list[str]:
+    """The bags' ids for the CV engine: their positions in the file."""
+    return [str(i) for i in range(len(dataset.labels))]
+
+
+def fit_records(records: Path, dataset: str, spec: ModelSpec, n_splits: int,
+                seed: int) -> FoldRecords:
+    """Where one model's fits on one dataset are recorded: a folder named by dataset and label,
+    then by a digest of everything else that decides the fits (model name and parameters, the
+    protocol)."""
     decided_by = json.dumps({"name": spec.name, "params": spec.params, "n_splits": n_splits,
                              "seed": seed}, sort_keys=True, default=str)
     digest = hashlib.sha256(decided_by.encode()).hexdigest()[:12]
-    return records / dataset / spec.display_name / f"r{repeat}-f{fold}-{digest}.json"
+    return FoldRecords(records / dataset / spec.display_name / digest)
 
 
-def _read_fit_record(path: Path) -> dict | None:
-    """A recorded fit's row; None (logged, then refitted) for a file that cannot be read."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        logger.warning("fit record %s is unreadable (%s); that fit runs again", path, error)
-        return None
+def fold_rows(dataset: MILDataset, spec: ModelSpec, folds: list[Fold], result: CVResult) -> list[dict]:
+    """The benchmark's row per fit, from the CV engine's out-of-fold rows and extras."""
+    rows = []
+    for fold, (_, oof), fit_seconds, extra in zip(
+            folds, result.oof.groupby(["repeat", "fold"], sort=False), result.fit_seconds,
+            result.extras, strict=True):
+        truth, predicted = oof["label"].to_numpy(), oof["predicted"].to_numpy()
+        rows.append({
+            "dataset": dataset.name, "model": spec.display_name, "model_name": spec.name,
+            "params": params_text(spec.params), "repeat": fold.repeat, "fold": fold.fold,
+            "n_train": len(fold.train_ids), "n_test": len(fold.val_ids),
+            "accuracy": float(accuracy_score(truth, predicted)),
+            "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
+            "auc": (float(roc_auc_score(truth, oof["score"].to_numpy()))
+                    if len(np.unique(truth)) == 2 else math.nan),
+            "instance_auc": extra["instance_auc"], "fit_seconds": fit_seconds,
+            "chosen_params": extra["chosen_params"],
+        })
+    return rows
 
 
 def run_mil_benchmark(
@@ -263,30 +282,19 @@ def run_mil_benchmark(
         d if isinstance(d, MILDataset) else load_benchmark_dataset(d, random_state=seed)
         for d in datasets
     ]
-    tasks, paths = [], []
-    for dataset in loaded:
-        for repeat in range(n_repeats):
-            splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed + repeat)
-            folds = list(splitter.split(np.zeros(len(dataset.labels)), dataset.labels))
+    rows: list[dict] = []
+    with Executor(execution or ExecutionConfig()) as executor:
+        for dataset in loaded:
+            ids = bag_ids(dataset)
+            folds = kfold_splits(ids, dataset.labels, n_splits, n_repeats, seed)
             for spec in specs:
-                for fold, (train, test) in enumerate(folds):
-                    fold_seed = seed + 1000 * repeat + fold
-                    tasks.append((dataset, spec, repeat, fold, train, test, fold_seed))
-                    paths.append(None if records is None else fit_record_path(
-                        records, dataset.name, spec, repeat, fold, n_splits, seed))
-    rows: list[dict | None] = [
-        _read_fit_record(path) if path is not None and path.is_file() else None for path in paths]
-    todo = [index for index, row in enumerate(rows) if row is None]
-    if records is not None and len(todo) < len(tasks):
-        logger.info("%d of %d fits read back from %s", len(tasks) - len(todo), len(tasks), records)
-    if todo:
-        with progress_bar("MIL benchmark", len(tasks), completed=len(tasks) - len(todo),
-                          enabled=progress, unit="fits") as advance, \
-                Executor(execution or ExecutionConfig()) as executor:
-            for position, row in executor.map(_run_fold, [tasks[index] for index in todo]):
-                index = todo[position]
-                rows[index] = row
-                if paths[index] is not None:  # floats round-trip exactly through JSON
-                    atomic_write_json(paths[index], row)
-                advance(1)
+                result = cross_validate(
+                    spec.build(), dataset.bags, dataset.labels, ids, folds, seed=seed,
+                    description=f"MIL benchmark {dataset.name} {spec.display_name}",
+                    progress=progress, describe=DescribeFit(dataset),
+                    records=None if records is None else fit_records(
+                        records, dataset.name, spec, n_splits, seed),
+                    executor=executor, task=MILFold(dataset, spec.model_dump_json(), seed),
+                    keep_model_seed=spec.fixes_seed)
+                rows += fold_rows(dataset, spec, folds, result)
     return pd.DataFrame(rows, columns=list(FOLD_COLUMNS))

@@ -8,7 +8,7 @@ pseudo-labels; per repeat the balanced accuracy; and the wall time. Outputs (ato
 ``semisup_iterations.png`` and ``semisup_report.md``.
 
 Folds run through :func:`milbench.evaluation.cv.cross_validate` (the run's folds and per-fold
-seeds); its ``on_fold`` hook reads each fitted model's pseudo-label log.
+seeds); its ``describe`` hook reads each fitted model's pseudo-label log.
 """
 
 from __future__ import annotations
@@ -172,24 +172,23 @@ def run_semisup_benchmark(config: dict, work: str | os.PathLike, *, progress: bo
     model = create_model("semisup", source_features=str(source_npz), **params)
     iteration_rows, chosen_rows = [], []
 
-    def record_pseudo_labels(fold, fitted, train_rows, val_rows) -> None:
+    def pseudo_labels(fitted, train_rows, val_rows) -> dict:
         per_iteration, chosen = pseudo_label_truth(
             fitted.estimator.pseudo_label_log_, [ids[i] for i in train_rows],
             [names[i] for i in train_rows], atypical)
-        per_iteration.insert(0, "repeat", fold.repeat)
-        per_iteration.insert(1, "fold", fold.fold)
         per_iteration["positive_hits"] = (per_iteration["positive_precision"].fillna(0)
                                           * per_iteration["n_positive"])
         per_iteration["negative_hits"] = (per_iteration["negative_precision"].fillna(0)
                                           * per_iteration["n_negative"])
-        chosen.insert(0, "repeat", fold.repeat)
-        chosen.insert(1, "fold", fold.fold)
-        iteration_rows.append(per_iteration)
-        chosen_rows.append(chosen)
+        return {"per_iteration": per_iteration, "chosen": chosen}
 
     result = cross_validate(model, bags, labels, ids, folds, clinical, seed=seed,
-                            description="semisup CV", progress=progress,
-                            on_fold=record_pseudo_labels)
+                            description="semisup CV", progress=progress, describe=pseudo_labels)
+    for fold, extra in zip(folds, result.extras, strict=True):
+        for frame, rows in ((extra["per_iteration"], iteration_rows), (extra["chosen"], chosen_rows)):
+            frame.insert(0, "repeat", fold.repeat)
+            frame.insert(1, "fold", fold.fold)
+            rows.append(frame)
     oof, per_repeat, fit_seconds = result.oof, result.per_repeat, result.fit_seconds
     summary_table = result.summary
     iterations = pd.concat(iteration_rows, ignore_index=True)

@@ -90,16 +90,18 @@ def stratification_keys(
 
 
 def kfold_splits(
-    ids: list[str], keys: np.ndarray, n_splits: int = 5, n_repeats: int = 1, seed: int = 0
+    ids: list[str], keys: np.ndarray, n_splits: int = 5, n_repeats: int = 1, seed: int = 0,
+    first_repeat: int = 0,
 ) -> list[Fold]:
-    """Repeated stratified K-fold; repeat ``r`` shuffles with ``seed + r``."""
+    """Repeated stratified K-fold, repeats ``first_repeat`` onwards; repeat ``r`` shuffles with
+    ``seed + r``, so repeat ``r`` is the same partition whichever repeats are asked for."""
     if n_splits < 2:
         raise ValueError(f"n_splits must be at least 2, got {n_splits}")
     if len(ids) != len(keys):
         raise ValueError(f"{len(ids)} ids but {len(keys)} stratification keys")
     ids_array = np.asarray(ids)
     folds = []
-    for repeat in range(n_repeats):
+    for repeat in range(first_repeat, first_repeat + n_repeats):
         splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed + repeat)
         for fold, (train, val) in enumerate(splitter.split(ids_array, keys)):
             folds.append(Fold(repeat, fold, tuple(ids_array[train]), tuple(ids_array[val])))

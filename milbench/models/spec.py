@@ -79,6 +79,12 @@ class ModelSpec(BaseModel):
         return cls(**value)
 
     @property
+    def fixes_seed(self) -> bool:
+        """The spec sets ``random_state`` itself: cross-validation keeps it instead of seeding
+        each fold (every fold then starts from the same seed)."""
+        return "random_state" in self.params
+
+    @property
     def reads_instances(self) -> bool:
         """Whether the model, or a model it wraps (an ensemble's listed members, ``inner_cv``'s
         model), reads instance feature vectors."""
