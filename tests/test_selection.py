@@ -45,7 +45,8 @@ def test_picks_the_candidate_that_generalises_and_refits_it(data):
 
 def test_fixed_params_apply_to_every_candidate(data):
     bags, labels, clinical = data
-    selector = _selector(params={"C": 0.5}).fit(bags, labels, clinical)
+    selector = _selector(model={"name": "meanpool_svm", "params": {"C": 0.5}}).fit(
+        bags, labels, clinical)
     assert selector.best_estimator_.C == 0.5
     assert {row["gamma"] for row in selector.cv_results_["params"]} == {1000.0, "scale"}
 
@@ -93,6 +94,7 @@ def test_exposes_the_chosen_models_capabilities_only(data):
         ({"metric": "accuracy_typo"}, "metric must be one of"),
         ({"inner_splits": 1}, "inner_splits"),
         ({"model": "no_such_model"}, "unknown model"),
+        ({"model": {"name": "meanpool_svm", "params": {"Cc": 1.0}}}, "unknown parameter 'Cc'"),
     ],
 )
 def test_bad_settings_fail_before_training(data, params, message):
@@ -103,7 +105,7 @@ def test_bad_settings_fail_before_training(data, params, message):
 
 def test_benchmark_names_the_wrapped_models_paper():
     spec = ModelSpec(name="inner_cv", params={
-        "model": "dmil", "params": {"max_epochs": 50, "validation_fraction": 0},
+        "model": {"name": "dmil", "params": {"max_epochs": 50, "validation_fraction": 0}},
         "grid": {"norm": ["layer", "none"]}})
     assert paper_method(spec) == "Attention MIL (Ilse 2018)"
 

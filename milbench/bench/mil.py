@@ -144,11 +144,9 @@ def paper_method(spec: ModelSpec) -> str | None:
     """The published method whose figures stand beside ``spec``'s."""
     params = spec.params
     if spec.name == "inner_cv":  # the wrapped model's paper, its fixed parameters deciding
-        return paper_method(ModelSpec(name=params.get("model", "meanpool_svm"),
-                                      params=params.get("params") or {}))
-    members = params.get("members")
-    if spec.name == "voting" and isinstance(members, list) and len(members) == 1:
-        return paper_method(ModelSpec.coerce(members[0]))  # one member's copies over seeds
+        return paper_method(spec.wrapped[0])
+    if spec.name == "voting" and len(spec.wrapped) == 1:
+        return paper_method(spec.wrapped[0])  # one member's copies over seeds
     if spec.name == "misvm":
         return "MI-SVM (Andrews 2002)"
     if spec.name == "mi_svm":

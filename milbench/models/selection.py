@@ -7,9 +7,10 @@ outer cross-validation this is nested CV: the outer test folds never take part i
 the outer figure is an honest estimate of "this model, tuned on the data at hand", unlike a
 setting picked by looking at the outer folds.
 
-``grid`` is a mapping of parameter name to a list of values (every combination is a candidate)
-or a list of such mappings, as scikit-learn's ``ParameterGrid`` reads it; ``params`` are fixed
-parameters applied to every candidate. ``cv_results_`` keeps each candidate's inner scores.
+``model`` is a spec like any other (a name, or ``{name, params}`` whose parameters every
+candidate keeps). ``grid`` is a mapping of parameter name to a list of values (every combination
+is a candidate) or a list of such mappings, as scikit-learn's ``ParameterGrid`` reads it.
+``cv_results_`` keeps each candidate's inner scores.
 
 With ``search: optuna`` the candidates are ``n_trials`` points of ``space`` (ranges, see
 ``milbench.core.search``) drawn by Optuna's ``sampler`` (TPE or Gaussian process, seeded with
@@ -49,8 +50,7 @@ class InnerCVSelection(BagClassifier):
 
     def __init__(
         self,
-        model: str = "meanpool_svm",
-        params: dict | None = None,
+        model: str | dict = "meanpool_svm",
         grid: dict | list | None = None,
         inner_splits: int = 3,
         metric: str = "balanced_accuracy",
@@ -72,7 +72,8 @@ class InnerCVSelection(BagClassifier):
         if self.search == "optuna":
             if self.grid:
                 raise ValueError("inner_cv: search 'optuna' draws from space; grid must be empty")
-            check_space(self.space, self.model, constructor_parameters(self.model), "space")
+            name = self._wrapped().name
+            check_space(self.space, name, constructor_parameters(name), "space")
             if int(self.n_trials) < 1:
                 raise ValueError(f"n_trials must be at least 1, got {self.n_trials}")
             optuna_sampler(self.sampler, 0)  # a bad sampler name fails before any training
@@ -85,12 +86,16 @@ class InnerCVSelection(BagClassifier):
             self._build(candidate)
         return candidates
 
+    def _wrapped(self) -> ModelSpec:
+        return ModelSpec.coerce(self.model)
+
     def _build(self, candidate: dict):
+        wrapped = self._wrapped()
         try:
-            spec = ModelSpec(name=self.model, params={**(self.params or {}), **candidate})
+            spec = ModelSpec(name=wrapped.name, params={**wrapped.params, **candidate})
         except ValueError as error:
-            raise ValueError(f"inner_cv: parameters {candidate} do not fit model {self.model!r}: "
-                             f"{error}") from error
+            raise ValueError(f"inner_cv: parameters {candidate} do not fit model "
+                             f"{wrapped.name!r}: {error}") from error
         return with_seed(spec.build(), self.random_state)
 
     def _inner_score(self, candidate: dict, bags, labels, clinical, folds) -> list[float]:
@@ -164,7 +169,7 @@ class InnerCVSelection(BagClassifier):
 
     def _chosen_with(self, tag: Tag):
         if not has_capability(self, tag):
-            raise AttributeError(f"inner_cv's chosen {self.model!r} has no {tag.value}")
+            raise AttributeError(f"inner_cv's chosen {self._wrapped().name!r} has no {tag.value}")
         return self.best_estimator_
 
     def instance_scores(self, bags, clinical=None) -> list[np.ndarray]:

@@ -4,8 +4,8 @@
 A spec is checked when it is made: the name must be registered and every parameter must be one
 of the model's constructor parameters. Built-in constructors are read from their source with
 ``ast``, so a misspelled parameter fails in milliseconds, naming the model, the key and the valid
-keys, without importing torch or any model. Ensemble members and ``inner_cv``'s model, params and
-grid are checked the same way, recursively.
+keys, without importing torch or any model. Ensemble members and ``inner_cv``'s model (specs
+too: a name or ``{name, params, label}``) and grid are checked the same way, recursively.
 """
 
 from __future__ import annotations
@@ -88,16 +88,21 @@ class ModelSpec(BaseModel):
     def reads_instances(self) -> bool:
         """Whether the model, or a model it wraps (an ensemble's listed members, ``inner_cv``'s
         model), reads instance feature vectors."""
-        tags = model_tags(self.name)
-        if Tag.INSTANCES in tags:
+        if Tag.INSTANCES in model_tags(self.name):
             return True
-        wrapped = []
+        return any(spec.reads_instances for spec in self.wrapped)
+
+    @property
+    def wrapped(self) -> list[ModelSpec]:
+        """The specs this model wraps: an ensemble's listed members, ``inner_cv``'s model (a
+        spec too: a name or ``{name, params}``); none for other models."""
+        tags = model_tags(self.name)
         if Tag.ENSEMBLE in tags and isinstance(self.params.get("members"), list | tuple):
-            wrapped = [ModelSpec.coerce(member) for member in self.params["members"]]
+            return [ModelSpec.coerce(member) for member in self.params["members"]]
         if Tag.SELECTION in tags:
-            model = self.params.get("model", constructor_defaults(self.name).get("model"))
-            wrapped = [ModelSpec(name=model, params=self.params.get("params") or {})]
-        return any(spec.reads_instances for spec in wrapped)
+            return [ModelSpec.coerce(self.params.get("model",
+                                                     constructor_defaults(self.name).get("model")))]
+        return []
 
     def build(self):
         """A new, unfitted model of this spec."""
@@ -195,15 +200,14 @@ def check_params(name: str, params: dict[str, Any]) -> None:
         check_unique_labels([ModelSpec.coerce(member) for member in members],
                             f"model {name!r}'s members")
     if Tag.SELECTION in tags and "model" in params:
-        fixed = params.get("params") or {}
-        check_params(params["model"], fixed)
+        wrapped = ModelSpec.coerce(params["model"]).name  # checks its own parameters
         grid = params.get("grid") or {}
         for candidate in grid if isinstance(grid, list) else [grid]:
-            check_params(params["model"], {key: None for key in candidate})
+            check_params(wrapped, {key: None for key in candidate})
         if params.get("space") is not None:
             from milbench.core.search import check_space
 
-            check_space(params["space"], params["model"], constructor_parameters(params["model"]),
+            check_space(params["space"], wrapped, constructor_parameters(wrapped),
                         f"model {name!r}: space")
 
 
