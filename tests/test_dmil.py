@@ -11,7 +11,7 @@ from bag_fixtures import make_tiny_bags
 from milbench.models.bag_network import AGGREGATIONS, DMILNetwork
 from milbench.models.collate import pad_bags
 from milbench.models.dmil import AttentionDMIL, network_settings
-from milbench.models.pooling import POOLINGS
+from milbench.models.pooling import CLASSIC_POOLINGS
 
 torch.set_num_threads(1)
 
@@ -35,7 +35,7 @@ def tiny():
 
 
 # D-MIL's own aggregations (the zoo's are in test_zoo.py; mi-Net's scores are probabilities).
-@pytest.mark.parametrize("aggregation", [a for a in AGGREGATIONS if a not in POOLINGS])
+@pytest.mark.parametrize("aggregation", list(CLASSIC_POOLINGS))
 def test_overfits_tiny_set(tiny, aggregation):
     bags, labels, _, _ = tiny
     model = AttentionDMIL(aggregation=aggregation, random_state=0, **OVERFIT).fit(bags, labels)
@@ -282,7 +282,7 @@ def test_embedding_widths_one_per_layer(tiny):
                           random_state=0).fit(bags, labels)
     linears = [m for m in model.network_.embed if isinstance(m, torch.nn.Linear)]
     assert [m.out_features for m in linears] == [32, 16, 8]
-    assert model.network_.attention_v.in_features == 8
+    assert model.network_.pool.scores.attention_v.in_features == 8
     with pytest.raises(ValueError, match="embedding_width: 2 widths"):
         AttentionDMIL(embedding_layers=3, embedding_width=[32, 16]).fit(bags, labels)
 
@@ -301,3 +301,27 @@ def test_weight_averaging_over_the_last_epochs(tiny):
                          ({"norm": "batch"}, "batch"), ({"swa_epochs": 41}, "swa_epochs")]:
         with pytest.raises(ValueError, match=message):
             AttentionDMIL(**{**params, "swa_epochs": 10, **bad}).fit(bags, labels)
+
+
+@pytest.mark.parametrize("aggregation", ["attention", "gated_attention", "mean_std"])
+def test_a_network_pickled_before_the_poolings_moved_loads_and_predicts_the_same(aggregation):
+    import pickle
+
+    settings = network_settings(AttentionDMIL(aggregation=aggregation))
+    network = DMILNetwork(6, 0, **settings).eval()
+    x, mask = (torch.from_numpy(a) for a in pad_bags(
+        [np.random.default_rng(seed).normal(size=(n, 6)).astype(np.float32)
+         for seed, n in enumerate((3, 5))]))
+    expected = network(x, mask)
+    # The old layout: the attention layers were the network's own, and it had no pool.
+    old = pickle.loads(pickle.dumps(network))
+    pool = old._modules.pop("pool")
+    if hasattr(pool, "scores"):
+        for name in ("attention_v", "attention_u", "attention_w"):
+            if pool.scores._modules.get(name) is not None:
+                old._modules[name] = pool.scores._modules[name]
+    old._modules["pool"] = None
+    loaded = pickle.loads(pickle.dumps(old))
+    assert isinstance(loaded.pool, type(network.pool))
+    for got, want in zip(loaded(x, mask), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

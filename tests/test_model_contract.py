@@ -20,8 +20,8 @@ from sklearn.metrics import balanced_accuracy_score
 
 from milbench.models import create_model, list_models, model_class, model_tags
 from milbench.models.base import has_capability
-from milbench.models.pooling import POOLINGS
 from milbench.models.registry import Tag
+from milbench.models.zoo_pooling import ZOO_POOLINGS
 
 # Small settings for models that would otherwise be slow on the test fixture; every other
 # model runs with its defaults. Keys are parameter names, applied only where a model has them.
@@ -45,7 +45,7 @@ CASES["image_mil"] = ("image_mil", {"validation_fraction": 0})
 CASES["migraph"] = ("migraph", {"C": 10})
 CASES["mi_kernel"] = ("mi_kernel", {"C": 10})
 # The model zoo, as D-MIL aggregations (12 bags: no validation split, as above).
-for _aggregation in POOLINGS:
+for _aggregation in ZOO_POOLINGS:
     CASES[f"dmil_{_aggregation}"] = ("dmil", {"aggregation": _aggregation,
                                               "validation_fraction": 0})
 CASES["instance_cnn"] = ("instance_cnn", {"validation_fraction": 0})

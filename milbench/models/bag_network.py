@@ -1,16 +1,22 @@
 """The bag network of D-MIL and the end-to-end image models: instance MLP (after an optional
 encoder), aggregation, bag MLP, clinical MLP, fused head. :mod:`milbench.models.dmil` documents
-the aggregations and fusions; the model zoo's poolings are in :mod:`milbench.models.pooling`."""
+the aggregations and fusions; the poolings are in :mod:`milbench.models.pooling` (the classic
+ones) and :mod:`milbench.models.zoo_pooling` (the model zoo's)."""
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import torch
 from torch import nn
 
-from milbench.models.pooling import POOLINGS, pool_parameters
+from milbench.models.pooling import CLASSIC_POOLINGS, AttentionScores, Pooling
+from milbench.models.zoo_pooling import ZOO_POOLINGS
 
-AGGREGATIONS = ("attention", "gated_attention", "max", "mean", "mean_std", *POOLINGS)
+# Every aggregation D-MIL and the image models know: name → pooling module class.
+POOLINGS: dict[str, type[Pooling]] = {**CLASSIC_POOLINGS, **ZOO_POOLINGS}
+AGGREGATIONS = tuple(POOLINGS)
 NORMS = ("layer", "batch", "none")
 FUSIONS = ("concat", "gated")
 # Gate bias at initialisation: sigmoid(-2) ≈ 0.12 of the weight on the image head.
@@ -97,7 +103,6 @@ class DMILNetwork(nn.Module):
         self.aggregation = aggregation
         self.mean_skip = bool(mean_skip)
         self.fusion = None
-        self.pool = None
         if encoder is not None:
             n_features = encoder.dim
         self.embed, self.embedding_dim = make_mlp(
@@ -105,17 +110,10 @@ class DMILNetwork(nn.Module):
         )
         if encoder is not None:
             self.embed = nn.Sequential(encoder, self.embed)
-        if aggregation in POOLINGS:  # the model zoo (milbench.models.pooling)
-            self.pool = POOLINGS[aggregation](self.embedding_dim, attention_dim, dropout,
-                                              **(pool_params or {}))
-        if aggregation in ("attention", "gated_attention"):
-            self.attention_v = nn.Linear(self.embedding_dim, attention_dim)
-            self.attention_w = nn.Linear(attention_dim, 1)
-        if aggregation == "gated_attention":
-            self.attention_u = nn.Linear(self.embedding_dim, attention_dim)
-        pooled_dim = (self.pool.out_dim if self.pool is not None
-                      else self.embedding_dim * (2 if aggregation == "mean_std" else 1))
-        if self.pool is not None and self.pool.pools_logits:
+        self.pool = POOLINGS[aggregation](self.embedding_dim, attention_dim, dropout,
+                                          **(pool_params or {}))
+        pooled_dim = self.pool.out_dim
+        if self.pool.pools_logits:
             if self.mean_skip:
                 raise ValueError(f"mean_skip needs a pooled bag vector; {aggregation} pools "
                                  f"instance logits")
@@ -149,7 +147,7 @@ class DMILNetwork(nn.Module):
         embedded = self.embed(x[mask])
         hidden = embedded.new_zeros(*mask.shape, self.embedding_dim)
         hidden[mask] = embedded
-        pooled, weights = self._aggregate(hidden, mask)
+        pooled, weights = self.pool(hidden, mask)
         if self.mean_skip:  # the instance mean beside the learned pooling
             counts = mask.sum(dim=1, keepdim=True).to(hidden.dtype)
             pooled = torch.cat([pooled, hidden.sum(dim=1) / counts], dim=1)
@@ -164,33 +162,34 @@ class DMILNetwork(nn.Module):
     def auxiliary_loss(self, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         """The aggregation's own training loss after a training forward pass (deep
         supervision, instance clustering), weighted per bag; None for most."""
-        return None if self.pool is None else self.pool.auxiliary_loss(targets, weights)
+        return self.pool.auxiliary_loss(targets, weights)
 
-    def _aggregate(self, hidden: torch.Tensor, mask: torch.Tensor):
-        if self.pool is not None:
-            return self.pool(hidden, mask)
-        counts = mask.sum(dim=1, keepdim=True).to(hidden.dtype)
-        if self.aggregation in ("attention", "gated_attention"):
-            gate = torch.tanh(self.attention_v(hidden))
-            if self.aggregation == "gated_attention":
-                gate = gate * torch.sigmoid(self.attention_u(hidden))
-            logits = self.attention_w(gate).squeeze(-1).masked_fill(~mask, float("-inf"))
-            weights = torch.softmax(logits, dim=1)
-            return torch.bmm(weights.unsqueeze(1), hidden).squeeze(1), weights
-        if self.aggregation == "max":
-            masked = hidden.masked_fill(~mask.unsqueeze(-1), float("-inf"))
-            pooled, winners = masked.max(dim=1)
-            shares = torch.zeros_like(mask, dtype=hidden.dtype)
-            shares.scatter_add_(1, winners, torch.ones_like(winners, dtype=hidden.dtype))
-            return pooled, shares / hidden.shape[-1]
-        weights = mask.to(hidden.dtype) / counts
-        mean = torch.bmm(weights.unsqueeze(1), hidden).squeeze(1)
-        if self.aggregation == "mean":
-            return mean, weights
-        # mean_std
-        centred = (hidden - mean.unsqueeze(1)) * mask.unsqueeze(-1)
-        variance = (centred**2).sum(dim=1) / counts
-        return torch.cat([mean, torch.sqrt(variance + 1e-6)], dim=1), weights
+    def __setstate__(self, state: dict) -> None:
+        # A network pickled before the classic aggregations moved into POOLINGS kept its
+        # attention layers as its own and no pool: give them to the pool it now needs.
+        super().__setstate__(state)
+        modules = self._modules
+        if modules.get("pool") is not None:
+            return
+        pool_class = POOLINGS[self.aggregation]
+        pool = pool_class.__new__(pool_class)
+        Pooling.__init__(pool)
+        pool.out_dim = self.embedding_dim * (2 if self.aggregation == "mean_std" else 1)
+        if "attention_v" in modules:
+            scores = AttentionScores.__new__(AttentionScores)
+            nn.Module.__init__(scores)
+            scores.attention_v = modules.pop("attention_v")
+            scores.attention_u = modules.pop("attention_u", None)
+            scores.attention_w = modules.pop("attention_w")
+            pool.scores = scores
+        pool.train(self.training)
+        modules["pool"] = pool
+
+
+def pool_parameters(aggregation: str) -> tuple[str, ...]:
+    """The ``pool_params`` keys the aggregation accepts."""
+    names = list(inspect.signature(POOLINGS[aggregation].__init__).parameters)
+    return tuple(names[names.index("dropout") + 1:])
 
 
 def check_pool_params(aggregation: str, pool_params: dict | None) -> None:
@@ -198,7 +197,7 @@ def check_pool_params(aggregation: str, pool_params: dict | None) -> None:
     if not pool_params:
         return
     if aggregation not in POOLINGS:
-        raise ValueError(f"pool_params is for the zoo aggregations {tuple(POOLINGS)}, "
+        raise ValueError(f"pool_params is for the aggregations {tuple(POOLINGS)}, "
                          f"not {aggregation!r}")
     valid = pool_parameters(aggregation)
     for key in pool_params:

@@ -9,7 +9,7 @@ clinical attributes (age, log lymphocyte count, male) → clinical MLP; both con
 * ``max``: element-wise max over instances;
 * ``mean``: the instance mean;
 * ``mean_std``: instance mean concatenated with instance standard deviation;
-* the model zoo (:mod:`milbench.models.pooling`): ``transformer_abmil``, ``transmil``,
+* the model zoo (:mod:`milbench.models.zoo_pooling`): ``transformer_abmil``, ``transmil``,
   ``dsmil``, ``clam_sb``, ``dtfd``, ``mi_net``, ``mi_net_ds``, their settings in
   ``pool_params``, their own losses (deep supervision, instance clustering) added to the bag's.
 
