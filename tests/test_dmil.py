@@ -325,3 +325,21 @@ def test_a_network_pickled_before_the_poolings_moved_loads_and_predicts_the_same
     assert isinstance(loaded.pool, type(network.pool))
     for got, want in zip(loaded(x, mask), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_network_computes_its_own_loss_with_the_experts_terms():
+    network = DMILNetwork(6, 3, **network_settings(AttentionDMIL(fusion="gated"))).eval()
+    x, mask = (torch.from_numpy(a) for a in pad_bags(
+        [np.random.default_rng(seed).normal(size=(n, 6)).astype(np.float32)
+         for seed, n in enumerate((3, 5))]))
+    clinical = torch.from_numpy(np.random.default_rng(9).normal(size=(2, 3)).astype(np.float32))
+    targets, weights = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 2.0])
+    loss = network.compute_loss(x, mask, clinical, targets, weights, expert_loss_weight=0.5)
+    fused, _, (image, clinical_logit, _) = network.forward_with_experts(x, mask, clinical)
+
+    def bce(logits):
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+
+    expected = (weights * (bce(fused) + 0.5 * bce(image) + 0.5 * bce(clinical_logit))).mean()
+    torch.testing.assert_close(loss, expected)
+    assert network.compute_loss(x, mask, clinical, targets, weights) < loss  # no expert terms

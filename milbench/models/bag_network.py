@@ -5,6 +5,7 @@ ones) and :mod:`milbench.models.zoo_pooling` (the model zoo's)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import numpy as np
@@ -108,6 +109,7 @@ class DMILNetwork(nn.Module):
         self.embed, self.embedding_dim = make_mlp(
             n_features, embedding_layers, embedding_width, dropout, norm
         )
+        self.has_encoder = encoder is not None
         if encoder is not None:
             self.embed = nn.Sequential(encoder, self.embed)
         self.pool = POOLINGS[aggregation](self.embedding_dim, attention_dim, dropout,
@@ -159,10 +161,37 @@ class DMILNetwork(nn.Module):
             features = torch.cat([features, self.clinical_mlp(clinical)], dim=1)
         return self.head(features).squeeze(-1), weights, None
 
+    def compute_loss(self, x: torch.Tensor, mask: torch.Tensor, clinical: torch.Tensor | None,
+                     targets: torch.Tensor, weights: torch.Tensor, expert_loss_weight: float = 0.0,
+                     precision=contextlib.nullcontext) -> torch.Tensor:
+        """One training batch's loss (the network owns its loss, as torchmil's models do): the
+        bag logits' binary cross-entropy weighted per bag (``weights``), with gated fusion each
+        expert head's own (times ``expert_loss_weight``), plus :meth:`auxiliary_loss`. The
+        forward pass runs under ``precision()`` (the estimator's autocast), the loss in float."""
+        with precision():
+            logits, _, experts = self.forward_with_experts(x, mask, clinical)
+        logits = logits.float()
+        experts = None if experts is None else tuple(e.float() for e in experts)
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        if experts is not None and expert_loss_weight:
+            # Each head also learns the label alone, so neither starves behind the gate.
+            for expert_logits in experts[:2]:
+                losses = losses + expert_loss_weight * (
+                    nn.functional.binary_cross_entropy_with_logits(
+                        expert_logits, targets, reduction="none"))
+        loss = (weights * losses).mean()
+        auxiliary = self.auxiliary_loss(targets, weights)
+        return loss if auxiliary is None else loss + auxiliary
+
     def auxiliary_loss(self, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
-        """The aggregation's own training loss after a training forward pass (deep
-        supervision, instance clustering), weighted per bag; None for most."""
-        return self.pool.auxiliary_loss(targets, weights)
+        """The extra training losses of the network's parts after a training forward pass: the
+        aggregation's own (deep supervision, instance clustering), weighted per bag, and an
+        encoder's (an image autoencoder's reconstruction); None when they have none."""
+        parts = [self.pool.auxiliary_loss(targets, weights)]
+        if self.has_encoder and hasattr(self.embed[0], "auxiliary_loss"):
+            parts.append(self.embed[0].auxiliary_loss())
+        parts = [part for part in parts if part is not None]
+        return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
     def __setstate__(self, state: dict) -> None:
         # A network pickled before the classic aggregations moved into POOLINGS kept its

@@ -286,21 +286,8 @@ class AttentionDMIL(BagClassifier):
 
         def step(rows: np.ndarray) -> torch.Tensor:
             x, mask, clinical_rows = self._training_tensors(bags, clinical, rows, generator)
-            with self._autocast():
-                logits, _, experts = network.forward_with_experts(x, mask, clinical_rows)
-            logits = logits.float()
-            experts = None if experts is None else tuple(e.float() for e in experts)
-            losses = nn.functional.binary_cross_entropy_with_logits(
-                logits, targets[rows], reduction="none")
-            if experts is not None and self.expert_loss_weight:
-                # Each head also learns the label alone, so neither starves behind the gate.
-                for expert_logits in experts[:2]:
-                    losses = losses + self.expert_loss_weight * (
-                        nn.functional.binary_cross_entropy_with_logits(
-                            expert_logits, targets[rows], reduction="none"))
-            loss = (sample_weights[rows] * losses).mean()
-            auxiliary = self._auxiliary_loss(network, targets[rows], sample_weights[rows])
-            return loss if auxiliary is None else loss + auxiliary
+            return network.compute_loss(x, mask, clinical_rows, targets[rows], sample_weights[rows],
+                                        self.expert_loss_weight, self._autocast)
 
         def evaluate() -> dict:
             record = {}
@@ -317,11 +304,6 @@ class AttentionDMIL(BagClassifier):
         self.best_epoch_ = result.best_epoch
         self.n_epochs_ = result.n_epochs
         return network
-
-    def _auxiliary_loss(self, network, targets, weights) -> torch.Tensor | None:
-        """A loss the step adds to the bag loss: the aggregation's own (image models add the
-        reconstruction's)."""
-        return network.auxiliary_loss(targets, weights)
 
     def _optimise(self, network, step, batches, evaluate, has_validation: bool) -> TrainingResult:
         """Adam with the plateau scheduler, early stopping on the validation loss. Without a

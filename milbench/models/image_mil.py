@@ -187,7 +187,7 @@ class ImageMIL(PixelBags, AttentionDMIL):
     def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
         settings = {**network_settings(self), "fusion": FUSIONS[self.fusion]}
         encoder = ImageEncoder(self.backbone, self.input_size_, self.weights, int(self.latent),
-                               reconstruct=self.reconstruction_weight > 0)
+                               reconstruction_weight=self.reconstruction_weight)
         return DMILNetwork(n_features, n_clinical, encoder, **settings)
 
     # -- optimisation: the autoencoder in the loop, two optimisers -------------------------------
@@ -197,14 +197,6 @@ class ImageMIL(PixelBags, AttentionDMIL):
         encoder = list(network.embed[0].parameters())
         owned = {id(parameter) for parameter in encoder}
         return encoder, [p for p in network.parameters() if id(p) not in owned]
-
-    def _auxiliary_loss(self, network, targets, weights) -> torch.Tensor | None:
-        encoder = network.embed[0]
-        if encoder.decoder is None:
-            return super()._auxiliary_loss(network, targets, weights)
-        # Taken and cleared: a fitted model must not hold the last step's autograd graph.
-        loss, encoder.reconstruction_loss = encoder.reconstruction_loss, None
-        return self.reconstruction_weight * loss
 
     def _parameter_groups(self, network) -> list[dict]:
         if self.encoder_learning_rate is None:

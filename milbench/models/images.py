@@ -39,16 +39,19 @@ class ImageEncoder(nn.Module):
     """uint8 pixel rows ``(m, 3 * S * S)`` → ``(m, dim)``: reshape, scale to [0, 1],
     ImageNet-normalise for torchvision backbones, CNN.
 
-    With ``reconstruct`` (the ``conv_ae`` backbone only), the autoencoder's decoder is kept too:
-    every forward pass under autograd leaves the mean squared reconstruction error of its images
-    in ``reconstruction_loss``."""
+    With ``reconstruction_weight`` λ > 0 (the ``conv_ae`` backbone only), the autoencoder's
+    decoder is kept too: every forward pass under autograd leaves the mean squared reconstruction
+    error of its images in ``reconstruction_loss``, which :meth:`auxiliary_loss` gives the
+    network's training loss (λ times it)."""
 
     def __init__(self, backbone: str, side: int, weights: str | None, latent: int,
-                 reconstruct: bool = False) -> None:
+                 reconstruction_weight: float = 0.0) -> None:
         super().__init__()
         self.side = side
         self.decoder = None
+        self.reconstruction_weight = float(reconstruction_weight)
         self.reconstruction_loss: torch.Tensor | None = None
+        reconstruct = self.reconstruction_weight > 0
         if backbone == "conv_ae":
             from preprocessing.autoencoder import ConvAutoencoder
 
@@ -83,6 +86,14 @@ class ImageEncoder(nn.Module):
             # The autoencoder in the loop: the training step adds this loss to the classifier's.
             self.reconstruction_loss = nn.functional.mse_loss(self.decoder(codes).float(), images)
         return codes.flatten(1).float()
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """λ times the last training pass's reconstruction error (None without a decoder),
+        taken and cleared: a fitted model must not hold the last step's autograd graph."""
+        if self.decoder is None:
+            return None
+        loss, self.reconstruction_loss = self.reconstruction_loss, None
+        return self.reconstruction_weight * loss
 
 
 def augment(pixels: torch.Tensor, side: int, stain_jitter: float,
