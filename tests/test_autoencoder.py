@@ -27,8 +27,13 @@ def test_latent_layout(size, latent, shape):
     if size <= 64:
         model = ConvAutoencoder(size, latent).eval()
         images = torch.rand(2, 3, size, size)
-        assert model.encode(images).shape == (2, latent)
-        assert model(images).shape == images.shape
+        codes = model.encode(images)
+        assert codes.shape == (2, latent)
+        # In eval mode an image's code does not depend on the batch it came in.
+        torch.testing.assert_close(model.encode(images[1:]), codes[1:])
+        decoded = model(images)
+        assert decoded.shape == images.shape
+        assert decoded.min() >= 0 and decoded.max() <= 1  # pixels, through the sigmoid
 
 
 def test_blocks_follow_spec():

@@ -129,13 +129,11 @@ def test_single_instance_bags_and_bayesian_search():
     rng = np.random.default_rng(2)
     bags = [rng.normal(size=(1 + i % 3, 3)) + 2.0 * (i % 2) for i in range(6)]
     labels = np.arange(6) % 2
-    model = create_model(
-        "cluster_emd",
-        search="bayes",
-        bayes_random=3,
-        bayes_guided=2,
-        oof_folds=0,
-        vae_epochs=5,
-        random_state=1,
-    )
-    assert model.fit(bags, labels).predict_proba(bags).shape == (6, 2)
+    def fitted():
+        return create_model("cluster_emd", search="bayes", bayes_random=3, bayes_guided=2,
+                            oof_folds=0, vae_epochs=5, random_state=1).fit(bags, labels)
+
+    proba = fitted().predict_proba(bags)
+    assert proba.shape == (6, 2) and np.isfinite(proba).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(fitted().predict_proba(bags), proba)  # the search is seeded
