@@ -72,7 +72,7 @@ def test_table_matches_the_recorded_folds(grid):
     assert len(set(validation)) == 3
 
 
-def test_interrupted_grid_resumes_without_redoing_cells(grid, monkeypatch):
+def test_interrupted_grid_resumes_without_redoing_folds(grid, monkeypatch):
     path, overrides = grid
     reference_dir, reference = ablation.run_ablation(path, overrides, progress=False)
 
