@@ -171,7 +171,7 @@ LAYERS = [
     ("execution", ("milbench.execution",)),
     ("configuration and records", ("milbench.config", "milbench.runs", "milbench.submit")),
     ("run support", ("milbench.data_roots", "milbench.preflight", "milbench.source_set",
-                     "milbench.preparation", "milbench.instances", "milbench.report",
+                     "milbench.preparation", "milbench.run_cv", "milbench.instances", "milbench.report",
                      "milbench.tracking", "milbench.saved")),
     ("orchestration", ("milbench.pipeline", "milbench.ablation", "milbench.tune", "milbench.bench",
                        "milbench.prediction")),
