@@ -53,6 +53,13 @@ CASES["instance_cnn"] = ("instance_cnn", {"validation_fraction": 0})
 CASES["dmil_skip_swa"] = ("dmil", {"mean_skip": True, "swa_epochs": 10, "validation_fraction": 0})
 
 
+# The end-to-end image models train a CNN on pixels, 8–16 s a check here: the quick loop
+# (``pytest -m "not e2e"``) leaves their cases to the full run.
+END_TO_END_CASES = {"image_mil", "instance_cnn"}
+CASE_PARAMS = [pytest.param(case, marks=pytest.mark.e2e) if case in END_TO_END_CASES else case
+               for case in CASES]
+
+
 def _make(case: str, **extra):
     name, case_params = CASES[case]
     model = create_model(name, **case_params)
@@ -105,7 +112,7 @@ def _random_bag(bags, size: int, seed: int) -> np.ndarray:
     return rng.normal(size=(size, bags[0].shape[1]))
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=CASE_PARAMS)
 def fitted(request):
     bags, labels, clinical, _ = data_for(request.param)
     model = _make(request.param, random_state=0)
@@ -138,7 +145,7 @@ def test_fit_returns_self_and_learns_fixture(fitted, tiny):
     assert balanced_accuracy_score(labels, predictions) >= 0.75, name
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_clone_and_params_round_trip(name):
     model = _make(name, random_state=3)
     params = model.get_params()
@@ -149,7 +156,7 @@ def test_clone_and_params_round_trip(name):
     assert cloned.get_params()["random_state"] == 3
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_not_fitted_error(name, tiny):
     bags, _, clinical, _ = tiny
     model = _make(name)
@@ -162,7 +169,7 @@ def test_not_fitted_error(name, tiny):
             model.instance_scores(bags)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_same_seed_same_output(name, tiny):
     bags, labels, clinical, _ = tiny
     first = _make(name, random_state=7).fit(bags, labels, clinical)
@@ -278,7 +285,7 @@ def test_declared_outputs_are_the_methods_the_model_has(fitted):
             assert not hasattr(model, method), f"{method} without {tag.value} in its tags"
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_the_registry_reads_the_tags_the_class_declares(name):
     """By name, from source (no import), the registry answers what the class declares."""
     model_name = CASES[name][0]
@@ -325,7 +332,7 @@ def test_predict_does_not_change_the_estimator(fitted, tiny):
     assert _snapshot(model) == before
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_fit_twice_gives_the_same_model_and_keeps_parameters(name, tiny):
     bags, labels, clinical, _ = tiny
     model = _make(name, random_state=5)
@@ -336,7 +343,7 @@ def test_fit_twice_gives_the_same_model_and_keeps_parameters(name, tiny):
     np.testing.assert_array_equal(first, second)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_clinical_none_follows_the_tags(name, tiny):
     """``clinical`` required: fitting without it fails naming it. Optional: the model fits and
     predicts without it. Not read: the table changes nothing."""
