@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from milbench.config import RunConfig
-from milbench.evaluation.cv import CVResult, FoldOutcome, FoldRecords, cross_validate, score_fold
+from milbench.evaluation.cv import CVResult, FoldOutcome, FoldRecords, LocalFold, cross_validate
 from milbench.evaluation.splits import Fold
 from milbench.models.spec import ModelSpec
 from milbench.preparation import PreparedData, worker_data
@@ -25,8 +25,8 @@ class RunFold:
         config = RunConfig.model_validate_json(self.config_json)
         entry = ModelSpec.model_validate_json(self.entry_json)
         data = worker_data(config)
-        return score_fold(entry.build(), data.bags_for(entry)[0], data.labels, data.train.ids,
-                          fold, data.train_clinical, config.seed, entry.fixes_seed)
+        return LocalFold(entry.build(), data.bags_for(entry)[0], data.labels, data.train.ids,
+                         data.train_clinical, config.seed, entry.fixes_seed)(fold)
 
 
 def model_cv(config: RunConfig, data: PreparedData, entry: ModelSpec, folds: list[Fold],

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from milbench.bench.mil_data import MILDataset, load_benchmark_dataset
-from milbench.evaluation.cv import CVResult, FoldOutcome, FoldRecords, cross_validate, score_fold
+from milbench.evaluation.cv import CVResult, FoldOutcome, FoldRecords, LocalFold, cross_validate
 from milbench.evaluation.splits import Fold, kfold_splits
 from milbench.execution import ExecutionConfig, Executor
 from milbench.models.base import FoldFit, has_capability
@@ -214,9 +214,9 @@ class MILFold:
 
     def __call__(self, fold: Fold) -> FoldOutcome:
         spec = ModelSpec.model_validate_json(self.spec_json)
-        return score_fold(spec.build(), self.dataset.bags, self.dataset.labels,
-                          bag_ids(self.dataset), fold, None, self.seed, spec.fixes_seed,
-                          DescribeFit(self.dataset))
+        return LocalFold(spec.build(), self.dataset.bags, self.dataset.labels,
+                         bag_ids(self.dataset), None, self.seed, spec.fixes_seed,
+                         DescribeFit(self.dataset))(fold)
 
 
 def bag_ids(dataset: MILDataset) -> list[str]:

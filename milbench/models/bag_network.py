@@ -191,7 +191,7 @@ class DMILNetwork(nn.Module):
         if self.has_encoder and hasattr(self.embed[0], "auxiliary_loss"):
             parts.append(self.embed[0].auxiliary_loss())
         parts = [part for part in parts if part is not None]
-        return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        return sum(parts[1:], parts[0]) if parts else None
 
     def __setstate__(self, state: dict) -> None:
         # A network pickled before the classic aggregations moved into POOLINGS kept its
