@@ -74,8 +74,18 @@ def decoded_batches(paths: list[str], preprocessor: Preprocessor, start: int, ba
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers,
                                          prefetch_factor=4 if num_workers else None)
-    for rows, raw in loader:
-        yield int(rows[0]), raw
+    batches = iter(loader)
+    try:
+        for rows, raw in batches:
+            yield int(rows[0]), raw
+    except Exception as error:
+        if num_workers:
+            # A worker's error: the loader frames of its traceback keep the workers alive until
+            # the error is collected, which then waits out the loader's 5 s shutdown timeout.
+            # Stop them now (the worker's own traceback is in the message).
+            error.with_traceback(None)
+            del batches
+        raise
 
 
 def stored_batches(pixels: FeatureStore, input_size: int, start: int, batch_size: int,

@@ -99,6 +99,7 @@ def test_interrupted_grid_resumes_without_redoing_folds(grid, monkeypatch):
                                   reference.drop(columns="fit_seconds_per_cell"))
 
 
+@pytest.mark.e2e
 def test_parallel_workers_give_the_serial_table(grid):
     path, overrides = grid
     _, serial = ablation.run_ablation(path, overrides, jobs=1, progress=False)

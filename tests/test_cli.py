@@ -105,6 +105,7 @@ def test_errors_are_one_clear_line(tmp_path, challenge):
     assert result.exit_code == 2 and "evaluation.n_splits" in result.output
 
 
+@pytest.mark.e2e
 def test_run_without_data_generates_and_reuses_a_synthetic_cohort(tmp_path):
     args = ["run", CONFIGS / "pipeline.yaml", "--no-progress",
             "--set", "models=[{name: clinical_logreg}]", "--set", "features.extractor=none",
@@ -144,6 +145,7 @@ def test_features_command_extracts_once_and_reuses(tmp_path, challenge):
     assert bad.exit_code == 2 and "no such file, and not one of" in bad.output
 
 
+@pytest.mark.e2e
 def test_run_prepares_the_source_set_for_models_that_bootstrap_from_one(tmp_path):
     config = tmp_path / "semisup.yaml"
     config.write_text(yaml.safe_dump({

@@ -31,7 +31,7 @@ def fixture_bags():
 @pytest.fixture(scope="module")
 def fitted(fixture_bags):
     bags, labels = fixture_bags
-    return create_model("cluster_emd", random_state=0).fit(bags, labels)
+    return create_model("cluster_emd", random_state=0, vae_epochs=20).fit(bags, labels)
 
 
 def test_registered_with_instances_tag():
@@ -119,7 +119,7 @@ def test_errors(fixture_bags):
         model.predict_proba(bags)
     with pytest.raises(ValueError, match="search"):
         create_model("cluster_emd", search="random").fit(bags, labels)
-    fitted = create_model("cluster_emd", oof_folds=0).fit(bags, labels)
+    fitted = create_model("cluster_emd", oof_folds=0, vae_epochs=10).fit(bags, labels)
     assert not fitted.oof_used_
     with pytest.raises(ValueError, match="features"):
         fitted.predict_proba([np.zeros((3, 5))])

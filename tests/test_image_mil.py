@@ -111,6 +111,7 @@ def test_run_refuses_image_mil_without_a_pixels_store(tmp_path):
     assert len(problems) == 1 and "'image_mil'" in problems[0] and "pixels" in problems[0]
 
 
+@pytest.mark.e2e
 def test_a_run_trains_image_mil_on_the_pixels_store(tmp_path):
     """The whole run: the pixels store is built once, image_mil reads it (metrics and the store
     record say so) beside the clinical baseline, and its instance scores reach the run."""

@@ -145,6 +145,7 @@ def tiny_run(tmp_path_factory):
     return outcome
 
 
+@pytest.mark.e2e
 def test_run_writes_montages_and_instance_auc(tiny_run):
     run = tiny_run.run_dir
     for name in ("misvm", "dmil"):
@@ -166,6 +167,7 @@ def test_run_writes_montages_and_instance_auc(tiny_run):
     assert math.isnan(metrics.loc["clinical_logreg", "instance_auc"])
 
 
+@pytest.mark.e2e
 def test_report_links_every_figure(tiny_run):
     run = tiny_run.run_dir
     report = (run / "report.md").read_text()

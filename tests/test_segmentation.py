@@ -83,6 +83,7 @@ def test_segment_file_caches(tmp_path):
     assert masked_path.stat().st_mtime_ns == stamp, "cached entry is reused"
 
 
+@pytest.mark.e2e
 def test_bench_on_synthetic_preset(tmp_path):
     synth = pytest.importorskip("milbench.synth")
     from milbench.bench.segmentation import bench_segmentation_command

@@ -158,6 +158,7 @@ def test_digit_generators():
     assert warped.shape == (3, 8, 8) and warped.max() <= 16 + 1e-9 and warped.min() >= 0
 
 
+@pytest.mark.e2e
 def test_bench_command_writes_tables(tmp_path, monkeypatch):
     from milbench.bench import slides as bench
 

@@ -24,6 +24,7 @@ def config(tmp_path, *extra):
         "evaluation.n_repeats=2", f"workdir={tmp_path / 'work'}", SPACE, *extra])
 
 
+@pytest.mark.e2e
 def test_an_interrupted_study_resumes_and_reaches_the_requested_trials(tmp_path):
     def stop_after_two(completed: int) -> None:
         if completed == 2:
@@ -55,6 +56,7 @@ def test_an_interrupted_study_resumes_and_reaches_the_requested_trials(tmp_path)
     assert (run_dir / "plots" / "optimisation_history.png").stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_a_trial_value_is_the_mean_balanced_accuracy_of_the_run_cv(tmp_path):
     outcome = run_tune(config(tmp_path), "clinical_logreg", trials=2, progress=False)
     trials = pd.read_csv(outcome.run_dir / "trials.csv")

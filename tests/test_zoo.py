@@ -22,7 +22,7 @@ from milbench.models.zoo_pooling import CLAMSB, DSMIL, DTFD, ZOO_POOLINGS, MiNet
 def test_overfits_a_tiny_set(aggregation):
     bags, labels, _, _ = make_tiny_bags()
     model = create_model("dmil", aggregation=aggregation, validation_fraction=0, batch_size=4,
-                         max_epochs=120, learning_rate=3e-3, random_state=0).fit(bags, labels)
+                         max_epochs=60, learning_rate=3e-3, random_state=0).fit(bags, labels)
     losses = [record["train_loss"] for record in model.history_]
     assert losses[-1] < 0.25 * losses[0]
     assert (model.predict(bags) == labels).all()
