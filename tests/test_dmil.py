@@ -181,14 +181,14 @@ def test_instance_dropout_hides_real_instances_only_and_never_a_whole_bag():
     _, mask = pad_bags([np.zeros((n, 2)) for n in (1, 2, 5, 40)])
     mask = torch.from_numpy(mask)
     generator = torch.Generator().manual_seed(0)
-    model = AttentionDMIL(instance_dropout=0.5)
-    draws = [model._drop_instances(mask, generator) for _ in range(200)]
+    inputs = AttentionDMIL(instance_dropout=0.5)._inputs()
+    draws = [inputs.drop_instances(mask, generator) for _ in range(200)]
     for kept in draws:
         assert not (kept & ~mask).any()  # padding stays hidden
         assert kept.any(dim=1).all()  # every bag keeps at least one instance
     share = torch.stack(draws)[:, 3].float().mean()  # the 40-instance bag
     assert 0.45 < share < 0.55
-    assert AttentionDMIL()._drop_instances(mask, generator) is mask  # off by default
+    assert AttentionDMIL()._inputs().drop_instances(mask, generator) is mask  # off by default
 
 
 def test_instance_dropout_trains_and_still_overfits(tiny):

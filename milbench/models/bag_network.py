@@ -193,6 +193,23 @@ class DMILNetwork(nn.Module):
         parts = [part for part in parts if part is not None]
         return sum(parts[1:], parts[0]) if parts else None
 
+    def parameter_groups(self, encoder_learning_rate: float | None = None) -> list[dict]:
+        """The optimiser's parameter groups: one of every parameter, or, with
+        ``encoder_learning_rate``, every parameter but the encoder's, then the encoder's (a
+        decoder included) at that learning rate."""
+        if encoder_learning_rate is None:
+            return [{"params": list(self.parameters())}]
+        encoder, rest = self.encoder_split()
+        return [{"params": rest}, {"params": encoder, "lr": encoder_learning_rate}]
+
+    def encoder_split(self) -> tuple[list, list]:
+        """(the encoder's parameters, every other parameter)."""
+        if not self.has_encoder:
+            raise ValueError("this network has no encoder (it reads instance vectors)")
+        encoder = list(self.embed[0].parameters())
+        owned = {id(parameter) for parameter in encoder}
+        return encoder, [p for p in self.parameters() if id(p) not in owned]
+
     def __setstate__(self, state: dict) -> None:
         # A network pickled before the classic aggregations moved into POOLINGS kept its
         # attention layers as its own and no pool: give them to the pool it now needs.

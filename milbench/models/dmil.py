@@ -45,8 +45,9 @@ the caller's global torch RNG.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from milbench.core.clinical import clinical_design_matrix
+from milbench.models.bag_inputs import VectorInputs
 from milbench.models.bag_network import (
     AGGREGATIONS,
     FUSIONS,
@@ -71,7 +73,6 @@ from milbench.models.bag_training import (
     validation_split,
 )
 from milbench.models.base import BagClassifier, check_clinical, store_params
-from milbench.models.collate import pad_bags
 from milbench.models.registry import Tag
 from milbench.training import (
     EarlyStopping,
@@ -81,7 +82,9 @@ from milbench.training import (
     torch_threads,
     train,
 )
-from preprocessing.transforms import BagTransform
+
+# A training schedule: (network, step, batches, evaluate, has_validation) → its result.
+Schedule = Callable[..., TrainingResult]
 
 
 def network_settings(model: AttentionDMIL) -> dict:
@@ -92,18 +95,45 @@ def network_settings(model: AttentionDMIL) -> dict:
     return {name: getattr(model, name) for name in names}
 
 
+def plateau_training(network, step, batches, evaluate, has_validation: bool, *,
+                     learning_rate: float, weight_decay: float, lr_factor: float,
+                     lr_patience: int, max_epochs: int, patience: int, swa_epochs: int = 0,
+                     encoder_learning_rate: float | None = None) -> TrainingResult:
+    """D-MIL's schedule: Adam with the plateau scheduler, early stopping on the validation
+    loss, the last ``swa_epochs`` averaged (``encoder_learning_rate``: the encoder's own, see
+    :meth:`DMILNetwork.parameter_groups`). Without a validation part: train for max_epochs and
+    keep the last epoch (train_loss is then the epoch's mean step loss when the training part
+    is not scored)."""
+    optimizer = torch.optim.Adam(network.parameter_groups(encoder_learning_rate),
+                                 lr=learning_rate, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=lr_factor, patience=lr_patience
+    )
+    return train(
+        network, optimizer, step, batches, epochs=max_epochs, evaluate=evaluate,
+        scheduler=scheduler, scheduler_monitor="val_loss" if has_validation else "train_loss",
+        early_stopping=EarlyStopping("val_loss", patience) if has_validation else None,
+        average_last=int(swa_epochs))
+
+
+def plateau_settings(model) -> dict:
+    """The arguments of :func:`plateau_training` that every bag network's estimator has."""
+    names = ("learning_rate", "weight_decay", "lr_factor", "lr_patience", "max_epochs", "patience")
+    return {name: getattr(model, name) for name in names}
+
+
 class AttentionDMIL(BagClassifier):
     """Attention D-MIL with an optional clinical MLP (see the module docstring).
 
     ``use_clinical``: ``"auto"`` uses the clinical table when ``fit`` gets one, ``True`` requires
     it, ``False`` ignores it (the ablation).
+
+    The estimator is made of three parts, each given by one method: how bags become batches
+    (``_inputs``: instance vectors here), the network (``_network``: no encoder here) and the
+    training schedule (``_schedule``). ``image_mil`` gives its own three and shares the rest.
     """
 
     mil_tags = frozenset({Tag.INSTANCES, Tag.CLINICAL_OPTIONAL, Tag.INSTANCE_SCORES})
-
-    # Whether each epoch's history scores the whole training part too (image models skip it:
-    # a forward pass over every training image per epoch).
-    evaluates_training_bags = True
 
     def __init__(
         self,
@@ -160,9 +190,17 @@ class AttentionDMIL(BagClassifier):
             raise ValueError(f"embedding_width: {error}") from None
         check_weight_averaging(self)
 
-    def _scale_bags(self, bags: list[np.ndarray]) -> list[np.ndarray]:
-        transformed = bags if self.transform_ is None else self.transform_.transform(bags)
-        return [bag.astype(np.float32) for bag in transformed]
+    # -- the parts ---------------------------------------------------------------------------
+    def _inputs(self) -> VectorInputs:
+        """Instance vectors: scaled (+ PCA), instance dropout in training."""
+        return VectorInputs(self.scale, self.pca_components, self.instance_dropout)
+
+    def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
+        """Instance vectors go straight to the embedding MLP: no encoder."""
+        return DMILNetwork(n_features, n_clinical, **network_settings(self))
+
+    def _schedule(self) -> Schedule:
+        return partial(plateau_training, **plateau_settings(self), swa_epochs=self.swa_epochs)
 
     def _clinical_inputs(self, clinical, n_bags: int) -> np.ndarray | None:
         if not self.uses_clinical_:
@@ -174,34 +212,13 @@ class AttentionDMIL(BagClassifier):
     def _batches(self, order: np.ndarray) -> list[np.ndarray]:
         return index_batches(order, self.batch_size)
 
-    def _device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def _tensors(self, bags, clinical, rows):
-        """Padded bags (in the bags' own dtype), mask and clinical rows, on the model's device."""
-        chosen = [bags[i] for i in rows]
-        padded, mask = pad_bags(chosen, dtype=chosen[0].dtype)
-        device = self._device()
-        clinical_rows = None if clinical is None else torch.from_numpy(clinical[rows]).to(device)
-        return (torch.from_numpy(padded).to(device), torch.from_numpy(mask).to(device),
-                clinical_rows)
-
-    def _autocast(self):
-        """The precision context of forward passes (image models use bfloat16 on CUDA)."""
-        return contextlib.nullcontext()
-
-    def _training_tensors(self, bags, clinical, rows, generator):
-        """A training batch: :meth:`_tensors` with instance dropout applied to the mask."""
-        x, mask, clinical_rows = self._tensors(bags, clinical, rows)
-        return x, self._drop_instances(mask, generator), clinical_rows
-
-    def _forward_all(self, network, bags, clinical):
+    def _forward_all(self, network, inputs, bags, clinical):
         """Eval-mode logits and instance weights for every bag, in batches of ``batch_size``."""
         network.eval()
         logits, weights = [], []
-        with torch.no_grad(), torch_threads(self.torch_threads), self._autocast():
+        with torch.no_grad(), torch_threads(self.torch_threads), inputs.autocast():
             for rows in self._batches(np.arange(len(bags))):
-                x, mask, clinical_rows = self._tensors(bags, clinical, rows)
+                x, mask, clinical_rows = inputs.tensors(bags, clinical, rows)
                 batch_logits, batch_weights = network(x, mask, clinical_rows)
                 logits.append(batch_logits.double().cpu().numpy())
                 batch_weights = batch_weights.double().cpu().numpy()
@@ -215,39 +232,31 @@ class AttentionDMIL(BagClassifier):
             raise ValueError("use_clinical=True but fit got no clinical table")
         self.uses_clinical_ = self.use_clinical is not False and clinical is not None
 
-        self.transform_ = self._fit_transform(bags)
+        inputs = self._inputs()
+        self.transform_ = inputs.fit(bags)
         if self.uses_clinical_:
             # Standardised age, log count, male; statistics from the training bags only.
             design = clinical_design_matrix(check_clinical(clinical, len(bags)))
             self.clinical_mean_ = design.mean(axis=0)
             spread = design.std(axis=0)
             self.clinical_scale_ = np.where(spread > 0, spread, 1.0)
-        scaled = self._scale_bags(bags)
+        scaled = inputs.prepare(bags, self.transform_)
         clinical_inputs = self._clinical_inputs(clinical, len(bags))
 
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         train_rows, val_rows = validation_split(labels, self.validation_fraction, seed)
         with seeded(seed, self.torch_threads) as generator:
             self.network_ = self._train(
-                scaled, labels, clinical_inputs, train_rows, val_rows, generator)
+                inputs, scaled, labels, clinical_inputs, train_rows, val_rows, generator)
         self.gated_fusion_ = self.network_.fusion is not None
 
     def _instance_tags(self) -> frozenset[Tag]:
         # Fitted with a gate between the image and clinical experts: fusion_gates answers.
         return frozenset({Tag.FUSION_GATE}) if self.__dict__.get("gated_fusion_") else frozenset()
 
-    def _fit_transform(self, bags) -> BagTransform | None:
-        """Scaler (+ PCA) on the training instances only: inside CV, the training fold's."""
-        if not self.scale and self.pca_components is None:
-            return None
-        return BagTransform(n_components=self.pca_components, scale=self.scale,
-                            random_state=0).fit(bags)
-
-    def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
-        return DMILNetwork(n_features, n_clinical, **network_settings(self))
-
-    def _evaluate(self, network, bags, clinical, labels, class_weights) -> tuple[float, float]:
-        logits, _ = self._forward_all(network, bags, clinical)
+    def _evaluate(self, network, inputs, bags, clinical, labels,
+                  class_weights) -> tuple[float, float]:
+        logits, _ = self._forward_all(network, inputs, bags, clinical)
         targets = torch.from_numpy(labels.astype(np.float64))
         losses = nn.functional.binary_cross_entropy_with_logits(
             torch.from_numpy(logits), targets, reduction="none"
@@ -255,24 +264,15 @@ class AttentionDMIL(BagClassifier):
         loss = float(np.mean(class_weights[labels] * losses))
         return loss, float(balanced_accuracy_score(labels, (logits >= 0).astype(int)))
 
-    def _drop_instances(self, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Training-time augmentation: each real instance is hidden with probability
-        ``instance_dropout``; a bag that would lose them all keeps them all."""
-        if not self.instance_dropout:
-            return mask
-        kept = mask & (torch.rand(mask.shape, generator=generator) >= self.instance_dropout)
-        emptied = ~kept.any(dim=1)
-        kept[emptied] = mask[emptied]
-        return kept
-
-    def _train(self, bags, labels, clinical, train_rows, val_rows, generator) -> DMILNetwork:
+    def _train(self, inputs, bags, labels, clinical, train_rows, val_rows,
+               generator) -> DMILNetwork:
         network = self._network(bags[0].shape[1], 0 if clinical is None else clinical.shape[1])
-        network = network.to(self._device())
+        network = network.to(inputs.device)
         train_labels = labels[train_rows]
         class_weights = balanced_class_weights(train_labels, self.class_weight)
         sample_weights = torch.from_numpy(class_weights[labels].astype(np.float32)).to(
-            self._device())
-        targets = torch.from_numpy(labels.astype(np.float32)).to(self._device())
+            inputs.device)
+        targets = torch.from_numpy(labels.astype(np.float32)).to(inputs.device)
 
         def subset(rows):
             return [bags[i] for i in rows], (None if clinical is None else clinical[rows])
@@ -285,54 +285,34 @@ class AttentionDMIL(BagClassifier):
             return self._batches(train_rows[permutation])
 
         def step(rows: np.ndarray) -> torch.Tensor:
-            x, mask, clinical_rows = self._training_tensors(bags, clinical, rows, generator)
+            x, mask, clinical_rows = inputs.training_tensors(bags, clinical, rows, generator)
             return network.compute_loss(x, mask, clinical_rows, targets[rows], sample_weights[rows],
-                                        self.expert_loss_weight, self._autocast)
+                                        self.expert_loss_weight, inputs.autocast)
 
         def evaluate() -> dict:
             record = {}
-            if self.evaluates_training_bags:
+            if inputs.scores_training_bags:
                 record["train_loss"], record["train_balanced_accuracy"] = self._evaluate(
-                    network, train_bags, train_clinical, train_labels, class_weights)
+                    network, inputs, train_bags, train_clinical, train_labels, class_weights)
             if len(val_rows):
                 record["val_loss"], record["val_balanced_accuracy"] = self._evaluate(
-                    network, val_bags, val_clinical, labels[val_rows], class_weights)
+                    network, inputs, val_bags, val_clinical, labels[val_rows], class_weights)
             return record
 
-        result = self._optimise(network, step, epoch_batches, evaluate, len(val_rows) > 0)
+        result = self._schedule()(network, step, *inputs.watch(epoch_batches, evaluate),
+                                  len(val_rows) > 0)
         self.history_ = result.history
         self.best_epoch_ = result.best_epoch
         self.n_epochs_ = result.n_epochs
         return network
 
-    def _optimise(self, network, step, batches, evaluate, has_validation: bool) -> TrainingResult:
-        """Adam with the plateau scheduler, early stopping on the validation loss. Without a
-        validation part: train for max_epochs and keep the last epoch (train_loss is then the
-        epoch's mean step loss when the training part is not scored)."""
-        optimizer = torch.optim.Adam(
-            self._parameter_groups(network), lr=self.learning_rate, weight_decay=self.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.lr_factor, patience=self.lr_patience
-        )
-        return train(
-            network, optimizer, step, batches, epochs=self.max_epochs, evaluate=evaluate,
-            scheduler=scheduler, scheduler_monitor="val_loss" if has_validation else "train_loss",
-            early_stopping=EarlyStopping("val_loss", self.patience) if has_validation else None,
-            average_last=int(self.swa_epochs))
-
-    def _parameter_groups(self, network) -> list[dict]:
-        """The optimiser's parameter groups (one here; image models may give the encoder its
-        own learning rate)."""
-        return [{"params": list(network.parameters())}]
-
     # -- prediction --------------------------------------------------------------------------
     def decision_function(self, bags, clinical=None) -> np.ndarray:
         """Bag logits."""
         bags = self._check_predict_bags(bags)
-        logits, _ = self._forward_all(
-            self.network_, self._scale_bags(bags), self._clinical_inputs(clinical, len(bags))
-        )
+        inputs = self._inputs()
+        logits, _ = self._forward_all(self.network_, inputs, inputs.prepare(bags, self.transform_),
+                                      self._clinical_inputs(clinical, len(bags)))
         return logits
 
     def predict_proba(self, bags, clinical=None) -> np.ndarray:
@@ -345,13 +325,15 @@ class AttentionDMIL(BagClassifier):
         if self.network_.fusion is None:
             raise ValueError("fusion_gates needs gated fusion (image_mil: mixture_of_experts) "
                              "and a clinical table at fit")
-        scaled, clinical_inputs = self._scale_bags(bags), self._clinical_inputs(clinical, len(bags))
+        inputs = self._inputs()
+        scaled = inputs.prepare(bags, self.transform_)
+        clinical_inputs = self._clinical_inputs(clinical, len(bags))
         gates = []
         self.network_.eval()
-        with torch.no_grad(), torch_threads(self.torch_threads), self._autocast():
+        with torch.no_grad(), torch_threads(self.torch_threads), inputs.autocast():
             for rows in self._batches(np.arange(len(bags))):
                 _, _, experts = self.network_.forward_with_experts(
-                    *self._tensors(scaled, clinical_inputs, rows))
+                    *inputs.tensors(scaled, clinical_inputs, rows))
                 gates.append(experts[2].double().cpu().numpy())
         return np.concatenate(gates)
 
@@ -366,5 +348,7 @@ class AttentionDMIL(BagClassifier):
                 if clinical is None
                 else self._clinical_inputs(clinical, len(bags))
             )
-        _, weights = self._forward_all(self.network_, self._scale_bags(bags), clinical_inputs)
+        inputs = self._inputs()
+        _, weights = self._forward_all(self.network_, inputs, inputs.prepare(bags, self.transform_),
+                                       clinical_inputs)
         return weights

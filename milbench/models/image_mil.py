@@ -42,22 +42,22 @@ epochs, ``learning_rate: 1e-6`` for the classifier, ``encoder_learning_rate: 1e-
 
 from __future__ import annotations
 
-import numpy as np
+from functools import partial
+
 import torch
 
+from milbench.models.bag_inputs import ImageInputs
 from milbench.models.bag_network import NORMS, DMILNetwork
 from milbench.models.bag_training import check_training_params
 from milbench.models.base import store_params
-from milbench.models.dmil import AttentionDMIL, network_settings
-from milbench.models.images import (
-    ImageEncoder,
-    PixelBags,
-    Throughput,
-    augment,
-    check_image_params,
-    precision,
-    torch_device,
+from milbench.models.dmil import (
+    AttentionDMIL,
+    Schedule,
+    network_settings,
+    plateau_settings,
+    plateau_training,
 )
+from milbench.models.images import ImageEncoder, PixelBags, check_image_params
 from milbench.models.registry import Tag
 from milbench.training import EarlyStopping, TrainingResult, train
 
@@ -90,13 +90,49 @@ class AlternatingOptimizers:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
 
 
+def two_phase_training(network, step, batches, evaluate, has_validation: bool, *,
+                       learning_rate: float, encoder_learning_rate: float | None,
+                       weight_decay: float, warmup_epochs: int, phase_epochs: int,
+                       max_epochs: int, patience: int) -> TrainingResult:
+    """The seed report's schedule: the classifier frozen for ``warmup_epochs`` while the
+    encoder (and decoder) learn, then phases of ``phase_epochs`` alternating which of two Adam
+    optimisers steps. Learning rates stay fixed; early stopping watches the alternating part."""
+    encoder, rest = network.encoder_split()
+    optimizers = AlternatingOptimizers(
+        classifier=torch.optim.Adam(rest, lr=learning_rate, weight_decay=weight_decay),
+        encoder=torch.optim.Adam(encoder, lr=encoder_learning_rate or learning_rate,
+                                 weight_decay=weight_decay))
+    warmup = min(int(warmup_epochs), int(max_epochs))
+
+    def record() -> dict:
+        return {**evaluate(), "trains": optimizers.active}
+
+    result = TrainingResult()
+    if warmup:
+        optimizers.active = "encoder"
+        train(network, optimizers, step, batches, epochs=warmup, evaluate=record,
+              phase="warmup", result=result)
+
+    def alternating(epoch: int):
+        phase = (epoch // int(phase_epochs)) % 2
+        optimizers.active = ("classifier", "encoder")[phase]
+        return batches(warmup + epoch)
+
+    if int(max_epochs) > warmup:
+        train(network, optimizers, step, alternating, epochs=int(max_epochs) - warmup,
+              evaluate=record, phase="alternating", result=result,
+              early_stopping=EarlyStopping("val_loss", patience) if has_validation else None)
+        if has_validation:  # early stopping numbered the kept epoch within its phase
+            result.best_epoch += warmup
+    return result
+
+
 class ImageMIL(PixelBags, AttentionDMIL):
-    """End-to-end image-bag MIL with clinical fusion (see the module docstring)."""
+    """End-to-end image-bag MIL with clinical fusion (see the module docstring): D-MIL's
+    estimator given image inputs, a network with the CNN as its encoder, and its schedule."""
 
     mil_tags = frozenset({Tag.INSTANCES, Tag.IMAGES, Tag.CLINICAL_OPTIONAL,
                           Tag.INSTANCE_SCORES})
-
-    evaluates_training_bags = False
 
     def __init__(
         self,
@@ -139,13 +175,9 @@ class ImageMIL(PixelBags, AttentionDMIL):
     ):
         store_params(self, locals())
 
-    # D-MIL's instance-vector options that images do not have.
-    scale = False
-    pca_components = None
-    instance_dropout = 0.0
+    # D-MIL's network options that image_mil does not offer.
     pool_params = None
     mean_skip = False
-    swa_epochs = 0
 
     def _validate_params(self) -> None:
         check_training_params(self)
@@ -173,16 +205,10 @@ class ImageMIL(PixelBags, AttentionDMIL):
             raise ValueError(f"encoder_learning_rate must be None or > 0, "
                              f"got {self.encoder_learning_rate}")
 
-    # -- bags --------------------------------------------------------------------------------
-    def _fit_transform(self, bags):
-        return None
-
-    def _scale_bags(self, bags):
-        return bags
-
-    # -- network and batches -------------------------------------------------------------------
-    def _device(self) -> torch.device:
-        return torch_device(self.device)
+    # -- the parts ---------------------------------------------------------------------------
+    def _inputs(self) -> ImageInputs:
+        return ImageInputs(self.device, self.input_size_, self.max_instances, self.augment,
+                           self.stain_jitter)
 
     def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
         settings = {**network_settings(self), "fusion": FUSIONS[self.fusion]}
@@ -190,86 +216,12 @@ class ImageMIL(PixelBags, AttentionDMIL):
                                reconstruction_weight=self.reconstruction_weight)
         return DMILNetwork(n_features, n_clinical, encoder, **settings)
 
-    # -- optimisation: the autoencoder in the loop, two optimisers -------------------------------
-    @staticmethod
-    def _encoder_split(network) -> tuple[list, list]:
-        """(the image encoder's parameters, decoder included; every other parameter)."""
-        encoder = list(network.embed[0].parameters())
-        owned = {id(parameter) for parameter in encoder}
-        return encoder, [p for p in network.parameters() if id(p) not in owned]
-
-    def _parameter_groups(self, network) -> list[dict]:
-        if self.encoder_learning_rate is None:
-            return super()._parameter_groups(network)
-        encoder, rest = self._encoder_split(network)
-        return [{"params": rest}, {"params": encoder, "lr": self.encoder_learning_rate}]
-
-    def _optimise(self, network, step, batches, evaluate, has_validation: bool) -> TrainingResult:
-        # The step's image count reaches the history (train_images_per_s) through this.
-        self._throughput = Throughput()
-        try:
-            return self._optimise_schedule(network, step, self._throughput.batches(batches),
-                                           self._throughput.evaluate(evaluate), has_validation)
-        finally:
-            del self._throughput
-
-    def _optimise_schedule(self, network, step, batches, evaluate,
-                           has_validation: bool) -> TrainingResult:
-        if self.schedule == "joint":
-            return super()._optimise(network, step, batches, evaluate, has_validation)
-        # The seed report's schedule: the classifier frozen for warmup_epochs while the encoder (and
-        # decoder) learn, then phases of phase_epochs alternating which of the two optimisers
-        # steps. Learning rates stay fixed; early stopping watches the alternating part.
-        encoder, rest = self._encoder_split(network)
-        optimizers = AlternatingOptimizers(
-            classifier=torch.optim.Adam(rest, lr=self.learning_rate,
-                                        weight_decay=self.weight_decay),
-            encoder=torch.optim.Adam(encoder, lr=self.encoder_learning_rate or self.learning_rate,
-                                     weight_decay=self.weight_decay))
-        warmup = min(int(self.warmup_epochs), int(self.max_epochs))
-
-        def record() -> dict:
-            return {**evaluate(), "trains": optimizers.active}
-
-        result = TrainingResult()
-        if warmup:
-            optimizers.active = "encoder"
-            train(network, optimizers, step, batches, epochs=warmup, evaluate=record,
-                  phase="warmup", result=result)
-
-        def alternating(epoch: int):
-            phase = (epoch // int(self.phase_epochs)) % 2
-            optimizers.active = ("classifier", "encoder")[phase]
-            return batches(warmup + epoch)
-
-        if int(self.max_epochs) > warmup:
-            train(network, optimizers, step, alternating, epochs=int(self.max_epochs) - warmup,
-                  evaluate=record, phase="alternating", result=result,
-                  early_stopping=EarlyStopping("val_loss", self.patience) if has_validation
-                  else None)
-            if has_validation:  # early stopping numbered the kept epoch within its phase
-                result.best_epoch += warmup
-        return result
-
-    def _training_tensors(self, bags, clinical, rows, generator):
-        """At most ``max_instances`` images per bag, drawn afresh each step, augmented."""
-        sampled = []
-        for row in rows:
-            bag = bags[row]
-            if len(bag) > self.max_instances:
-                keep = torch.randperm(len(bag), generator=generator)[:int(self.max_instances)]
-                bag = bag[np.sort(keep.numpy())]
-            sampled.append(bag)
-        if self.augment:
-            sizes = np.cumsum([len(bag) for bag in sampled])[:-1]
-            stacked = augment(torch.from_numpy(np.concatenate(sampled)), self.input_size_,
-                              float(self.stain_jitter), generator)
-            sampled = np.split(stacked.numpy(), sizes)
-        self._throughput.count(sum(len(bag) for bag in sampled))
-        x, mask, _ = self._tensors(sampled, None, np.arange(len(rows)))
-        clinical_rows = None if clinical is None else torch.from_numpy(clinical[rows]).to(
-            self._device())
-        return x, mask, clinical_rows
-
-    def _autocast(self):
-        return precision(self._device())
+    def _schedule(self) -> Schedule:
+        if self.schedule == "two_phase":
+            return partial(two_phase_training, learning_rate=self.learning_rate,
+                           encoder_learning_rate=self.encoder_learning_rate,
+                           weight_decay=self.weight_decay, warmup_epochs=self.warmup_epochs,
+                           phase_epochs=self.phase_epochs, max_epochs=self.max_epochs,
+                           patience=self.patience)
+        return partial(plateau_training, **plateau_settings(self),
+                       encoder_learning_rate=self.encoder_learning_rate)
