@@ -88,11 +88,12 @@ Schedule = Callable[..., TrainingResult]
 
 
 def network_settings(model: AttentionDMIL) -> dict:
-    """The architecture arguments of :class:`DMILNetwork`, read from the estimator's
-    parameters (the one place their defaults are declared)."""
-    names = [p.name for p in inspect.signature(DMILNetwork.__init__).parameters.values()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    return {name: getattr(model, name) for name in names}
+    """The architecture arguments of :class:`DMILNetwork` among the estimator's parameters
+    (the one place their defaults are declared; an estimator without some gives them itself)."""
+    params = model.get_params(deep=False)
+    return {p.name: params[p.name]
+            for p in inspect.signature(DMILNetwork.__init__).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name in params}
 
 
 def plateau_training(network, step, batches, evaluate, has_validation: bool, *,
@@ -118,8 +119,9 @@ def plateau_training(network, step, batches, evaluate, has_validation: bool, *,
 
 def plateau_settings(model) -> dict:
     """The arguments of :func:`plateau_training` that every bag network's estimator has."""
-    names = ("learning_rate", "weight_decay", "lr_factor", "lr_patience", "max_epochs", "patience")
-    return {name: getattr(model, name) for name in names}
+    params = model.get_params(deep=False)
+    return {name: params[name] for name in ("learning_rate", "weight_decay", "lr_factor",
+                                            "lr_patience", "max_epochs", "patience")}
 
 
 class AttentionDMIL(BagClassifier):

@@ -175,10 +175,6 @@ class ImageMIL(PixelBags, AttentionDMIL):
     ):
         store_params(self, locals())
 
-    # D-MIL's network options that image_mil does not offer.
-    pool_params = None
-    mean_skip = False
-
     def _validate_params(self) -> None:
         check_training_params(self)
         check_image_params(self)
@@ -211,7 +207,9 @@ class ImageMIL(PixelBags, AttentionDMIL):
                            self.stain_jitter)
 
     def _network(self, n_features: int, n_clinical: int) -> DMILNetwork:
-        settings = {**network_settings(self), "fusion": FUSIONS[self.fusion]}
+        # D-MIL's options that image_mil does not offer: no zoo pooling settings, no mean skip.
+        settings = {**network_settings(self), "fusion": FUSIONS[self.fusion],
+                    "pool_params": None, "mean_skip": False}
         encoder = ImageEncoder(self.backbone, self.input_size_, self.weights, int(self.latent),
                                reconstruction_weight=self.reconstruction_weight)
         return DMILNetwork(n_features, n_clinical, encoder, **settings)
