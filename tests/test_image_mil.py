@@ -193,3 +193,19 @@ def test_two_phase_schedule_freezes_the_classifier_during_warmup():
     assert [(r["phase"], r["trains"]) for r in alternating.history_] == [
         ("warmup", "encoder"), ("warmup", "encoder"), ("alternating", "classifier"),
         ("alternating", "classifier"), ("alternating", "encoder"), ("alternating", "encoder")]
+
+
+def test_image_mil_is_dmil_given_its_own_parts():
+    """image_mil is D-MIL's estimator given its inputs, network and schedule (and its parameter
+    checks): it overrides none of D-MIL's training or prediction code."""
+    from milbench.models.dmil import AttentionDMIL
+    from milbench.models.image_mil import ImageMIL
+
+    overridden = {name for name, value in vars(ImageMIL).items()
+                  if callable(value) and hasattr(AttentionDMIL, name)}
+    assert overridden == {"__init__", "_validate_params", "_inputs", "_network", "_schedule"}
+    parts = ImageMIL(device="cpu", augment=False)
+    parts.input_size_ = 8
+    inputs = parts._inputs()
+    assert inputs.scores_training_bags is False and inputs.device.type == "cpu"
+    assert parts._network(0, 3).has_encoder and not AttentionDMIL()._network(4, 3).has_encoder
