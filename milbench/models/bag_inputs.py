@@ -27,7 +27,16 @@ def padded_tensors(bags, clinical, rows, device: torch.device):
     return torch.from_numpy(padded).to(device), torch.from_numpy(mask).to(device), clinical_rows
 
 
-class VectorInputs:
+class PaddedInputs:
+    """What both inputs share: a batch of bags padded to the longest, on the inputs' device."""
+
+    device: torch.device
+
+    def tensors(self, bags, clinical, rows):
+        return padded_tensors(bags, clinical, rows, self.device)
+
+
+class VectorInputs(PaddedInputs):
     """Instance feature vectors, on the CPU: a scaler (+ PCA) fitted on the training instances;
     in training, each real instance is hidden with probability ``instance_dropout``."""
 
@@ -54,9 +63,6 @@ class VectorInputs:
         transformed = bags if transform is None else transform.transform(bags)
         return [bag.astype(np.float32) for bag in transformed]
 
-    def tensors(self, bags, clinical, rows):
-        return padded_tensors(bags, clinical, rows, self.device)
-
     def training_tensors(self, bags, clinical, rows, generator):
         """A training batch: :meth:`tensors` with instance dropout applied to the mask."""
         x, mask, clinical_rows = self.tensors(bags, clinical, rows)
@@ -78,7 +84,7 @@ class VectorInputs:
         return batches, evaluate
 
 
-class ImageInputs:
+class ImageInputs(PaddedInputs):
     """Pixels-store images (``(n_i, 3 * S * S)`` uint8 rows) on ``device`` (``auto``: CUDA when
     torch sees one), with bfloat16 autocast on CUDA. Each training step samples at most
     ``max_instances`` images per bag afresh and augments them (flips, 90° turns, stain jitter);
@@ -104,9 +110,6 @@ class ImageInputs:
     def prepare(bags, transform: None) -> list[np.ndarray]:
         return bags
 
-    def tensors(self, bags, clinical, rows):
-        return padded_tensors(bags, clinical, rows, self.device)
-
     def training_tensors(self, bags, clinical, rows, generator):
         """At most ``max_instances`` images per bag, drawn afresh each step, augmented."""
         sampled = []
@@ -122,10 +125,8 @@ class ImageInputs:
                               self.stain_jitter, generator)
             sampled = np.split(stacked.numpy(), sizes)
         self.throughput.count(sum(len(bag) for bag in sampled))
-        x, mask, _ = padded_tensors(sampled, None, np.arange(len(rows)), self.device)
-        clinical_rows = None if clinical is None else torch.from_numpy(clinical[rows]).to(
-            self.device)
-        return x, mask, clinical_rows
+        return self.tensors(sampled, None if clinical is None else clinical[rows],
+                            np.arange(len(rows)))
 
     def watch(self, batches, evaluate):
         """The training loop's callbacks, timed: each history record gains the epoch's training
