@@ -101,6 +101,15 @@ class TrainingResult:
         return len(self.history)
 
 
+def checkpoint_epochs(checkpoint: str | os.PathLike) -> int:
+    """The epochs a :func:`train` checkpoint already holds (0 without one): where a resumed
+    run's progress bar starts."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+
+
 def train(
     network: nn.Module,
     optimizer: torch.optim.Optimizer,

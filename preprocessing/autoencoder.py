@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from milbench.io import atomic_write, atomic_write_json
-from milbench.training import index_batches, seeded, shuffled_batches, train
+from milbench.training import checkpoint_epochs, index_batches, seeded, shuffled_batches, train
 
 ENCODER_WIDTHS = (16, 32, 64)  # first three blocks; the fourth outputs the latent channels
 DECODER_WIDTHS = (64, 64, 32, 32, 16, 16, 16)
@@ -222,13 +222,15 @@ def fit_cohort_autoencoder(
     sizes = [len(rows) for rows in index_batches(np.arange(n_images), batch_size)]
     steps_per_epoch = len(sizes)
     started = time.perf_counter()
+    checkpoint = out_dir / "checkpoint.pt"
     with progress_bar("train autoencoder", total=epochs * n_images,
+                      completed=checkpoint_epochs(checkpoint) * n_images,
                       enabled=progress, unit="img") as advance:
         def on_step(step: int, loss: float) -> None:
             advance(sizes[(step - 1) % steps_per_epoch])
 
         losses = train_autoencoder(model, batches, epochs=epochs, learning_rate=learning_rate,
-                                   seed=seed, checkpoint=out_dir / "checkpoint.pt",
+                                   seed=seed, checkpoint=checkpoint,
                                    on_step=on_step, device=device)
     preview = batches.images(np.arange(min(8, n_images)))
     save_reconstructions(model, preview, out_dir / "reconstructions.png")

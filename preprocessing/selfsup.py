@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from milbench.io import atomic_write, atomic_write_json
-from milbench.training import seeded, shuffled_batches, train
+from milbench.training import checkpoint_epochs, seeded, shuffled_batches, train
 
 REPRESENTATION = 256
 PROJECTION = 512
@@ -157,7 +157,9 @@ def fit_selfsup_encoder(pixels: Callable[[], np.ndarray], out_dir: str | os.Path
             order = shuffled_batches(len(rows), batch_size, torch.Generator().manual_seed(first))
             return [(first + i, indices) for i, indices in enumerate(order)]
 
+        checkpoint = out_dir / "checkpoint.pt"
         with progress_bar("train self-supervised encoder", total=epochs * len(rows),
+                          completed=checkpoint_epochs(checkpoint) * len(rows),
                           enabled=progress, unit="img") as advance:
             def step(batch: tuple[int, torch.Tensor]) -> torch.Tensor:
                 batch_seed, indices = batch
@@ -167,8 +169,7 @@ def fit_selfsup_encoder(pixels: Callable[[], np.ndarray], out_dir: str | os.Path
                 return model.compute_loss(augment_views(images, input_size, views),
                                           augment_views(images, input_size, views))
 
-            result = train(model, optimizer, step, batches, epochs=epochs,
-                           checkpoint=out_dir / "checkpoint.pt")
+            result = train(model, optimizer, step, batches, epochs=epochs, checkpoint=checkpoint)
     atomic_write_json(out_dir / "train.json", {
         **(record or {}), "method": "VICReg", "uses_test_images": True, "n_images": len(rows),
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,

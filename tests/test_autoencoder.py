@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from preprocessing.autoencoder import ConvAutoencoder, latent_grid, train_autoencoder
+from milbench import progress
+from milbench.training import checkpoint_epochs
+from preprocessing.autoencoder import (
+    ConvAutoencoder,
+    fit_cohort_autoencoder,
+    latent_grid,
+    train_autoencoder,
+)
 from preprocessing.extract import extract_features
 from preprocessing.toy import draw_smear, write_toy_cohort
 
@@ -70,10 +78,30 @@ def test_training_resumes_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = ConvAutoencoder(32, 64)
     train_autoencoder(model, loader(), epochs=2, seed=0, checkpoint=tmp_path / "ckpt.pt")
+    assert checkpoint_epochs(tmp_path / "ckpt.pt") == 2
+    assert checkpoint_epochs(tmp_path / "absent.pt") == 0
     torch.manual_seed(1)  # a fresh process would start from unrelated weights
     resumed = train_autoencoder(ConvAutoencoder(32, 64), loader(), epochs=3, seed=0,
                                 checkpoint=tmp_path / "ckpt.pt")
     np.testing.assert_allclose(resumed, straight, rtol=1e-5)
+
+
+def test_a_resumed_training_bar_starts_after_the_checkpoint(tmp_path, monkeypatch):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(6, 3 * 32 * 32), dtype=np.uint8)
+    settings = {"input_size": 32, "latent": 64, "batch_size": 4, "progress": False}
+    fit_cohort_autoencoder(lambda: pixels, tmp_path, epochs=1, **settings)
+    (tmp_path / "autoencoder.pt").unlink()  # as if stopped after the checkpoint's one epoch
+    bars = []
+
+    @contextlib.contextmanager
+    def recorded_bar(description, total, *, completed=0, enabled=True, unit="it"):
+        bars.append((total, completed))
+        yield lambda n=1: None
+
+    monkeypatch.setattr(progress, "progress_bar", recorded_bar)
+    fit_cohort_autoencoder(lambda: pixels, tmp_path, epochs=3, **settings)
+    assert bars == [(3 * 6, 6)]
+    assert checkpoint_epochs(tmp_path / "checkpoint.pt") == 3
 
 
 def test_cohort_features_record_test_use(tmp_path):
