@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from milbench import progress
 from milbench.training import checkpoint_epochs
 from preprocessing.autoencoder import (
     ConvAutoencoder,
@@ -86,21 +84,13 @@ def test_training_resumes_from_checkpoint(tmp_path):
     np.testing.assert_allclose(resumed, straight, rtol=1e-5)
 
 
-def test_a_resumed_training_bar_starts_after_the_checkpoint(tmp_path, monkeypatch):
+def test_a_resumed_training_bar_starts_after_the_checkpoint(tmp_path, progress_bars):
     pixels = np.random.default_rng(0).integers(0, 256, size=(6, 3 * 32 * 32), dtype=np.uint8)
     settings = {"input_size": 32, "latent": 64, "batch_size": 4, "progress": False}
     fit_cohort_autoencoder(lambda: pixels, tmp_path, epochs=1, **settings)
     (tmp_path / "autoencoder.pt").unlink()  # as if stopped after the checkpoint's one epoch
-    bars = []
-
-    @contextlib.contextmanager
-    def recorded_bar(description, total, *, completed=0, enabled=True, unit="it"):
-        bars.append((total, completed))
-        yield lambda n=1: None
-
-    monkeypatch.setattr(progress, "progress_bar", recorded_bar)
     fit_cohort_autoencoder(lambda: pixels, tmp_path, epochs=3, **settings)
-    assert bars == [(3 * 6, 6)]
+    assert progress_bars == [(1 * 6, 0), (3 * 6, 6)]  # the second bar resumes after one epoch
     assert checkpoint_epochs(tmp_path / "checkpoint.pt") == 3
 
 

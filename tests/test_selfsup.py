@@ -3,7 +3,6 @@ that resumes exactly, and the extractor in a run, saved with the run for new pat
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from milbench import progress
 from preprocessing import selfsup
 from preprocessing.selfsup import REPRESENTATION, augment_views, fit_selfsup_encoder, vicreg_loss
 
@@ -46,7 +44,8 @@ def _pixels() -> np.ndarray:
     return rng.integers(0, 256, size=(24, 3 * SIDE * SIDE), dtype=np.uint8)
 
 
-def test_training_interrupted_mid_run_resumes_to_the_same_encoder(tmp_path, monkeypatch):
+def test_training_interrupted_mid_run_resumes_to_the_same_encoder(tmp_path, monkeypatch,
+                                                                 progress_bars):
     settings = {"input_size": SIDE, "epochs": 2, "batch_size": 8, "seed": 3, "progress": False}
     straight = fit_selfsup_encoder(_pixels, tmp_path / "straight", **settings)
     calls, real = [], selfsup.augment_views
@@ -63,16 +62,9 @@ def test_training_interrupted_mid_run_resumes_to_the_same_encoder(tmp_path, monk
     assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
     assert not (tmp_path / "resumed" / "encoder.pt").exists()
     monkeypatch.setattr(selfsup, "augment_views", real)
-    bars = []
-
-    @contextlib.contextmanager
-    def recorded_bar(description, total, *, completed=0, enabled=True, unit="it"):
-        bars.append((total, completed))
-        yield lambda n=1: None
-
-    monkeypatch.setattr(progress, "progress_bar", recorded_bar)
     resumed = fit_selfsup_encoder(_pixels, tmp_path / "resumed", **settings)
-    assert bars == [(2 * 24, 24)]  # the bar resumes after the checkpoint's one epoch of 24 images
+    # Straight, interrupted, resumed: the last bar starts after the checkpoint's one epoch.
+    assert progress_bars == [(2 * 24, 0), (2 * 24, 0), (2 * 24, 24)]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     record = json.loads((tmp_path / "straight" / "train.json").read_text())
