@@ -103,11 +103,12 @@ class TrainingResult:
 
 def checkpoint_epochs(checkpoint: str | os.PathLike) -> int:
     """The epochs a :func:`train` checkpoint already holds (0 without one): where a resumed
-    run's progress bar starts."""
+    run's progress bar starts. Memory-mapped: the weights that :func:`train` loads anyway are
+    not read here."""
     path = Path(checkpoint)
     if not path.is_file():
         return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
 
 
 def train(
